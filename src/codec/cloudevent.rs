@@ -1,0 +1,429 @@
+//! CloudEvents over HTTP (spec 1.0.2): binary and structured mode in, binary mode out.
+//!
+//! Hand-written rather than taken from the CloudEvents SDK so that status codes, size
+//! limits and the percent-decoding policy stay ours (see endpoint-contract.md §13).
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use percent_encoding::percent_decode;
+
+use super::timestamp::format_rfc3339;
+use crate::domain::OutgoingMessage;
+
+/// `type` of the events the Awala Internet Endpoint sends us.
+pub const INCOMING_TYPE: &str = "tech.relaycorp.awala.endpoint-internet.incoming-service-message";
+/// `type` of the events we send to the Awala Internet Endpoint.
+pub const OUTGOING_TYPE: &str = "tech.relaycorp.awala.endpoint-internet.outgoing-service-message";
+
+/// A decoded CloudEvent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudEvent {
+    /// `id`: for Awala, the parcel id.
+    pub id: String,
+    /// `source`: for Awala, the sender's endpoint id.
+    pub source: String,
+    /// `type`.
+    pub ty: String,
+    /// `subject`: for Awala, the recipient (this server's) endpoint id.
+    pub subject: Option<String>,
+    /// `datacontenttype`: for Awala, the service message type.
+    pub data_content_type: Option<String>,
+    /// `time`, as received (advisory).
+    pub time: Option<String>,
+    /// Every other attribute, by name.
+    pub extensions: BTreeMap<String, String>,
+    /// The data: for Awala, the service message content.
+    pub data: Vec<u8>,
+}
+
+/// Why an HTTP request is not a CloudEvent we can read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Batch mode was not asked for, so it must not be used.
+    #[error("batch mode is not supported")]
+    Batch,
+    /// A structured-mode format other than JSON.
+    #[error("unsupported event format {0}")]
+    Format(String),
+    /// A required attribute is absent or empty.
+    #[error("missing attribute {0}")]
+    Missing(&'static str),
+    /// Only CloudEvents 1.0 is supported.
+    #[error("unsupported specversion")]
+    SpecVersion,
+    /// An attribute was given twice, so we cannot know which one is meant.
+    #[error("attribute {0} appears more than once")]
+    Duplicate(String),
+    /// An attribute value is not text.
+    #[error("attribute {0} is not valid text")]
+    Invalid(String),
+    /// A structured-mode body that is not a valid JSON event.
+    #[error("malformed structured event: {0}")]
+    Structured(String),
+}
+
+const CORE: [&str; 7] = [
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "subject",
+    "time",
+    "datacontenttype",
+];
+
+/// Decodes an HTTP request into a CloudEvent. `headers` are (name, raw value) pairs in
+/// the order received; names are compared case-insensitively.
+pub fn decode_http<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    body: Vec<u8>,
+) -> Result<CloudEvent, DecodeError> {
+    let mut content_type: Option<String> = None;
+    let mut attrs: BTreeMap<String, String> = BTreeMap::new();
+    for (name, raw) in headers {
+        let name = name.to_ascii_lowercase();
+        if name == "content-type" {
+            let value = header_text(raw).ok_or_else(|| DecodeError::Invalid(name.clone()))?;
+            if content_type.replace(value).is_some() {
+                return Err(DecodeError::Duplicate(name));
+            }
+        } else if let Some(attr) = name.strip_prefix("ce-") {
+            let Some(value) = header_text(raw) else {
+                if CORE.contains(&attr) {
+                    return Err(DecodeError::Invalid(attr.to_owned()));
+                }
+                // An unreadable extension we do not use is ignored, like any other.
+                continue;
+            };
+            if attrs.contains_key(attr) {
+                if CORE.contains(&attr) {
+                    return Err(DecodeError::Duplicate(attr.to_owned()));
+                }
+                continue;
+            }
+            attrs.insert(attr.to_owned(), value);
+        }
+    }
+    let lowered = content_type.as_deref().map(str::to_ascii_lowercase);
+    match lowered.as_deref() {
+        Some(ct) if ct.starts_with("application/cloudevents-batch") => Err(DecodeError::Batch),
+        Some(ct) if ct.starts_with("application/cloudevents") => {
+            let format = ct.split(';').next().unwrap_or(ct).trim();
+            if format == "application/cloudevents+json" {
+                decode_structured(&body)
+            } else {
+                Err(DecodeError::Format(format.to_owned()))
+            }
+        }
+        _ => {
+            // Binary mode: the attributes are in the headers.
+            attrs.remove("datacontenttype");
+            from_attributes(attrs, content_type, body)
+        }
+    }
+}
+
+/// A header value as text: percent-decoded once as the HTTP binding says, falling back to
+/// the raw value when decoding does not give UTF-8 (no peer of ours encodes, and a
+/// sender-chosen parcel id may contain `%`). `None` if even the raw value is not text.
+fn header_text(raw: &[u8]) -> Option<String> {
+    if let Ok(decoded) = percent_decode(raw).decode_utf8() {
+        return Some(decoded.into_owned());
+    }
+    std::str::from_utf8(raw).ok().map(str::to_owned)
+}
+
+fn from_attributes(
+    mut attrs: BTreeMap<String, String>,
+    content_type: Option<String>,
+    data: Vec<u8>,
+) -> Result<CloudEvent, DecodeError> {
+    let spec_version = attrs.remove("specversion").ok_or(DecodeError::Missing("specversion"))?;
+    if spec_version != "1.0" {
+        return Err(DecodeError::SpecVersion);
+    }
+    let mut required = |name: &'static str| {
+        attrs
+            .remove(name)
+            .filter(|v| !v.is_empty())
+            .ok_or(DecodeError::Missing(name))
+    };
+    let id = required("id")?;
+    let source = required("source")?;
+    let ty = required("type")?;
+    let subject = attrs.remove("subject").filter(|v| !v.is_empty());
+    let time = attrs.remove("time");
+    Ok(CloudEvent {
+        id,
+        source,
+        ty,
+        subject,
+        data_content_type: content_type.filter(|v| !v.is_empty()),
+        time,
+        extensions: attrs,
+        data,
+    })
+}
+
+fn decode_structured(body: &[u8]) -> Result<CloudEvent, DecodeError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| DecodeError::Structured(e.to_string()))?;
+    let serde_json::Value::Object(object) = value else {
+        return Err(DecodeError::Structured("not a JSON object".into()));
+    };
+    let mut attrs = BTreeMap::new();
+    let mut data = None;
+    let mut data_base64 = None;
+    for (name, value) in object {
+        match (name.as_str(), value) {
+            ("data", serde_json::Value::String(s)) => data = Some(s.into_bytes()),
+            ("data", serde_json::Value::Null) => {}
+            ("data", other) => data = Some(other.to_string().into_bytes()),
+            ("data_base64", serde_json::Value::String(s)) => {
+                let bytes = STANDARD
+                    .decode(s)
+                    .map_err(|_| DecodeError::Structured("data_base64 is not base64".into()))?;
+                data_base64 = Some(bytes);
+            }
+            (_, serde_json::Value::String(s)) => {
+                attrs.insert(name, s);
+            }
+            (_, serde_json::Value::Null) => {}
+            (_, serde_json::Value::Number(n)) if !CORE.contains(&name.as_str()) => {
+                attrs.insert(name, n.to_string());
+            }
+            (_, serde_json::Value::Bool(b)) if !CORE.contains(&name.as_str()) => {
+                attrs.insert(name, b.to_string());
+            }
+            (_, _) => return Err(DecodeError::Invalid(name)),
+        }
+    }
+    let data = match (data, data_base64) {
+        (Some(_), Some(_)) => {
+            return Err(DecodeError::Structured(
+                "both data and data_base64 are present".into(),
+            ));
+        }
+        (Some(d), None) | (None, Some(d)) => d,
+        (None, None) => Vec::new(),
+    };
+    let content_type = attrs.remove("datacontenttype");
+    from_attributes(attrs, content_type, data)
+}
+
+/// The headers of `message` as a binary-mode CloudEvent, plus the `K_CE_OVERRIDES`
+/// extensions. Every value is printable ASCII without space, `"` or `%`, so no
+/// percent-encoding is needed.
+pub fn encode_binary_headers(
+    message: &OutgoingMessage,
+    overrides: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut headers = vec![
+        ("ce-specversion".to_owned(), "1.0".to_owned()),
+        ("ce-id".to_owned(), message.id.as_str().to_owned()),
+        ("ce-type".to_owned(), OUTGOING_TYPE.to_owned()),
+        ("ce-source".to_owned(), message.source.clone()),
+        ("ce-subject".to_owned(), message.recipient.as_str().to_owned()),
+        ("ce-time".to_owned(), format_rfc3339(message.time)),
+        ("ce-expiry".to_owned(), format_rfc3339(message.expiry)),
+        (
+            "content-type".to_owned(),
+            message.kind.content_type().to_owned(),
+        ),
+    ];
+    for (name, value) in overrides {
+        // Overrides may add extensions, never replace the attributes above.
+        let header = format!("ce-{name}");
+        if !headers.iter().any(|(h, _)| *h == header) {
+            headers.push((header, value.clone()));
+        }
+    }
+    headers
+}
+
+/// Whether `s` can be sent as a header value without percent-encoding.
+pub fn is_header_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 1024
+        && s.bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{EndpointId, MessageId, MessageKind, Timestamp};
+    use proptest::prelude::*;
+
+    fn binary(headers: &[(&str, &str)], body: &[u8]) -> Result<CloudEvent, DecodeError> {
+        decode_http(
+            headers.iter().map(|(n, v)| (*n, v.as_bytes())),
+            body.to_vec(),
+        )
+    }
+
+    const BASE: [(&str, &str); 6] = [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "parcel-1"),
+        ("ce-source", "0abc"),
+        ("ce-type", INCOMING_TYPE),
+        ("ce-subject", "0def"),
+        ("content-type", "application/x"),
+    ];
+
+    #[test]
+    fn binary_mode() {
+        let mut h = BASE.to_vec();
+        h.push(("ce-expiry", "2026-01-01T00:00:00.000Z"));
+        h.push(("ce-knativearrivaltime", "x"));
+        h.push(("traceparent", "00-abc"));
+        let e = binary(&h, b"body").expect("valid");
+        assert_eq!(e.id, "parcel-1");
+        assert_eq!(e.source, "0abc");
+        assert_eq!(e.ty, INCOMING_TYPE);
+        assert_eq!(e.subject.as_deref(), Some("0def"));
+        assert_eq!(e.data_content_type.as_deref(), Some("application/x"));
+        assert_eq!(e.extensions.get("expiry").map(String::as_str), Some("2026-01-01T00:00:00.000Z"));
+        assert_eq!(e.data, b"body");
+    }
+
+    #[test]
+    fn header_names_are_case_insensitive() {
+        let h: Vec<(String, &str)> = BASE.iter().map(|(n, v)| (n.to_uppercase(), *v)).collect();
+        let e = decode_http(h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())), vec![])
+            .expect("valid");
+        assert_eq!(e.id, "parcel-1");
+    }
+
+    #[test]
+    fn required_attributes() {
+        for missing in ["ce-specversion", "ce-id", "ce-source", "ce-type"] {
+            let h: Vec<_> = BASE.iter().copied().filter(|(n, _)| *n != missing).collect();
+            assert!(matches!(binary(&h, b""), Err(DecodeError::Missing(_))), "{missing}");
+        }
+        let mut h = BASE.to_vec();
+        h[1] = ("ce-id", "");
+        assert_eq!(binary(&h, b""), Err(DecodeError::Missing("id")));
+        h = BASE.to_vec();
+        h[0] = ("ce-specversion", "0.3");
+        assert_eq!(binary(&h, b""), Err(DecodeError::SpecVersion));
+        // Subject and content type are optional for CloudEvents; the ingress decides.
+        let h: Vec<_> = BASE.iter().copied().filter(|(n, _)| n.starts_with("ce-") && *n != "ce-subject").collect();
+        let e = binary(&h, b"").expect("valid");
+        assert_eq!((e.subject, e.data_content_type), (None, None));
+    }
+
+    #[test]
+    fn duplicates_of_core_attributes_are_refused_and_of_extensions_ignored() {
+        let mut h = BASE.to_vec();
+        h.push(("ce-id", "parcel-2"));
+        assert_eq!(binary(&h, b""), Err(DecodeError::Duplicate("id".into())));
+        let mut h = BASE.to_vec();
+        h.push(("content-type", "application/y"));
+        assert!(matches!(binary(&h, b""), Err(DecodeError::Duplicate(_))));
+        let mut h = BASE.to_vec();
+        h.push(("ce-foo", "1"));
+        h.push(("ce-foo", "2"));
+        assert_eq!(binary(&h, b"").expect("valid").extensions["foo"], "1");
+    }
+
+    #[test]
+    fn percent_decoding_with_raw_fallback() {
+        let mut h = BASE.to_vec();
+        h[1] = ("ce-id", "a%20b");
+        assert_eq!(binary(&h, b"").expect("valid").id, "a b");
+        h[1] = ("ce-id", "100%");
+        assert_eq!(binary(&h, b"").expect("valid").id, "100%");
+        h[1] = ("ce-id", "x%C0%AFy");
+        assert_eq!(binary(&h, b"").expect("valid").id, "x%C0%AFy", "overlong UTF-8 is not decoded");
+        let e = decode_http(
+            BASE.iter().map(|(n, v)| (*n, if *n == "ce-id" { &b"\xff"[..] } else { v.as_bytes() })),
+            vec![],
+        );
+        assert_eq!(e, Err(DecodeError::Invalid("id".into())));
+    }
+
+    #[test]
+    fn structured_mode() {
+        let body = serde_json::json!({
+            "specversion": "1.0", "id": "p", "source": "0abc", "type": INCOMING_TYPE,
+            "subject": "0def", "datacontenttype": "application/x",
+            "data_base64": "aGVsbG8=", "expiry": "2026-01-01T00:00:00Z", "n": 3
+        });
+        let e = binary(
+            &[("content-type", "application/cloudevents+json; charset=utf-8")],
+            body.to_string().as_bytes(),
+        )
+        .expect("valid");
+        assert_eq!(e.data, b"hello");
+        assert_eq!(e.data_content_type.as_deref(), Some("application/x"));
+        assert_eq!(e.subject.as_deref(), Some("0def"));
+        assert_eq!(e.extensions["n"], "3");
+        let text = serde_json::json!({"specversion": "1.0", "id": "p", "source": "s", "type": "t", "data": "hi"});
+        let e = binary(&[("content-type", "application/cloudevents+json")], text.to_string().as_bytes()).expect("valid");
+        assert_eq!(e.data, b"hi");
+    }
+
+    #[test]
+    fn structured_mode_errors() {
+        let ct = [("content-type", "application/cloudevents+json")];
+        assert!(matches!(binary(&ct, b"{"), Err(DecodeError::Structured(_))));
+        assert!(matches!(binary(&ct, b"[]"), Err(DecodeError::Structured(_))));
+        let bad_b64 = serde_json::json!({"specversion": "1.0", "id": "p", "source": "s", "type": "t", "data_base64": "!!"});
+        assert!(matches!(binary(&ct, bad_b64.to_string().as_bytes()), Err(DecodeError::Structured(_))));
+        let numeric_id = serde_json::json!({"specversion": "1.0", "id": 1, "source": "s", "type": "t"});
+        assert_eq!(binary(&ct, numeric_id.to_string().as_bytes()), Err(DecodeError::Invalid("id".into())));
+        assert_eq!(binary(&[("content-type", "application/cloudevents-batch+json")], b"[]"), Err(DecodeError::Batch));
+        assert!(matches!(binary(&[("content-type", "application/cloudevents+avro")], b""), Err(DecodeError::Format(_))));
+    }
+
+    #[test]
+    fn outgoing_headers() {
+        let m = OutgoingMessage {
+            id: MessageId::from_stored("a".repeat(64)),
+            source: "0server".into(),
+            recipient: EndpointId::from_spki_der(b"r"),
+            kind: MessageKind::PairingMatch,
+            content: vec![],
+            time: Timestamp(0),
+            expiry: Timestamp(1000),
+        };
+        let h = encode_binary_headers(&m, &[("foo".into(), "bar".into()), ("id".into(), "evil".into())]);
+        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(get("ce-id"), Some("a".repeat(64).as_str()));
+        assert_eq!(get("ce-type"), Some(OUTGOING_TYPE));
+        assert_eq!(get("ce-source"), Some("0server"));
+        assert_eq!(get("ce-time"), Some("1970-01-01T00:00:00.000Z"));
+        assert_eq!(get("ce-expiry"), Some("1970-01-01T00:00:01.000Z"));
+        assert_eq!(get("ce-foo"), Some("bar"));
+        assert_eq!(h.iter().filter(|(k, _)| k == "ce-id").count(), 1);
+        assert!(h.iter().all(|(_, v)| is_header_safe(v)));
+    }
+
+    proptest! {
+        #[test]
+        fn binary_round_trip(id in "[!-~]{1,64}", source in "[0-9a-f]{1,65}", body in proptest::collection::vec(any::<u8>(), 0..64)) {
+            prop_assume!(!id.contains('%'));
+            let h = [("ce-specversion", "1.0"), ("ce-id", id.as_str()), ("ce-source", source.as_str()), ("ce-type", "t"), ("content-type", "a/b")];
+            let e = binary(&h, &body).expect("valid");
+            prop_assert_eq!(e.id, id);
+            prop_assert_eq!(e.source, source);
+            prop_assert_eq!(e.data, body);
+        }
+
+        #[test]
+        fn decode_never_panics(
+            headers in proptest::collection::vec(("(ce-)?[a-z]{0,12}", proptest::collection::vec(any::<u8>(), 0..20)), 0..10),
+            body in proptest::collection::vec(any::<u8>(), 0..200),
+            structured in any::<bool>(),
+        ) {
+            let mut h: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+            if structured {
+                h.push(("content-type", b"application/cloudevents+json"));
+            }
+            let _ = decode_http(h, body);
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Why a well-formed event's content was refused. Refusals are expected outcomes, not
+//! errors: the event is acknowledged (204) so that nobody redelivers it, and the reason
+//! is logged and counted.
+
+/// A reason to refuse the content of an incoming service message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Refusal {
+    /// The content is larger than any real pairing request.
+    #[error("content too large")]
+    TooLarge,
+    /// The content is not UTF-8 text.
+    #[error("content is not UTF-8")]
+    NotUtf8,
+    /// The request does not have exactly three comma-separated fields.
+    #[error("wrong number of fields")]
+    FieldCount,
+    /// The requester is not a VeraId user id.
+    #[error("invalid requester VeraId")]
+    InvalidRequester,
+    /// The target is not a VeraId user id.
+    #[error("invalid target VeraId")]
+    InvalidTarget,
+    /// Requester and target are the same user.
+    #[error("requester and target are the same")]
+    SelfPairing,
+    /// The key is not strict standard base64.
+    #[error("key is not base64")]
+    KeyNotBase64,
+    /// The key is not a DER SubjectPublicKeyInfo.
+    #[error("key is not a DER SubjectPublicKeyInfo")]
+    KeyNotSpki,
+    /// The key is not an RSA key.
+    #[error("key is not an RSA key")]
+    KeyNotRsa,
+    /// The key does not hash to the sender's endpoint id.
+    #[error("key does not belong to the sender")]
+    KeyNotSender,
+}
+
+impl Refusal {
+    /// A stable snake-case name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::NotUtf8 => "not_utf8",
+            Self::FieldCount => "field_count",
+            Self::InvalidRequester => "invalid_requester",
+            Self::InvalidTarget => "invalid_target",
+            Self::SelfPairing => "self_pairing",
+            Self::KeyNotBase64 => "key_not_base64",
+            Self::KeyNotSpki => "key_not_spki",
+            Self::KeyNotRsa => "key_not_rsa",
+            Self::KeyNotSender => "key_not_sender",
+        }
+    }
+}
