@@ -1,8 +1,21 @@
 //! letro-server: the contact-pairing broker of Letro, on the Awala network.
 //!
-//! Module map (see ARCHITECTURE.md for the dependency rule and a walkthrough):
+//! Module map (ARCHITECTURE.md has the dependency rule and a walkthrough):
 //! - [`codec`]: wire formats (CloudEvents, pairing texts, Awala DER); pure.
-//! - [`domain`]: identifiers and pairing rules; pure.
+//! - [`domain`]: identifiers and the pairing rules; pure.
+//! - [`store`]: the [`store::Store`] trait and its SQLite implementation.
+//! - [`http`]: ingress, readiness, metrics, the status mapping.
+//! - [`outbox`]: the dispatcher, the HTTP sink, backoff.
+//! - [`cli`], [`config`], [`telemetry`], [`clock`]: the edges.
+//! - [`app`]: wiring.
 
+pub mod app;
+pub mod cli;
+pub mod clock;
 pub mod codec;
+pub mod config;
 pub mod domain;
+pub mod http;
+pub mod outbox;
+pub mod store;
+pub mod telemetry;

@@ -38,6 +38,11 @@ impl MessageKind {
             Self::PairingMatch => "pairing-match",
         }
     }
+
+    /// The kind with this [`name`](Self::name), as read back from storage.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::PairingMatch].into_iter().find(|k| k.name() == name)
+    }
 }
 
 /// The CloudEvent id (and so the Awala parcel id) of an outgoing message.

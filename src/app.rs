@@ -1,0 +1,179 @@
+//! Wiring: builds the store, the dispatcher and the HTTP server from a [`Config`], and
+//! runs them until a shutdown signal.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::clock;
+use crate::config::{Config, DatabaseConfig};
+use crate::domain::VeraIdDigester;
+use crate::http::{AppState, router};
+use crate::outbox::{Backoff, Dispatcher, HttpSink};
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+use crate::telemetry::Metrics;
+
+/// Opens the configured database, creating and migrating it as needed.
+pub fn open_store(database: &DatabaseConfig) -> anyhow::Result<Arc<dyn Store>> {
+    match database {
+        DatabaseConfig::Sqlite { path, synchronous } => {
+            let store = SqliteStore::open(path, *synchronous)
+                .with_context(|| format!("opening SQLite database {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// A server ready to run: the listener is bound and the database open.
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+    config: Config,
+}
+
+impl App {
+    /// Opens the database, loads or creates the VeraId secret and binds the listener.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.validate()?;
+        let store = open_store(&config.database)?;
+        let secret = match &config.veraid_secret {
+            Some(secret) => secret.0.clone(),
+            None => {
+                let mut candidate = vec![0u8; 32];
+                rand::fill(&mut candidate[..]);
+                store
+                    .veraid_secret(candidate)
+                    .await
+                    .context("loading the VeraId digest secret")?
+            }
+        };
+        let metrics = Arc::new(Metrics::new());
+        let dispatcher = match &config.sink {
+            Some(url) => {
+                let sink = HttpSink::new(url.clone(), config.sink_timeout, config.ce_overrides.clone())
+                    .context("building the sink HTTP client")?;
+                Some(Dispatcher::new(
+                    store.clone(),
+                    sink,
+                    Backoff {
+                        base: config.retry_base_delay,
+                        cap: config.retry_max_delay,
+                    },
+                    config.sink_timeout,
+                    config.delivery_concurrency,
+                    metrics.clone(),
+                ))
+            }
+            None => None,
+        };
+        let listener = TcpListener::bind(config.bind)
+            .await
+            .with_context(|| format!("binding {}", config.bind))?;
+        let state = AppState {
+            store,
+            digester: VeraIdDigester::new(&secret),
+            metrics,
+            dispatcher,
+            max_body_bytes: config.max_body_bytes,
+            request_ttl: config.request_ttl,
+            message_ttl: config.message_ttl,
+        };
+        Ok(Self {
+            listener,
+            state,
+            config,
+        })
+    }
+
+    /// The address the server listens on (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The shared state: store, metrics, dispatcher.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves; then stops taking connections, answers the
+    /// requests in flight, lets deliveries in flight finish, and closes the database.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            state,
+            config,
+        } = self;
+        let addr = listener.local_addr()?;
+        tracing::info!(address = %addr, "listening");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+
+        let dispatcher = match state.dispatcher.clone() {
+            Some(d) => Some(tokio::spawn(d.run(stop_rx.clone()))),
+            None => {
+                tracing::warn!("no sink configured (K_SINK): outgoing messages wait in the outbox");
+                None
+            }
+        };
+        let purger = tokio::spawn(purge_loop(
+            state.store.clone(),
+            config.purge_interval,
+            stop_rx.clone(),
+        ));
+
+        let store = state.store.clone();
+        let mut graceful_rx = stop_rx.clone();
+        let server = axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move {
+                let _ = graceful_rx.wait_for(|stop| *stop).await;
+                tracing::info!("shutting down: no new connections");
+            })
+            .into_future();
+        let mut deadline_rx = stop_rx.clone();
+        let timeout = config.shutdown_timeout;
+        let deadline = async move {
+            let _ = deadline_rx.wait_for(|stop| *stop).await;
+            tokio::time::sleep(timeout).await;
+        };
+        tokio::select! {
+            result = server => result.context("HTTP server")?,
+            () = deadline => tracing::warn!("shutdown timeout: dropping connections still open"),
+        }
+
+        if let Some(task) = dispatcher
+            && tokio::time::timeout(timeout, task).await.is_err()
+        {
+            tracing::warn!("shutdown timeout: deliveries still in flight will be retried after restart");
+        }
+        let _ = purger.await;
+        store.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn purge_loop(store: Arc<dyn Store>, every: std::time::Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        match store.purge_expired(clock::now()).await {
+            Ok(report) if report.requests + report.events > 0 => tracing::info!(
+                requests = report.requests,
+                events = report.events,
+                "purged expired pairing requests and event keys"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "purge failed; will try again"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}

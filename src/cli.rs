@@ -1,0 +1,206 @@
+//! Command-line interface: every setting once, as a flag with an environment variable.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{
+    Config, ConfigError, DatabaseConfig, HumanDuration, defaults, parse_ce_overrides, parse_secret,
+    parse_sink,
+};
+use crate::store::sqlite::Synchronous;
+use crate::telemetry::LogFormat;
+
+/// letro-server: the contact-pairing broker of Letro, on the Awala network.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, env = "LETRO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto, global = true)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve CloudEvents over HTTP and deliver outgoing messages to the sink.
+    Serve(ServeArgs),
+    /// Create or upgrade the database schema, then exit.
+    Migrate(DatabaseArgs),
+}
+
+/// Commit durability for SQLite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SynchronousArg {
+    /// fsync before acknowledging: survives power loss.
+    Full,
+    /// No fsync on commit: survives a process crash only.
+    Normal,
+}
+
+/// Where the database is.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Database URL: sqlite://PATH (relative) or sqlite:///ABSOLUTE/PATH; the file is
+    /// created if missing.
+    #[arg(long = "database", env = "DATABASE_URL", default_value = defaults::DATABASE)]
+    pub url: String,
+    /// SQLite commit durability.
+    #[arg(long, env = "LETRO_SQLITE_SYNCHRONOUS", value_enum, default_value_t = SynchronousArg::Full)]
+    pub sqlite_synchronous: SynchronousArg,
+}
+
+impl DatabaseArgs {
+    /// The validated database configuration.
+    pub fn to_config(&self) -> Result<DatabaseConfig, ConfigError> {
+        let sync = match self.sqlite_synchronous {
+            SynchronousArg::Full => Synchronous::Full,
+            SynchronousArg::Normal => Synchronous::Normal,
+        };
+        DatabaseConfig::from_url(&self.url, sync)
+    }
+}
+
+/// Settings of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 0.0.0.0:$PORT].
+    #[arg(long, env = "LETRO_BIND")]
+    pub bind: Option<SocketAddr>,
+    /// Port to listen on when --bind is not given.
+    #[arg(long, env = "PORT", default_value_t = defaults::PORT)]
+    pub port: u16,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub database: DatabaseArgs,
+    /// Where outgoing CloudEvents are POSTed (the Knative SinkBinding sets K_SINK).
+    /// Without a sink, outgoing messages wait in the outbox.
+    #[arg(long, env = "K_SINK")]
+    pub sink: Option<String>,
+    /// Extensions to add to outgoing events, as Knative's JSON {"extensions": {...}}.
+    #[arg(long, env = "K_CE_OVERRIDES")]
+    pub ce_overrides: Option<String>,
+    /// Largest request body accepted; larger ones get 413.
+    #[arg(long, env = "LETRO_MAX_BODY_BYTES", default_value_t = defaults::MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// First delay before retrying a failed delivery; doubles on every attempt.
+    #[arg(long, env = "LETRO_RETRY_BASE_DELAY", default_value_t = HumanDuration(defaults::RETRY_BASE_DELAY))]
+    pub retry_base_delay: HumanDuration,
+    /// Longest delay between delivery attempts.
+    #[arg(long, env = "LETRO_RETRY_MAX_DELAY", default_value_t = HumanDuration(defaults::RETRY_MAX_DELAY))]
+    pub retry_max_delay: HumanDuration,
+    /// Time allowed for one delivery to the sink.
+    #[arg(long, env = "LETRO_SINK_TIMEOUT", default_value_t = HumanDuration(defaults::SINK_TIMEOUT))]
+    pub sink_timeout: HumanDuration,
+    /// Deliveries in flight at once.
+    #[arg(long, env = "LETRO_DELIVERY_CONCURRENCY", default_value_t = defaults::DELIVERY_CONCURRENCY)]
+    pub delivery_concurrency: usize,
+    /// Expiry of outgoing messages after their creation (at most 180 days).
+    #[arg(long, env = "LETRO_MESSAGE_TTL", default_value_t = HumanDuration(defaults::MESSAGE_TTL))]
+    pub message_ttl: HumanDuration,
+    /// How long a pairing request waits for its reverse half.
+    #[arg(long, env = "LETRO_REQUEST_TTL", default_value_t = HumanDuration(defaults::REQUEST_TTL))]
+    pub request_ttl: HumanDuration,
+    /// Hex key for VeraId digests. If absent, one is generated on first start and kept
+    /// in the database.
+    #[arg(long, env = "LETRO_VERAID_SECRET", hide_env_values = true)]
+    pub veraid_secret: Option<String>,
+    /// How often expired pairing requests are purged.
+    #[arg(long, env = "LETRO_PURGE_INTERVAL", default_value_t = HumanDuration(defaults::PURGE_INTERVAL))]
+    pub purge_interval: HumanDuration,
+    /// How long shutdown waits for requests and deliveries in flight.
+    #[arg(long, env = "LETRO_SHUTDOWN_TIMEOUT", default_value_t = HumanDuration(defaults::SHUTDOWN_TIMEOUT))]
+    pub shutdown_timeout: HumanDuration,
+}
+
+impl ServeArgs {
+    /// The validated configuration.
+    pub fn to_config(&self) -> Result<Config, ConfigError> {
+        let bind = self
+            .bind
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], self.port)));
+        let mut config = Config::new(bind, self.database.to_config()?);
+        config.sink = self.sink.as_deref().map(parse_sink).transpose()?;
+        config.ce_overrides = match &self.ce_overrides {
+            Some(json) => parse_ce_overrides(json)?,
+            None => Vec::new(),
+        };
+        config.max_body_bytes = self.max_body_bytes;
+        config.retry_base_delay = self.retry_base_delay.0;
+        config.retry_max_delay = self.retry_max_delay.0;
+        config.sink_timeout = self.sink_timeout.0;
+        config.delivery_concurrency = self.delivery_concurrency;
+        config.message_ttl = self.message_ttl.0;
+        config.request_ttl = self.request_ttl.0;
+        config.veraid_secret = self.veraid_secret.as_deref().map(parse_secret).transpose()?;
+        config.purge_interval = self.purge_interval.0;
+        config.shutdown_timeout = self.shutdown_timeout.0;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_override_defaults() {
+        // Flags only: every setting here is given explicitly, so the environment of the
+        // test process does not matter.
+        let cli = Cli::try_parse_from([
+            "letro-server",
+            "serve",
+            "--bind",
+            "127.0.0.1:9000",
+            "--database",
+            "sqlite:///tmp/x.db",
+            "--sink",
+            "http://127.0.0.1:1/",
+            "--retry-max-delay",
+            "2s",
+            "--message-ttl",
+            "30days",
+            "--veraid-secret",
+            "00112233445566778899aabbccddeeff",
+        ])
+        .expect("parses");
+        let Command::Serve(args) = cli.command else {
+            panic!("serve expected");
+        };
+        let config = args.to_config().expect("valid");
+        assert_eq!(config.bind, "127.0.0.1:9000".parse().expect("addr"));
+        assert_eq!(config.retry_max_delay.as_secs(), 2);
+        assert_eq!(config.message_ttl.as_secs(), 30 * 86_400);
+        assert!(config.sink.is_some());
+    }
+
+    #[test]
+    fn bad_values_name_their_setting() {
+        let cli = Cli::try_parse_from([
+            "letro-server",
+            "serve",
+            "--bind",
+            "127.0.0.1:9000",
+            "--database",
+            "sqlite://x.db",
+            "--message-ttl",
+            "200days",
+        ])
+        .expect("parses");
+        let Command::Serve(args) = cli.command else {
+            panic!("serve expected");
+        };
+        let e = args.to_config().expect_err("too long");
+        assert!(e.to_string().contains("LETRO_MESSAGE_TTL"), "{e}");
+    }
+}

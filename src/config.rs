@@ -1,0 +1,352 @@
+//! The validated configuration of a running server.
+//!
+//! Every setting is declared once, as a flag with an environment variable, in `cli`;
+//! this module turns those raw values into a typed [`Config`] and refuses bad ones with
+//! a message that names the setting.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::codec::cloudevent::is_header_safe;
+use crate::store::sqlite::{SqliteLocation, Synchronous};
+
+/// A duration written the human way (`10s`, `90days`), for flags and env vars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl FromStr for HumanDuration {
+    type Err = humantime::DurationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_duration(s).map(Self)
+    }
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Defaults, shared by the flags and by [`Config::new`].
+pub mod defaults {
+    use super::{DAY, Duration};
+    /// `--port`.
+    pub const PORT: u16 = 8080;
+    /// `--database`.
+    pub const DATABASE: &str = "sqlite://letro.db";
+    /// `--max-body-bytes`: fastify's default, which the original server had.
+    pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+    /// `--retry-base-delay`.
+    pub const RETRY_BASE_DELAY: Duration = Duration::from_millis(100);
+    /// `--retry-max-delay`.
+    pub const RETRY_MAX_DELAY: Duration = Duration::from_secs(10);
+    /// `--sink-timeout`.
+    pub const SINK_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `--delivery-concurrency`.
+    pub const DELIVERY_CONCURRENCY: usize = 16;
+    /// `--message-ttl`.
+    pub const MESSAGE_TTL: Duration = Duration::from_secs(90 * 86_400);
+    /// `--request-ttl`.
+    pub const REQUEST_TTL: Duration = Duration::from_secs(90 * 86_400);
+    /// `--purge-interval`.
+    pub const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+    /// `--shutdown-timeout`.
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+    /// RAMF's largest parcel TTL: the Awala Internet Endpoint fails on anything longer.
+    pub const MAX_MESSAGE_TTL: Duration = Duration::from_secs(180 * 86_400);
+    const _: () = assert!(MESSAGE_TTL.as_secs() <= MAX_MESSAGE_TTL.as_secs());
+    const _: () = assert!(DAY.as_secs() == 86_400);
+}
+
+/// Which database, and how to open it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseConfig {
+    /// An embedded SQLite file.
+    Sqlite {
+        /// The file, created if missing.
+        path: PathBuf,
+        /// Commit durability.
+        synchronous: Synchronous,
+    },
+}
+
+impl DatabaseConfig {
+    /// Parses a database URL.
+    pub fn from_url(url: &str, synchronous: Synchronous) -> Result<Self, ConfigError> {
+        if let Some(location) = SqliteLocation::from_url(url) {
+            return Ok(Self::Sqlite {
+                path: location.path,
+                synchronous,
+            });
+        }
+        let scheme = url.split(':').next().unwrap_or_default();
+        Err(ConfigError::new(
+            "--database (DATABASE_URL)",
+            format!("unsupported database URL scheme {scheme:?}; expected sqlite://PATH"),
+        ))
+    }
+}
+
+/// A setting with a bad value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {setting}: {reason}")]
+pub struct ConfigError {
+    setting: &'static str,
+    reason: String,
+}
+
+impl ConfigError {
+    /// A problem with `setting`.
+    pub fn new(setting: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            setting,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Everything `serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen.
+    pub bind: SocketAddr,
+    /// The database.
+    pub database: DatabaseConfig,
+    /// Where outgoing events go (`K_SINK`); without one they wait in the outbox.
+    pub sink: Option<reqwest::Url>,
+    /// Extensions to add to every outgoing event (`K_CE_OVERRIDES`).
+    pub ce_overrides: Vec<(String, String)>,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// First retry delay; doubles per attempt.
+    pub retry_base_delay: Duration,
+    /// Longest retry delay.
+    pub retry_max_delay: Duration,
+    /// Time allowed for one delivery to the sink.
+    pub sink_timeout: Duration,
+    /// Deliveries in flight at once.
+    pub delivery_concurrency: usize,
+    /// Expiry of outgoing messages, after their time.
+    pub message_ttl: Duration,
+    /// How long a pairing request waits for its reverse half.
+    pub request_ttl: Duration,
+    /// The key of VeraId digests; generated and stored in the database if absent.
+    pub veraid_secret: Option<Secret>,
+    /// How often expired requests are purged.
+    pub purge_interval: Duration,
+    /// How long shutdown waits for in-flight work.
+    pub shutdown_timeout: Duration,
+}
+
+impl Config {
+    /// The defaults, with the given bind address and database.
+    pub fn new(bind: SocketAddr, database: DatabaseConfig) -> Self {
+        Self {
+            bind,
+            database,
+            sink: None,
+            ce_overrides: Vec::new(),
+            max_body_bytes: defaults::MAX_BODY_BYTES,
+            retry_base_delay: defaults::RETRY_BASE_DELAY,
+            retry_max_delay: defaults::RETRY_MAX_DELAY,
+            sink_timeout: defaults::SINK_TIMEOUT,
+            delivery_concurrency: defaults::DELIVERY_CONCURRENCY,
+            message_ttl: defaults::MESSAGE_TTL,
+            request_ttl: defaults::REQUEST_TTL,
+            veraid_secret: None,
+            purge_interval: defaults::PURGE_INTERVAL,
+            shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
+        }
+    }
+
+    /// Checks ranges and cross-field rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.message_ttl.is_zero() || self.message_ttl > defaults::MAX_MESSAGE_TTL {
+            return Err(ConfigError::new(
+                "--message-ttl (LETRO_MESSAGE_TTL)",
+                "must be more than 0 and at most 180 days (the Awala parcel limit)",
+            ));
+        }
+        if self.request_ttl.is_zero() {
+            return Err(ConfigError::new("--request-ttl (LETRO_REQUEST_TTL)", "must be more than 0"));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(ConfigError::new(
+                "--max-body-bytes (LETRO_MAX_BODY_BYTES)",
+                "must be at least 1024",
+            ));
+        }
+        if self.retry_base_delay.is_zero() || self.retry_max_delay < self.retry_base_delay {
+            return Err(ConfigError::new(
+                "--retry-max-delay (LETRO_RETRY_MAX_DELAY)",
+                "must be at least the base delay, which must be more than 0",
+            ));
+        }
+        if self.sink_timeout.is_zero() {
+            return Err(ConfigError::new("--sink-timeout (LETRO_SINK_TIMEOUT)", "must be more than 0"));
+        }
+        if self.delivery_concurrency == 0 {
+            return Err(ConfigError::new(
+                "--delivery-concurrency (LETRO_DELIVERY_CONCURRENCY)",
+                "must be at least 1",
+            ));
+        }
+        if self.purge_interval.is_zero() {
+            return Err(ConfigError::new("--purge-interval (LETRO_PURGE_INTERVAL)", "must be more than 0"));
+        }
+        if let Some(secret) = &self.veraid_secret
+            && secret.0.len() < 16
+        {
+            return Err(ConfigError::new(
+                "--veraid-secret (LETRO_VERAID_SECRET)",
+                "must be at least 16 bytes (32 hex digits)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `K_SINK`.
+pub fn parse_sink(url: &str) -> Result<reqwest::Url, ConfigError> {
+    let setting = "--sink (K_SINK)";
+    let url = reqwest::Url::parse(url).map_err(|e| ConfigError::new(setting, e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ConfigError::new(setting, "must be an http or https URL"));
+    }
+    Ok(url)
+}
+
+/// Parses `K_CE_OVERRIDES`: `{"extensions": {"name": "value", ...}}`.
+pub fn parse_ce_overrides(json: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let setting = "--ce-overrides (K_CE_OVERRIDES)";
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| ConfigError::new(setting, e.to_string()))?;
+    let Some(extensions) = value.get("extensions") else {
+        return Ok(Vec::new());
+    };
+    let Some(extensions) = extensions.as_object() else {
+        return Err(ConfigError::new(setting, "\"extensions\" must be an object"));
+    };
+    let mut out = Vec::new();
+    for (name, value) in extensions {
+        let value = match value {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            _ => return Err(ConfigError::new(setting, format!("extension {name:?} must be a scalar"))),
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 20
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if !name_ok || !is_header_safe(&value) {
+            return Err(ConfigError::new(
+                setting,
+                format!("extension {name:?} needs a lower-case alphanumeric name and a printable ASCII value"),
+            ));
+        }
+        out.push((name.clone(), value));
+    }
+    Ok(out)
+}
+
+/// Parses `LETRO_VERAID_SECRET` (hex).
+pub fn parse_secret(hex_text: &str) -> Result<Secret, ConfigError> {
+    hex::decode(hex_text.trim())
+        .map(Secret)
+        .map_err(|_| ConfigError::new("--veraid-secret (LETRO_VERAID_SECRET)", "must be hex"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            DatabaseConfig::from_url("sqlite://x.db", Synchronous::Full).expect("url"),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(config().validate(), Ok(()));
+    }
+
+    #[test]
+    fn ttl_is_capped_at_180_days() {
+        let mut c = config();
+        c.message_ttl = 180 * DAY;
+        assert!(c.validate().is_ok());
+        c.message_ttl = 181 * DAY;
+        let e = c.validate().expect_err("too long");
+        assert!(e.to_string().contains("LETRO_MESSAGE_TTL"), "{e}");
+    }
+
+    #[test]
+    fn other_ranges() {
+        let mut c = config();
+        c.retry_max_delay = Duration::from_millis(1);
+        assert!(c.validate().is_err());
+        let mut c = config();
+        c.veraid_secret = Some(Secret(vec![0; 8]));
+        assert!(c.validate().is_err());
+        let mut c = config();
+        c.max_body_bytes = 10;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn database_urls() {
+        assert!(matches!(
+            DatabaseConfig::from_url("sqlite:///tmp/a.db", Synchronous::Full),
+            Ok(DatabaseConfig::Sqlite { .. })
+        ));
+        let e = DatabaseConfig::from_url("mysql://x", Synchronous::Full).expect_err("unsupported");
+        assert!(e.to_string().contains("DATABASE_URL"));
+    }
+
+    #[test]
+    fn sink_and_overrides() {
+        assert!(parse_sink("http://broker/ns/default").is_ok());
+        assert!(parse_sink("ftp://x").is_err());
+        assert!(parse_sink("not a url").is_err());
+        assert_eq!(
+            parse_ce_overrides(r#"{"extensions":{"team":"letro","n":1}}"#),
+            Ok(vec![("n".into(), "1".into()), ("team".into(), "letro".into())])
+        );
+        assert_eq!(parse_ce_overrides("{}"), Ok(vec![]));
+        assert!(parse_ce_overrides(r#"{"extensions":{"Bad":"x"}}"#).is_err());
+        assert!(parse_ce_overrides(r#"{"extensions":{"ok":"has space"}}"#).is_err());
+        assert!(parse_ce_overrides("[").is_err());
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let s = parse_secret("00112233445566778899aabbccddeeff").expect("hex");
+        assert_eq!(s.0.len(), 16);
+        assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
+        assert!(parse_secret("zz").is_err());
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!("10s".parse::<HumanDuration>().map(|d| d.0), Ok(Duration::from_secs(10)));
+        assert_eq!("90days".parse::<HumanDuration>().map(|d| d.0), Ok(90 * DAY));
+        assert_eq!(HumanDuration(Duration::from_secs(10)).to_string(), "10s");
+    }
+}

@@ -1,0 +1,78 @@
+//! HTTP: the CloudEvents ingress on `POST /`, readiness on `GET`/`HEAD /`, and
+//! `GET /metrics`. [`ApiError`] is the only place that knows status codes.
+
+mod error;
+mod ingress;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+pub use error::ApiError;
+
+use crate::clock;
+use crate::domain::VeraIdDigester;
+use crate::outbox::Dispatcher;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The database.
+    pub store: Arc<dyn Store>,
+    /// Keys VeraId digests.
+    pub digester: VeraIdDigester,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Woken when messages are committed; `None` without a sink.
+    pub dispatcher: Option<Dispatcher>,
+    /// Largest body read.
+    pub max_body_bytes: usize,
+    /// How long a pending request waits.
+    pub request_ttl: Duration,
+    /// Expiry of outgoing messages.
+    pub message_ttl: Duration,
+}
+
+/// The routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(health).post(ingress::ingest))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Readiness: 200 when the database answers, else 503. Axum answers `HEAD` with the
+/// same status and no body.
+async fn health(State(state): State<AppState>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => ApiError::Unavailable(e).into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    if let Ok(stats) = state.store.stats().await {
+        let age = stats
+            .outbox_oldest
+            .map(|t| u64::try_from((clock::now().0 - t.0).max(0) / 1000).unwrap_or(0))
+            .unwrap_or(0);
+        state
+            .metrics
+            .set_store_gauges(stats.outbox_depth, age, stats.pending_requests);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,188 @@
+//! `POST /`: incoming service messages from the Awala Internet Endpoint.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use super::{ApiError, AppState};
+use crate::clock;
+use crate::codec::cloudevent::{CloudEvent, INCOMING_TYPE, decode_http, is_header_safe};
+use crate::codec::pairing::{PAIRING_REQUEST_TYPE, parse_request};
+use crate::domain::{EventKey, PairingRequest, Refusal};
+use crate::store::{PairingOutcome, PairingSubmission};
+
+/// Reads, decodes and routes one event.
+pub(super) async fn ingest(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let event = match read_event(&state, &parts.headers, body).await {
+        Ok(event) => event,
+        Err(e) => return e.into_response(),
+    };
+    match handle(&state, &event).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn read_event(state: &AppState, headers: &HeaderMap, body: Body) -> Result<CloudEvent, ApiError> {
+    let limit = state.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large(state));
+    }
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large(state)),
+        Err(e) => return Err(ApiError::BadRequest(format!("could not read body: {e}"))),
+    };
+    let event = decode_http(
+        headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+        bytes.to_vec(),
+    )
+    .map_err(|e| reject(state, "not_cloudevent", e.to_string()))?;
+    if event.ty != INCOMING_TYPE {
+        return Err(reject(state, "wrong_type", format!("unexpected event type {:?}", event.ty)));
+    }
+    match &event.subject {
+        None => return Err(reject(state, "missing_subject", "missing subject".into())),
+        Some(s) if !is_header_safe(s) => {
+            return Err(reject(state, "invalid_subject", "subject is not a valid endpoint id".into()));
+        }
+        Some(_) => {}
+    }
+    if event.data_content_type.is_none() {
+        return Err(reject(state, "missing_content_type", "missing content type".into()));
+    }
+    Ok(event)
+}
+
+fn too_large(state: &AppState) -> ApiError {
+    tracing::info!(limit = state.max_body_bytes, "body over the limit; answering 413");
+    state.metrics.event("unknown", "too_large");
+    ApiError::TooLarge
+}
+
+fn reject(state: &AppState, outcome: &str, reason: String) -> ApiError {
+    tracing::info!(%reason, "not an event we take; answering 400");
+    state.metrics.event("unknown", outcome);
+    ApiError::BadRequest(reason)
+}
+
+/// The service message type: the media type without parameters, lower-cased.
+fn media_type(event: &CloudEvent) -> String {
+    let ct = event.data_content_type.as_deref().unwrap_or_default();
+    ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
+}
+
+async fn handle(state: &AppState, event: &CloudEvent) -> Result<(), ApiError> {
+    let media = media_type(event);
+    match media.as_str() {
+        PAIRING_REQUEST_TYPE => handle_pairing_request(state, event).await,
+        _ => {
+            state.metrics.event("unsupported", "unsupported_type");
+            tracing::info!(
+                parcel.id = %event.id,
+                sender = %event.source,
+                content_type = %media,
+                "unsupported service message type; answering 400"
+            );
+            Err(ApiError::BadRequest(format!("unsupported content type {media:?}")))
+        }
+    }
+}
+
+fn refuse(state: &AppState, event: &CloudEvent, kind: &str, reason: Refusal) -> Result<(), ApiError> {
+    tracing::warn!(
+        parcel.id = %event.id,
+        sender = %event.source,
+        reason = reason.as_str(),
+        "refused {kind}: {reason}"
+    );
+    state.metrics.refusal(reason.as_str());
+    state.metrics.event(kind, "refused");
+    Ok(())
+}
+
+async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<(), ApiError> {
+    const KIND: &str = "pairing-request";
+    let fields = match parse_request(&event.data) {
+        Ok(fields) => fields,
+        Err(reason) => return refuse(state, event, KIND, reason),
+    };
+    let request = match PairingRequest::new(fields.requester, fields.target, fields.key_der, &event.source) {
+        Ok(request) => request,
+        Err(reason) => return refuse(state, event, KIND, reason),
+    };
+    let requester_digest = state.digester.digest(&request.requester);
+    let target_digest = state.digester.digest(&request.target);
+    let now = clock::now();
+    let submission = PairingSubmission {
+        event: EventKey {
+            source: event.source.clone(),
+            id: event.id.clone(),
+        },
+        server_id: event.subject.clone().unwrap_or_default(),
+        request,
+        requester_digest,
+        target_digest,
+        now,
+        request_expiry: now.plus(state.request_ttl),
+        message_expiry: now.plus(state.message_ttl),
+    };
+    let outcome = state
+        .store
+        .submit_pairing_request(submission)
+        .await
+        .map_err(|e| {
+            state.metrics.event(KIND, "unavailable");
+            ApiError::Unavailable(e)
+        })?;
+    let (requester, target) = (requester_digest.short(), target_digest.short());
+    match outcome {
+        PairingOutcome::Duplicate => {
+            state.metrics.event(KIND, "duplicate");
+            tracing::info!(parcel.id = %event.id, sender = %event.source, "duplicate delivery ignored");
+        }
+        PairingOutcome::Stored { replaced } => {
+            state.metrics.event(KIND, "stored");
+            if replaced.as_ref().is_some_and(|old| old.as_str() != event.source) {
+                state.metrics.replaced_other_endpoint();
+                tracing::warn!(
+                    parcel.id = %event.id,
+                    sender = %event.source,
+                    requester, target,
+                    previous_endpoint = replaced.as_ref().map(|e| e.as_str()).unwrap_or_default(),
+                    "pending request replaced by one from a different endpoint"
+                );
+            }
+            tracing::info!(
+                parcel.id = %event.id,
+                sender = %event.source,
+                requester, target,
+                replaced = replaced.is_some(),
+                "pairing request stored"
+            );
+        }
+        PairingOutcome::Matched { messages } => {
+            state.metrics.event(KIND, "matched");
+            state.metrics.matched();
+            tracing::info!(
+                parcel.id = %event.id,
+                sender = %event.source,
+                requester, target,
+                messages = messages.len(),
+                "pairing matched"
+            );
+            match &state.dispatcher {
+                Some(dispatcher) => dispatcher.wake(),
+                None => tracing::warn!("no sink configured (K_SINK): the matches wait in the outbox"),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! The dispatcher: claims due messages and delivers them, several at a time, so that a
+//! slow or failing message never holds up the others.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+use super::backoff::Backoff;
+use super::sink::HttpSink;
+use crate::clock;
+use crate::store::{OutboxEntry, Store};
+use crate::telemetry::Metrics;
+
+/// How long to sleep, at most, with nothing due: other replicas may add messages without
+/// waking us.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+/// Pause after a store error before trying again.
+const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// What one delivery came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Delivered,
+    Retry,
+    Dropped,
+    /// The store failed to record the result; the lease will make the message due again.
+    Unrecorded,
+}
+
+/// Counts from [`Dispatcher::run_once`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DispatchReport {
+    /// Accepted by the sink.
+    pub delivered: u64,
+    /// Failed and scheduled again.
+    pub retried: u64,
+    /// Expired before delivery.
+    pub dropped: u64,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    sink: HttpSink,
+    backoff: Backoff,
+    /// How long a claimed message stays hidden: longer than any delivery can take.
+    lease: Duration,
+    concurrency: usize,
+    metrics: Arc<Metrics>,
+    wake: Notify,
+}
+
+/// Delivers outbox messages to the sink. Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("sink", &self.inner.sink.url().as_str())
+            .finish()
+    }
+}
+
+impl Dispatcher {
+    /// A dispatcher delivering from `store` to `sink`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        sink: HttpSink,
+        backoff: Backoff,
+        sink_timeout: Duration,
+        concurrency: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                sink,
+                backoff,
+                lease: sink_timeout + Duration::from_secs(10),
+                concurrency: concurrency.max(1),
+                metrics,
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    /// Tells the dispatcher that new messages were committed.
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// One pass: claims every message due now, delivers them concurrently and waits for
+    /// the results. For tools and tests; the server runs [`run`](Self::run).
+    pub async fn run_once(&self) -> crate::store::Result<DispatchReport> {
+        let now = clock::now();
+        let entries = self
+            .inner
+            .store
+            .claim_due_messages(now, now.plus(self.inner.lease), usize::MAX >> 1)
+            .await?;
+        let mut set = JoinSet::new();
+        for entry in entries {
+            set.spawn(deliver(self.inner.clone(), entry));
+        }
+        let mut report = DispatchReport::default();
+        while let Some(result) = set.join_next().await {
+            match result {
+                Ok(Outcome::Delivered) => report.delivered += 1,
+                Ok(Outcome::Retry | Outcome::Unrecorded) => report.retried += 1,
+                Ok(Outcome::Dropped) => report.dropped += 1,
+                Err(e) => tracing::error!(error = %e, "delivery task failed"),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Delivers until `shutdown` turns true, then lets deliveries in flight finish.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let inner = &self.inner;
+        let mut in_flight = JoinSet::new();
+        tracing::info!(sink = %inner.sink.url(), "outbox dispatcher started");
+        while !*shutdown.borrow() {
+            let free = inner.concurrency.saturating_sub(in_flight.len());
+            let mut pause = IDLE_POLL;
+            if free > 0 {
+                let now = clock::now();
+                match inner.store.claim_due_messages(now, now.plus(inner.lease), free).await {
+                    Ok(entries) => {
+                        let full = entries.len() == free;
+                        for entry in entries {
+                            in_flight.spawn(deliver(inner.clone(), entry));
+                        }
+                        if full {
+                            // More may be due: claim again as soon as a slot frees up.
+                            pause = Duration::ZERO;
+                        } else {
+                            pause = until_next_due(inner.store.as_ref()).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not claim outbox messages");
+                        pause = STORE_ERROR_PAUSE;
+                    }
+                }
+            }
+            if pause.is_zero() && in_flight.len() < inner.concurrency {
+                continue;
+            }
+            tokio::select! {
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                () = inner.wake.notified() => {}
+                () = tokio::time::sleep(pause), if !pause.is_zero() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        while in_flight.join_next().await.is_some() {}
+        tracing::info!("outbox dispatcher stopped");
+    }
+}
+
+async fn until_next_due(store: &dyn Store) -> Duration {
+    match store.next_due().await {
+        Ok(Some(at)) => {
+            let wait = at.0.saturating_sub(clock::now().0).max(0);
+            Duration::from_millis(u64::try_from(wait).unwrap_or(0))
+                .min(IDLE_POLL)
+                .max(Duration::from_millis(1))
+        }
+        Ok(None) => IDLE_POLL,
+        Err(_) => STORE_ERROR_PAUSE,
+    }
+}
+
+async fn deliver(inner: Arc<Inner>, entry: OutboxEntry) -> Outcome {
+    let message = &entry.message;
+    let now = clock::now();
+    let (outcome, recorded) = if message.expiry <= now {
+        tracing::warn!(
+            message.id = message.id.as_str(),
+            recipient = message.recipient.as_str(),
+            attempts = entry.attempts,
+            "outbox message expired undelivered; dropped"
+        );
+        (Outcome::Dropped, inner.store.drop_message(&message.id).await)
+    } else {
+        match inner.sink.deliver(message).await {
+            Ok(()) => {
+                tracing::debug!(message.id = message.id.as_str(), "delivered");
+                (Outcome::Delivered, inner.store.mark_delivered(&message.id).await)
+            }
+            Err(e) => {
+                let attempt = entry.attempts.saturating_add(1);
+                let delay = inner
+                    .backoff
+                    .delay_with_hint(attempt, rand::random::<f64>(), e.retry_after);
+                let now = clock::now();
+                // Never wait past the expiry: the message is dropped then.
+                let at = now.plus(delay).min(message.expiry.max(now));
+                tracing::warn!(
+                    message.id = message.id.as_str(),
+                    recipient = message.recipient.as_str(),
+                    attempt,
+                    retry_in_ms = delay.as_millis() as u64,
+                    error = %e,
+                    "delivery failed; will retry"
+                );
+                (
+                    Outcome::Retry,
+                    inner.store.schedule_retry(&message.id, at, &e.reason).await,
+                )
+            }
+        }
+    };
+    match recorded {
+        Ok(()) => {
+            inner.metrics.delivery(match outcome {
+                Outcome::Delivered => "delivered",
+                Outcome::Dropped => "dropped",
+                Outcome::Retry | Outcome::Unrecorded => "retry",
+            });
+            outcome
+        }
+        Err(e) => {
+            tracing::warn!(
+                message.id = message.id.as_str(),
+                error = %e,
+                "could not record delivery result; the message will be sent again"
+            );
+            Outcome::Unrecorded
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The HTTP sink: POSTs a message as a binary-mode CloudEvent to `K_SINK`.
+
+use std::time::Duration;
+
+use crate::codec::cloudevent::encode_binary_headers;
+use crate::domain::OutgoingMessage;
+
+/// Why a delivery did not succeed. Every failure is retried until the message expires:
+/// a broker that refuses today (4xx) may accept after an operator fixes it, and dropping
+/// early would lose a match for good.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct DeliveryError {
+    /// What happened, for logs and the outbox row.
+    pub reason: String,
+    /// The sink's `Retry-After`, if it sent one.
+    pub retry_after: Option<Duration>,
+}
+
+/// Delivers messages to one sink URL.
+#[derive(Debug, Clone)]
+pub struct HttpSink {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    overrides: Vec<(String, String)>,
+}
+
+impl HttpSink {
+    /// A sink at `url`, giving each delivery `timeout`.
+    pub fn new(
+        url: reqwest::Url,
+        timeout: Duration,
+        overrides: Vec<(String, String)>,
+    ) -> reqwest::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .build()?;
+        Ok(Self {
+            client,
+            url,
+            overrides,
+        })
+    }
+
+    /// The sink's URL.
+    pub fn url(&self) -> &reqwest::Url {
+        &self.url
+    }
+
+    /// POSTs `message`; only a 2xx answer counts as delivered.
+    pub async fn deliver(&self, message: &OutgoingMessage) -> Result<(), DeliveryError> {
+        let mut request = self.client.post(self.url.clone());
+        for (name, value) in encode_binary_headers(message, &self.overrides) {
+            request = request.header(name, value);
+        }
+        let response = request
+            .body(message.content.clone())
+            .send()
+            .await
+            .map_err(|e| DeliveryError {
+                reason: describe(&e),
+                retry_after: None,
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        Err(DeliveryError {
+            reason: format!("sink answered {status}"),
+            retry_after,
+        })
+    }
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "sink timed out".into()
+    } else if e.is_connect() {
+        "could not connect to sink".into()
+    } else {
+        format!("sink request failed: {e}")
+    }
+}

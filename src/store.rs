@@ -1,0 +1,162 @@
+//! Durable state: pending pairing requests, processed-event keys, the outbox.
+//!
+//! One trait, [`Store`], whose methods are domain operations; each runs in one
+//! transaction, so a state change and the messages it causes commit together (the
+//! transactional outbox). Imports `domain` and `codec` only.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+use crate::codec::pairing::encode_match;
+use crate::domain::{
+    EndpointId, EventKey, MessageId, MessageKind, OutgoingMessage, PairingMatch, PairingRequest,
+    Timestamp, VeraIdDigest,
+};
+
+/// What went wrong below the domain. Every variant is transient from the client's point
+/// of view: the event was not acknowledged and may be redelivered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed the operation (unreachable, read-only, disk full…).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The store has been shut down.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// `Result` with [`StoreError`].
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// An incoming pairing request, validated, with everything needed to store it or match it.
+#[derive(Debug, Clone)]
+pub struct PairingSubmission {
+    /// The idempotency key of the event that carried it.
+    pub event: EventKey,
+    /// This server's endpoint id (the event's subject): the source of any reply.
+    pub server_id: String,
+    /// The request itself.
+    pub request: PairingRequest,
+    /// Digest of the requester's VeraId.
+    pub requester_digest: VeraIdDigest,
+    /// Digest of the target's VeraId.
+    pub target_digest: VeraIdDigest,
+    /// When it arrived.
+    pub now: Timestamp,
+    /// When the request, if it has to wait, stops waiting.
+    pub request_expiry: Timestamp,
+    /// The expiry of any message it causes.
+    pub message_expiry: Timestamp,
+}
+
+/// What became of a pairing request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PairingOutcome {
+    /// The same event was handled before; nothing changed.
+    Duplicate,
+    /// Stored to wait for the reverse request.
+    Stored {
+        /// The endpoint id of the pending request this one replaced, if any.
+        replaced: Option<EndpointId>,
+    },
+    /// Matched with the reverse request: both matches are in the outbox.
+    Matched {
+        /// The ids of the two matches.
+        messages: Vec<MessageId>,
+    },
+}
+
+/// A message claimed from the outbox for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// The message, byte for byte as it was committed.
+    pub message: OutgoingMessage,
+    /// Delivery attempts already made.
+    pub attempts: u32,
+}
+
+/// Counts for health, metrics and operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Messages waiting in the outbox.
+    pub outbox_depth: u64,
+    /// When the oldest waiting message was created.
+    pub outbox_oldest: Option<Timestamp>,
+    /// Pairing requests waiting for their reverse half (expired ones included until purged).
+    pub pending_requests: u64,
+}
+
+/// What a purge removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PurgeReport {
+    /// Expired pending requests.
+    pub requests: u64,
+    /// Expired processed-event keys.
+    pub events: u64,
+}
+
+/// The broker's storage. Every method is one transaction.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Succeeds when the database answers.
+    async fn ping(&self) -> Result<()>;
+
+    /// The secret that keys VeraId digests: the stored one, or `candidate`, which is then
+    /// stored, if there is none yet.
+    async fn veraid_secret(&self, candidate: Vec<u8>) -> Result<Vec<u8>>;
+
+    /// Records a pairing request: stores it, or matches it with the stored reverse
+    /// request and queues both matches, or does nothing for a redelivered event.
+    async fn submit_pairing_request(&self, submission: PairingSubmission) -> Result<PairingOutcome>;
+
+    /// Claims up to `limit` due messages, oldest first, hiding them from other claims
+    /// until `lease_until` (so a crash mid-delivery only delays them).
+    async fn claim_due_messages(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>>;
+
+    /// When the next outbox message becomes due, if there is one.
+    async fn next_due(&self) -> Result<Option<Timestamp>>;
+
+    /// Removes a message the sink accepted.
+    async fn mark_delivered(&self, id: &MessageId) -> Result<()>;
+
+    /// Counts a failed attempt and schedules the next one.
+    async fn schedule_retry(&self, id: &MessageId, at: Timestamp, error: &str) -> Result<()>;
+
+    /// Removes a message whose expiry has passed.
+    async fn drop_message(&self, id: &MessageId) -> Result<()>;
+
+    /// Current counts.
+    async fn stats(&self) -> Result<Stats>;
+
+    /// Deletes pending requests and processed-event keys that expired before `now`.
+    async fn purge_expired(&self, now: Timestamp) -> Result<PurgeReport>;
+
+    /// Finishes queued work and releases the database.
+    async fn close(&self);
+}
+
+/// The two outbox messages of a match, as every backend writes them.
+fn match_messages(
+    submission: &PairingSubmission,
+    matches: [&PairingMatch; 2],
+) -> [OutgoingMessage; 2] {
+    matches.map(|m| OutgoingMessage {
+        id: MessageId::derive(
+            &submission.event,
+            MessageKind::PairingMatch,
+            &m.recipient_endpoint_id,
+        ),
+        source: submission.server_id.clone(),
+        recipient: m.recipient_endpoint_id.clone(),
+        kind: MessageKind::PairingMatch,
+        content: encode_match(m),
+        time: submission.now,
+        expiry: submission.message_expiry,
+    })
+}

@@ -1,0 +1,509 @@
+//! The embedded SQLite store.
+//!
+//! One thread owns the connection and runs every operation. Whatever operations are
+//! waiting when it finishes a transaction go into the next one, each inside its own
+//! savepoint (so one failure does not undo the others), and nobody hears back before the
+//! commit has been synced: group commit, one fsync for a whole batch, with the same
+//! guarantees as a transaction per request. A single writer also serialises every
+//! read-then-write, so two reverse requests can never both match or both miss.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::{
+    OutboxEntry, PairingOutcome, PairingSubmission, PurgeReport, Result, Stats, Store, StoreError,
+    match_messages,
+};
+use crate::domain::pairing::decide;
+use crate::domain::{
+    EndpointId, MessageId, MessageKind, OutgoingMessage, PendingRequest, Timestamp,
+};
+
+/// How many queued operations may share one transaction.
+const MAX_BATCH: usize = 512;
+
+/// Durability of a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// fsync on every commit: an acknowledged request survives power loss.
+    #[default]
+    Full,
+    /// No fsync on commit: survives a crash of the process, not of the machine.
+    Normal,
+}
+
+/// Where a SQLite database lives, parsed from a `sqlite:` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqliteLocation {
+    /// The database file.
+    pub path: PathBuf,
+}
+
+impl SqliteLocation {
+    /// Parses `sqlite://relative/path`, `sqlite:///absolute/path` or `sqlite:path`.
+    pub fn from_url(url: &str) -> Option<Self> {
+        let rest = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))?;
+        let path = rest.split('?').next().unwrap_or(rest);
+        (!path.is_empty()).then(|| Self { path: path.into() })
+    }
+}
+
+type Completion = Box<dyn FnOnce(Result<()>) + Send>;
+/// Runs inside the batch's transaction, or, given `None`, reports that it could not run.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Completion) + Send>;
+
+enum Msg {
+    Job(Job),
+    Close(oneshot::Sender<()>),
+}
+
+/// The SQLite implementation of [`Store`].
+#[derive(Debug)]
+pub struct SqliteStore {
+    jobs: mpsc::Sender<Msg>,
+}
+
+fn unavailable(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) and migrates the database, and starts its writer thread.
+    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Self> {
+        let conn = Connection::open(path).map_err(unavailable)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
+        let sync = match synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};"
+        ))
+        .map_err(unavailable)?;
+        migrate(&conn).map_err(unavailable)?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer(conn, rx))
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Self { jobs: tx })
+    }
+
+    /// Runs `f` on the writer thread, inside the next transaction, and returns its result
+    /// once that transaction has committed.
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = match conn {
+                Some(conn) => f(conn).map_err(unavailable),
+                None => Err(StoreError::Unavailable("transaction did not start".into())),
+            };
+            let ok = result.is_ok();
+            let completion: Completion = Box::new(move |commit: Result<()>| {
+                let _ = tx.send(commit.and(result));
+            });
+            (ok, completion)
+        });
+        self.jobs
+            .send(Msg::Job(job))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "CREATE TABLE settings (
+         name TEXT PRIMARY KEY,
+         value BLOB NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE pending_requests (
+         requester_digest BLOB NOT NULL,
+         target_digest BLOB NOT NULL,
+         endpoint_id TEXT NOT NULL,
+         key_der BLOB NOT NULL,
+         created_at INTEGER NOT NULL,
+         expires_at INTEGER NOT NULL,
+         PRIMARY KEY (requester_digest, target_digest)
+     ) WITHOUT ROWID;
+     CREATE INDEX pending_requests_expiry ON pending_requests (expires_at);
+     CREATE TABLE processed_events (
+         source TEXT NOT NULL,
+         id TEXT NOT NULL,
+         expires_at INTEGER NOT NULL,
+         PRIMARY KEY (source, id)
+     ) WITHOUT ROWID;
+     CREATE INDEX processed_events_expiry ON processed_events (expires_at);
+     CREATE TABLE outbox (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT,
+         id TEXT NOT NULL UNIQUE,
+         source TEXT NOT NULL,
+         recipient TEXT NOT NULL,
+         kind TEXT NOT NULL,
+         content BLOB NOT NULL,
+         time_ms INTEGER NOT NULL,
+         expiry_ms INTEGER NOT NULL,
+         attempts INTEGER NOT NULL DEFAULT 0,
+         next_attempt_at INTEGER NOT NULL,
+         last_error TEXT
+     );
+     CREATE INDEX outbox_due ON outbox (next_attempt_at);",
+];
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let applied = usize::try_from(version).unwrap_or(0);
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn writer(conn: Connection, rx: mpsc::Receiver<Msg>) {
+    let mut closing = None;
+    while closing.is_none() {
+        let Ok(first) = rx.recv() else { break };
+        let mut jobs = Vec::new();
+        match first {
+            Msg::Job(job) => jobs.push(job),
+            Msg::Close(done) => closing = Some(done),
+        }
+        while closing.is_none() && jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Msg::Job(job)) => jobs.push(job),
+                Ok(Msg::Close(done)) => closing = Some(done),
+                Err(_) => break,
+            }
+        }
+        if !jobs.is_empty() {
+            run_batch(&conn, jobs);
+        }
+    }
+    drop(conn);
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+fn run_batch(conn: &Connection, jobs: Vec<Job>) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let e = unavailable(e);
+        for job in jobs {
+            let (_, completion) = job(None);
+            completion(Err(e.clone()));
+        }
+        let _ = conn.execute_batch("ROLLBACK");
+        return;
+    }
+    let mut completions = Vec::with_capacity(jobs.len());
+    let mut batch_error = None;
+    for job in jobs {
+        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            batch_error.get_or_insert(unavailable(e));
+        }
+        let (ok, completion) = job(Some(conn));
+        let end = if ok {
+            "RELEASE job"
+        } else {
+            "ROLLBACK TO job; RELEASE job"
+        };
+        if let Err(e) = conn.execute_batch(end) {
+            batch_error.get_or_insert(unavailable(e));
+        }
+        completions.push(completion);
+    }
+    let outcome = match batch_error {
+        Some(e) => Err(e),
+        None => conn.execute_batch("COMMIT").map_err(unavailable),
+    };
+    if outcome.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    for completion in completions {
+        completion(outcome.clone());
+    }
+}
+
+fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingOutcome> {
+    let seen = conn
+        .prepare_cached("SELECT 1 FROM processed_events WHERE source = ?1 AND id = ?2")?
+        .exists(params![s.event.source, s.event.id])?;
+    if seen {
+        return Ok(PairingOutcome::Duplicate);
+    }
+    let requester = &s.requester_digest.0[..];
+    let target = &s.target_digest.0[..];
+    let mut pending = conn.prepare_cached(
+        "SELECT endpoint_id, key_der FROM pending_requests
+         WHERE requester_digest = ?1 AND target_digest = ?2 AND expires_at > ?3",
+    )?;
+    let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(String, Vec<u8>)> {
+        Ok((r.get(0)?, r.get(1)?))
+    };
+    let counterpart = pending
+        .query_row(params![target, requester, s.now.0], read)
+        .optional()?;
+    let previous = pending
+        .query_row(params![requester, target, s.now.0], read)
+        .optional()?;
+    let counterpart = match counterpart {
+        Some((id, key_der)) => Some(PendingRequest {
+            endpoint_id: EndpointId::parse(&id).map_err(|_| corrupt("pending endpoint id"))?,
+            key_der,
+        }),
+        None => None,
+    };
+    let outcome = match decide(&s.request, counterpart) {
+        crate::domain::Decision::Wait => {
+            conn.prepare_cached(
+                "INSERT INTO pending_requests
+                     (requester_digest, target_digest, endpoint_id, key_der, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (requester_digest, target_digest) DO UPDATE SET
+                     endpoint_id = excluded.endpoint_id, key_der = excluded.key_der,
+                     created_at = excluded.created_at, expires_at = excluded.expires_at",
+            )?
+            .execute(params![
+                requester,
+                target,
+                s.request.endpoint_id.as_str(),
+                s.request.key_der,
+                s.now.0,
+                s.request_expiry.0
+            ])?;
+            let replaced = match previous {
+                Some((id, _)) => {
+                    Some(EndpointId::parse(&id).map_err(|_| corrupt("pending endpoint id"))?)
+                }
+                None => None,
+            };
+            PairingOutcome::Stored { replaced }
+        }
+        crate::domain::Decision::Matched {
+            for_requester,
+            for_counterpart,
+        } => {
+            conn.prepare_cached(
+                "DELETE FROM pending_requests
+                 WHERE (requester_digest = ?1 AND target_digest = ?2)
+                    OR (requester_digest = ?2 AND target_digest = ?1)",
+            )?
+            .execute(params![requester, target])?;
+            let messages = match_messages(s, [&for_requester, &for_counterpart]);
+            for m in &messages {
+                insert_message(conn, m)?;
+            }
+            PairingOutcome::Matched {
+                messages: messages.into_iter().map(|m| m.id).collect(),
+            }
+        }
+    };
+    conn.prepare_cached("INSERT INTO processed_events (source, id, expires_at) VALUES (?1, ?2, ?3)")?
+        .execute(params![s.event.source, s.event.id, s.request_expiry.0])?;
+    Ok(outcome)
+}
+
+fn insert_message(conn: &Connection, m: &OutgoingMessage) -> rusqlite::Result<()> {
+    // A stable id that is already queued is the same message: keep the first.
+    conn.prepare_cached(
+        "INSERT INTO outbox (id, source, recipient, kind, content, time_ms, expiry_ms, next_attempt_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)
+         ON CONFLICT (id) DO NOTHING",
+    )?
+    .execute(params![
+        m.id.as_str(),
+        m.source,
+        m.recipient.as_str(),
+        m.kind.name(),
+        m.content,
+        m.time.0,
+        m.expiry.0
+    ])?;
+    Ok(())
+}
+
+fn corrupt(what: &str) -> rusqlite::Error {
+    rusqlite::Error::InvalidParameterName(format!("corrupt row: {what}"))
+}
+
+fn claim(
+    conn: &Connection,
+    now: Timestamp,
+    lease_until: Timestamp,
+    limit: usize,
+) -> rusqlite::Result<Vec<OutboxEntry>> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut stmt = conn.prepare_cached(
+        "UPDATE outbox SET next_attempt_at = ?1
+         WHERE seq IN (SELECT seq FROM outbox WHERE next_attempt_at <= ?2 ORDER BY seq LIMIT ?3)
+         RETURNING seq, id, source, recipient, kind, content, time_ms, expiry_ms, attempts",
+    )?;
+    let mut rows = stmt
+        .query_map(params![lease_until.0, now.0, limit], |r| {
+            let seq: i64 = r.get(0)?;
+            let recipient: String = r.get(3)?;
+            let kind: String = r.get(4)?;
+            let attempts: i64 = r.get(8)?;
+            Ok((
+                seq,
+                OutboxEntry {
+                    message: OutgoingMessage {
+                        id: MessageId::from_stored(r.get(1)?),
+                        source: r.get(2)?,
+                        recipient: EndpointId::parse(&recipient)
+                            .map_err(|_| corrupt("outbox recipient"))?,
+                        kind: MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?,
+                        content: r.get(5)?,
+                        time: Timestamp(r.get(6)?),
+                        expiry: Timestamp(r.get(7)?),
+                    },
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                },
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.sort_by_key(|(seq, _)| *seq);
+    Ok(rows.into_iter().map(|(_, e)| e).collect())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<()> {
+        self.call(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
+            .await
+    }
+
+    async fn veraid_secret(&self, candidate: Vec<u8>) -> Result<Vec<u8>> {
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO settings (name, value) VALUES ('veraid_secret', ?1)
+                 ON CONFLICT (name) DO NOTHING",
+                params![candidate],
+            )?;
+            conn.query_row(
+                "SELECT value FROM settings WHERE name = 'veraid_secret'",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn submit_pairing_request(&self, submission: PairingSubmission) -> Result<PairingOutcome> {
+        self.call(move |conn| submit(conn, &submission)).await
+    }
+
+    async fn claim_due_messages(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>> {
+        self.call(move |conn| claim(conn, now, lease_until, limit))
+            .await
+    }
+
+    async fn next_due(&self) -> Result<Option<Timestamp>> {
+        self.call(|conn| {
+            conn.prepare_cached("SELECT min(next_attempt_at) FROM outbox")?
+                .query_row([], |r| r.get::<_, Option<i64>>(0))
+                .map(|t| t.map(Timestamp))
+        })
+        .await
+    }
+
+    async fn mark_delivered(&self, id: &MessageId) -> Result<()> {
+        let id = id.as_str().to_owned();
+        self.call(move |conn| {
+            conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+                .execute(params![id])
+                .map(drop)
+        })
+        .await
+    }
+
+    async fn schedule_retry(&self, id: &MessageId, at: Timestamp, error: &str) -> Result<()> {
+        let (id, error) = (id.as_str().to_owned(), error.to_owned());
+        self.call(move |conn| {
+            conn.prepare_cached(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
+                 WHERE id = ?1",
+            )?
+            .execute(params![id, at.0, error])
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn drop_message(&self, id: &MessageId) -> Result<()> {
+        self.mark_delivered(id).await
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        self.call(|conn| {
+            let (depth, oldest): (i64, Option<i64>) = conn.query_row(
+                "SELECT count(*), min(time_ms) FROM outbox",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let pending: i64 =
+                conn.query_row("SELECT count(*) FROM pending_requests", [], |r| r.get(0))?;
+            Ok(Stats {
+                outbox_depth: u64::try_from(depth).unwrap_or(0),
+                outbox_oldest: oldest.map(Timestamp),
+                pending_requests: u64::try_from(pending).unwrap_or(0),
+            })
+        })
+        .await
+    }
+
+    async fn purge_expired(&self, now: Timestamp) -> Result<PurgeReport> {
+        self.call(move |conn| {
+            let requests =
+                conn.execute("DELETE FROM pending_requests WHERE expires_at <= ?1", params![now.0])?;
+            let events =
+                conn.execute("DELETE FROM processed_events WHERE expires_at <= ?1", params![now.0])?;
+            Ok(PurgeReport {
+                requests: requests as u64,
+                events: events as u64,
+            })
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(Msg::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls() {
+        let p = |u: &str| SqliteLocation::from_url(u).map(|l| l.path);
+        assert_eq!(p("sqlite://letro.db"), Some("letro.db".into()));
+        assert_eq!(p("sqlite:///var/lib/letro.db"), Some("/var/lib/letro.db".into()));
+        assert_eq!(p("sqlite:data/letro.db"), Some("data/letro.db".into()));
+        assert_eq!(p("sqlite://x.db?mode=rwc"), Some("x.db".into()));
+        assert_eq!(p("sqlite://"), None);
+        assert_eq!(p("postgres://h/db"), None);
+    }
+}
