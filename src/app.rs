@@ -55,8 +55,12 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let dispatcher = match &config.sink {
             Some(url) => {
-                let sink = HttpSink::new(url.clone(), config.sink_timeout, config.ce_overrides.clone())
-                    .context("building the sink HTTP client")?;
+                let sink = HttpSink::new(
+                    url.clone(),
+                    config.sink_timeout,
+                    config.ce_overrides.clone(),
+                )
+                .context("building the sink HTTP client")?;
                 Some(Dispatcher::new(
                     store.clone(),
                     sink,
@@ -102,7 +106,10 @@ impl App {
 
     /// Serves until `shutdown` resolves; then stops taking connections, answers the
     /// requests in flight, lets deliveries in flight finish, and closes the database.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let Self {
             listener,
             state,
@@ -151,7 +158,9 @@ impl App {
         if let Some(task) = dispatcher
             && tokio::time::timeout(timeout, task).await.is_err()
         {
-            tracing::warn!("shutdown timeout: deliveries still in flight will be retried after restart");
+            tracing::warn!(
+                "shutdown timeout: deliveries still in flight will be retried after restart"
+            );
         }
         let _ = purger.await;
         store.close().await;
@@ -160,7 +169,11 @@ impl App {
     }
 }
 
-async fn purge_loop(store: Arc<dyn Store>, every: std::time::Duration, mut stop: watch::Receiver<bool>) {
+async fn purge_loop(
+    store: Arc<dyn Store>,
+    every: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         match store.purge_expired(clock::now()).await {
             Ok(report) if report.requests + report.events > 0 => tracing::info!(

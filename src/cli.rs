@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve CloudEvents over HTTP and deliver outgoing messages to the sink.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create or upgrade the database schema, then exit.
     Migrate(DatabaseArgs),
 }
@@ -135,7 +135,11 @@ impl ServeArgs {
         config.delivery_concurrency = self.delivery_concurrency;
         config.message_ttl = self.message_ttl.0;
         config.request_ttl = self.request_ttl.0;
-        config.veraid_secret = self.veraid_secret.as_deref().map(parse_secret).transpose()?;
+        config.veraid_secret = self
+            .veraid_secret
+            .as_deref()
+            .map(parse_secret)
+            .transpose()?;
         config.purge_interval = self.purge_interval.0;
         config.shutdown_timeout = self.shutdown_timeout.0;
         config.validate()?;

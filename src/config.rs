@@ -183,7 +183,10 @@ impl Config {
             ));
         }
         if self.request_ttl.is_zero() {
-            return Err(ConfigError::new("--request-ttl (LETRO_REQUEST_TTL)", "must be more than 0"));
+            return Err(ConfigError::new(
+                "--request-ttl (LETRO_REQUEST_TTL)",
+                "must be more than 0",
+            ));
         }
         if self.max_body_bytes < 1024 {
             return Err(ConfigError::new(
@@ -198,7 +201,10 @@ impl Config {
             ));
         }
         if self.sink_timeout.is_zero() {
-            return Err(ConfigError::new("--sink-timeout (LETRO_SINK_TIMEOUT)", "must be more than 0"));
+            return Err(ConfigError::new(
+                "--sink-timeout (LETRO_SINK_TIMEOUT)",
+                "must be more than 0",
+            ));
         }
         if self.delivery_concurrency == 0 {
             return Err(ConfigError::new(
@@ -207,7 +213,10 @@ impl Config {
             ));
         }
         if self.purge_interval.is_zero() {
-            return Err(ConfigError::new("--purge-interval (LETRO_PURGE_INTERVAL)", "must be more than 0"));
+            return Err(ConfigError::new(
+                "--purge-interval (LETRO_PURGE_INTERVAL)",
+                "must be more than 0",
+            ));
         }
         if let Some(secret) = &self.veraid_secret
             && secret.0.len() < 16
@@ -240,7 +249,10 @@ pub fn parse_ce_overrides(json: &str) -> Result<Vec<(String, String)>, ConfigErr
         return Ok(Vec::new());
     };
     let Some(extensions) = extensions.as_object() else {
-        return Err(ConfigError::new(setting, "\"extensions\" must be an object"));
+        return Err(ConfigError::new(
+            setting,
+            "\"extensions\" must be an object",
+        ));
     };
     let mut out = Vec::new();
     for (name, value) in extensions {
@@ -248,15 +260,24 @@ pub fn parse_ce_overrides(json: &str) -> Result<Vec<(String, String)>, ConfigErr
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Number(n) => n.to_string(),
             serde_json::Value::Bool(b) => b.to_string(),
-            _ => return Err(ConfigError::new(setting, format!("extension {name:?} must be a scalar"))),
+            _ => {
+                return Err(ConfigError::new(
+                    setting,
+                    format!("extension {name:?} must be a scalar"),
+                ));
+            }
         };
         let name_ok = !name.is_empty()
             && name.len() <= 20
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         if !name_ok || !is_header_safe(&value) {
             return Err(ConfigError::new(
                 setting,
-                format!("extension {name:?} needs a lower-case alphanumeric name and a printable ASCII value"),
+                format!(
+                    "extension {name:?} needs a lower-case alphanumeric name and a printable ASCII value"
+                ),
             ));
         }
         out.push((name.clone(), value));
@@ -327,7 +348,10 @@ mod tests {
         assert!(parse_sink("not a url").is_err());
         assert_eq!(
             parse_ce_overrides(r#"{"extensions":{"team":"letro","n":1}}"#),
-            Ok(vec![("n".into(), "1".into()), ("team".into(), "letro".into())])
+            Ok(vec![
+                ("n".into(), "1".into()),
+                ("team".into(), "letro".into())
+            ])
         );
         assert_eq!(parse_ce_overrides("{}"), Ok(vec![]));
         assert!(parse_ce_overrides(r#"{"extensions":{"Bad":"x"}}"#).is_err());
@@ -345,7 +369,10 @@ mod tests {
 
     #[test]
     fn human_durations() {
-        assert_eq!("10s".parse::<HumanDuration>().map(|d| d.0), Ok(Duration::from_secs(10)));
+        assert_eq!(
+            "10s".parse::<HumanDuration>().map(|d| d.0),
+            Ok(Duration::from_secs(10))
+        );
         assert_eq!("90days".parse::<HumanDuration>().map(|d| d.0), Ok(90 * DAY));
         assert_eq!(HumanDuration(Duration::from_secs(10)).to_string(), "10s");
     }

@@ -7,7 +7,7 @@
 //! - [`http`]: ingress, readiness, metrics, the status mapping.
 //! - [`outbox`]: the dispatcher, the HTTP sink, backoff.
 //! - [`cli`], [`config`], [`telemetry`], [`clock`]: the edges.
-//! - [`app`]: wiring.
+//! - [`app`]: the wiring.
 
 pub mod app;
 pub mod cli;

@@ -10,8 +10,6 @@ use letro_server::telemetry::init_logging;
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    // reqwest is built without a default TLS provider; https sinks use ring.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Serve(args) => {
             let config = args.to_config()?;

@@ -108,7 +108,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records a pairing request: stores it, or matches it with the stored reverse
     /// request and queues both matches, or does nothing for a redelivered event.
-    async fn submit_pairing_request(&self, submission: PairingSubmission) -> Result<PairingOutcome>;
+    async fn submit_pairing_request(&self, submission: PairingSubmission)
+    -> Result<PairingOutcome>;
 
     /// Claims up to `limit` due messages, oldest first, hiding them from other claims
     /// until `lease_until` (so a crash mid-delivery only delays them).

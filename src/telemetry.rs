@@ -81,7 +81,11 @@ impl Metrics {
             refusals.clone(),
         );
         let matches = Counter::default();
-        registry.register("matches", "Pairs matched (two match messages each)", matches.clone());
+        registry.register(
+            "matches",
+            "Pairs matched (two match messages each)",
+            matches.clone(),
+        );
         let replaced_other_endpoint = Counter::default();
         registry.register(
             "replaced_other_endpoint",
@@ -95,7 +99,11 @@ impl Metrics {
             deliveries.clone(),
         );
         let outbox_depth = Gauge::default();
-        registry.register("outbox_depth", "Messages waiting in the outbox", outbox_depth.clone());
+        registry.register(
+            "outbox_depth",
+            "Messages waiting in the outbox",
+            outbox_depth.clone(),
+        );
         let outbox_oldest_age = Gauge::default();
         registry.register(
             "outbox_oldest_age_seconds",

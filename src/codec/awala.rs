@@ -26,10 +26,7 @@ pub fn canonical_rsa_spki(der: &[u8]) -> Result<Vec<u8>, KeyError> {
     if spki.algorithm.parameters.is_some_and(|p| !p.is_null()) {
         return Err(KeyError::NotRsa);
     }
-    let bits = spki
-        .subject_public_key
-        .as_bytes()
-        .ok_or(KeyError::NotRsa)?;
+    let bits = spki.subject_public_key.as_bytes().ok_or(KeyError::NotRsa)?;
     let key = pkcs1::RsaPublicKey::<UintRef<'_>>::from_der(bits).map_err(|_| KeyError::NotRsa)?;
     if key.modulus.as_bytes().is_empty() || key.public_exponent.as_bytes() <= [1u8].as_slice() {
         return Err(KeyError::NotRsa);

@@ -140,7 +140,9 @@ fn from_attributes(
     content_type: Option<String>,
     data: Vec<u8>,
 ) -> Result<CloudEvent, DecodeError> {
-    let spec_version = attrs.remove("specversion").ok_or(DecodeError::Missing("specversion"))?;
+    let spec_version = attrs
+        .remove("specversion")
+        .ok_or(DecodeError::Missing("specversion"))?;
     if spec_version != "1.0" {
         return Err(DecodeError::SpecVersion);
     }
@@ -225,7 +227,10 @@ pub fn encode_binary_headers(
         ("ce-id".to_owned(), message.id.as_str().to_owned()),
         ("ce-type".to_owned(), OUTGOING_TYPE.to_owned()),
         ("ce-source".to_owned(), message.source.clone()),
-        ("ce-subject".to_owned(), message.recipient.as_str().to_owned()),
+        (
+            "ce-subject".to_owned(),
+            message.recipient.as_str().to_owned(),
+        ),
         ("ce-time".to_owned(), format_rfc3339(message.time)),
         ("ce-expiry".to_owned(), format_rfc3339(message.expiry)),
         (
@@ -285,23 +290,33 @@ mod tests {
         assert_eq!(e.ty, INCOMING_TYPE);
         assert_eq!(e.subject.as_deref(), Some("0def"));
         assert_eq!(e.data_content_type.as_deref(), Some("application/x"));
-        assert_eq!(e.extensions.get("expiry").map(String::as_str), Some("2026-01-01T00:00:00.000Z"));
+        assert_eq!(
+            e.extensions.get("expiry").map(String::as_str),
+            Some("2026-01-01T00:00:00.000Z")
+        );
         assert_eq!(e.data, b"body");
     }
 
     #[test]
     fn header_names_are_case_insensitive() {
         let h: Vec<(String, &str)> = BASE.iter().map(|(n, v)| (n.to_uppercase(), *v)).collect();
-        let e = decode_http(h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())), vec![])
-            .expect("valid");
+        let e =
+            decode_http(h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())), vec![]).expect("valid");
         assert_eq!(e.id, "parcel-1");
     }
 
     #[test]
     fn required_attributes() {
         for missing in ["ce-specversion", "ce-id", "ce-source", "ce-type"] {
-            let h: Vec<_> = BASE.iter().copied().filter(|(n, _)| *n != missing).collect();
-            assert!(matches!(binary(&h, b""), Err(DecodeError::Missing(_))), "{missing}");
+            let h: Vec<_> = BASE
+                .iter()
+                .copied()
+                .filter(|(n, _)| *n != missing)
+                .collect();
+            assert!(
+                matches!(binary(&h, b""), Err(DecodeError::Missing(_))),
+                "{missing}"
+            );
         }
         let mut h = BASE.to_vec();
         h[1] = ("ce-id", "");
@@ -310,7 +325,11 @@ mod tests {
         h[0] = ("ce-specversion", "0.3");
         assert_eq!(binary(&h, b""), Err(DecodeError::SpecVersion));
         // Subject and content type are optional for CloudEvents; the ingress decides.
-        let h: Vec<_> = BASE.iter().copied().filter(|(n, _)| n.starts_with("ce-") && *n != "ce-subject").collect();
+        let h: Vec<_> = BASE
+            .iter()
+            .copied()
+            .filter(|(n, _)| n.starts_with("ce-") && *n != "ce-subject")
+            .collect();
         let e = binary(&h, b"").expect("valid");
         assert_eq!((e.subject, e.data_content_type), (None, None));
     }
@@ -337,9 +356,22 @@ mod tests {
         h[1] = ("ce-id", "100%");
         assert_eq!(binary(&h, b"").expect("valid").id, "100%");
         h[1] = ("ce-id", "x%C0%AFy");
-        assert_eq!(binary(&h, b"").expect("valid").id, "x%C0%AFy", "overlong UTF-8 is not decoded");
+        assert_eq!(
+            binary(&h, b"").expect("valid").id,
+            "x%C0%AFy",
+            "overlong UTF-8 is not decoded"
+        );
         let e = decode_http(
-            BASE.iter().map(|(n, v)| (*n, if *n == "ce-id" { &b"\xff"[..] } else { v.as_bytes() })),
+            BASE.iter().map(|(n, v)| {
+                (
+                    *n,
+                    if *n == "ce-id" {
+                        &b"\xff"[..]
+                    } else {
+                        v.as_bytes()
+                    },
+                )
+            }),
             vec![],
         );
         assert_eq!(e, Err(DecodeError::Invalid("id".into())));
@@ -353,7 +385,10 @@ mod tests {
             "data_base64": "aGVsbG8=", "expiry": "2026-01-01T00:00:00Z", "n": 3
         });
         let e = binary(
-            &[("content-type", "application/cloudevents+json; charset=utf-8")],
+            &[(
+                "content-type",
+                "application/cloudevents+json; charset=utf-8",
+            )],
             body.to_string().as_bytes(),
         )
         .expect("valid");
@@ -362,7 +397,11 @@ mod tests {
         assert_eq!(e.subject.as_deref(), Some("0def"));
         assert_eq!(e.extensions["n"], "3");
         let text = serde_json::json!({"specversion": "1.0", "id": "p", "source": "s", "type": "t", "data": "hi"});
-        let e = binary(&[("content-type", "application/cloudevents+json")], text.to_string().as_bytes()).expect("valid");
+        let e = binary(
+            &[("content-type", "application/cloudevents+json")],
+            text.to_string().as_bytes(),
+        )
+        .expect("valid");
         assert_eq!(e.data, b"hi");
     }
 
@@ -370,13 +409,32 @@ mod tests {
     fn structured_mode_errors() {
         let ct = [("content-type", "application/cloudevents+json")];
         assert!(matches!(binary(&ct, b"{"), Err(DecodeError::Structured(_))));
-        assert!(matches!(binary(&ct, b"[]"), Err(DecodeError::Structured(_))));
+        assert!(matches!(
+            binary(&ct, b"[]"),
+            Err(DecodeError::Structured(_))
+        ));
         let bad_b64 = serde_json::json!({"specversion": "1.0", "id": "p", "source": "s", "type": "t", "data_base64": "!!"});
-        assert!(matches!(binary(&ct, bad_b64.to_string().as_bytes()), Err(DecodeError::Structured(_))));
-        let numeric_id = serde_json::json!({"specversion": "1.0", "id": 1, "source": "s", "type": "t"});
-        assert_eq!(binary(&ct, numeric_id.to_string().as_bytes()), Err(DecodeError::Invalid("id".into())));
-        assert_eq!(binary(&[("content-type", "application/cloudevents-batch+json")], b"[]"), Err(DecodeError::Batch));
-        assert!(matches!(binary(&[("content-type", "application/cloudevents+avro")], b""), Err(DecodeError::Format(_))));
+        assert!(matches!(
+            binary(&ct, bad_b64.to_string().as_bytes()),
+            Err(DecodeError::Structured(_))
+        ));
+        let numeric_id =
+            serde_json::json!({"specversion": "1.0", "id": 1, "source": "s", "type": "t"});
+        assert_eq!(
+            binary(&ct, numeric_id.to_string().as_bytes()),
+            Err(DecodeError::Invalid("id".into()))
+        );
+        assert_eq!(
+            binary(
+                &[("content-type", "application/cloudevents-batch+json")],
+                b"[]"
+            ),
+            Err(DecodeError::Batch)
+        );
+        assert!(matches!(
+            binary(&[("content-type", "application/cloudevents+avro")], b""),
+            Err(DecodeError::Format(_))
+        ));
     }
 
     #[test]
@@ -390,7 +448,10 @@ mod tests {
             time: Timestamp(0),
             expiry: Timestamp(1000),
         };
-        let h = encode_binary_headers(&m, &[("foo".into(), "bar".into()), ("id".into(), "evil".into())]);
+        let h = encode_binary_headers(
+            &m,
+            &[("foo".into(), "bar".into()), ("id".into(), "evil".into())],
+        );
         let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         assert_eq!(get("ce-id"), Some("a".repeat(64).as_str()));
         assert_eq!(get("ce-type"), Some(OUTGOING_TYPE));

@@ -97,7 +97,10 @@ mod tests {
         assert_eq!(r.requester.as_str(), "alice@applepie.rocks");
         assert_eq!(r.target.as_str(), "bob@tickety.boo");
         assert_eq!(r.key_der, der);
-        assert_eq!(encode_request("alice@applepie.rocks", "bob@tickety.boo", &der), content.as_bytes());
+        assert_eq!(
+            encode_request("alice@applepie.rocks", "bob@tickety.boo", &der),
+            content.as_bytes()
+        );
     }
 
     #[test]
@@ -108,15 +111,36 @@ mod tests {
             (vec![b'a'; MAX_REQUEST_BYTES + 1], Refusal::TooLarge),
             (b"a@b.io,\xff@c.io,AAAA".to_vec(), Refusal::NotUtf8),
             (format!("a@b.io,{key}").into_bytes(), Refusal::FieldCount),
-            (format!("a@b.io,c@d.io,{key},").into_bytes(), Refusal::FieldCount),
+            (
+                format!("a@b.io,c@d.io,{key},").into_bytes(),
+                Refusal::FieldCount,
+            ),
             (b"".to_vec(), Refusal::FieldCount),
-            (format!("b.io,c@d.io,{key}").into_bytes(), Refusal::InvalidRequester),
-            (format!("a@b.io,c d@d.io,{key}").into_bytes(), Refusal::InvalidTarget),
+            (
+                format!("b.io,c@d.io,{key}").into_bytes(),
+                Refusal::InvalidRequester,
+            ),
+            (
+                format!("a@b.io,c d@d.io,{key}").into_bytes(),
+                Refusal::InvalidTarget,
+            ),
             (b"a@b.io,c@d.io,not base64!".to_vec(), Refusal::KeyNotBase64),
-            (format!("a@b.io,c@d.io,{}", &key[..key.len() - 1]).into_bytes(), Refusal::KeyNotBase64),
-            (format!("a@b.io,c@d.io,{}", &key[..key.len() - 4]).into_bytes(), Refusal::KeyNotSpki),
-            (format!("a@b.io,c@d.io,{}", key.replace('+', "-").replace('/', "_")).into_bytes(), Refusal::KeyNotBase64),
-            (format!("a@b.io,c@d.io,{key}\n").into_bytes(), Refusal::KeyNotBase64),
+            (
+                format!("a@b.io,c@d.io,{}", &key[..key.len() - 1]).into_bytes(),
+                Refusal::KeyNotBase64,
+            ),
+            (
+                format!("a@b.io,c@d.io,{}", &key[..key.len() - 4]).into_bytes(),
+                Refusal::KeyNotSpki,
+            ),
+            (
+                format!("a@b.io,c@d.io,{}", key.replace('+', "-").replace('/', "_")).into_bytes(),
+                Refusal::KeyNotBase64,
+            ),
+            (
+                format!("a@b.io,c@d.io,{key}\n").into_bytes(),
+                Refusal::KeyNotBase64,
+            ),
             (b"a@b.io,c@d.io,AAAA".to_vec(), Refusal::KeyNotSpki),
         ];
         for (content, expected) in cases {
@@ -140,7 +164,10 @@ mod tests {
         };
         assert_eq!(
             String::from_utf8(encode_match(&m)).expect("utf8"),
-            format!("bob@tickety.boo,alice@applepie.rocks,{},AQID", EndpointId::from_spki_der(b"c"))
+            format!(
+                "bob@tickety.boo,alice@applepie.rocks,{},AQID",
+                EndpointId::from_spki_der(b"c")
+            )
         );
     }
 

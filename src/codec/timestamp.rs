@@ -8,9 +8,8 @@ use crate::domain::Timestamp;
 
 /// Formats `t` as `2026-01-02T03:04:05.678Z`.
 pub fn format_rfc3339(t: Timestamp) -> String {
-    let fmt = format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
+    let fmt =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     let nanos = i128::from(t.0) * 1_000_000;
     OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()

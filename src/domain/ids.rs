@@ -142,10 +142,9 @@ fn validate_domain(domain: &str) -> Result<(), IdError> {
         }
         // ASCII letters, digits and hyphens (RFC 1123), or non-ASCII letters and digits
         // for internationalised names typed in their Unicode form.
-        if !label
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && c.is_alphanumeric()))
-        {
+        if !label.chars().all(|c| {
+            c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && c.is_alphanumeric())
+        }) {
             return Err(IdError::VeraId("forbidden character in domain"));
         }
     }

@@ -118,9 +118,18 @@ mod tests {
         let r1 = EndpointId::from_spki_der(b"1");
         let r2 = EndpointId::from_spki_der(b"2");
         let a = MessageId::derive(&key("s", "i"), MessageKind::PairingMatch, &r1);
-        assert_eq!(a, MessageId::derive(&key("s", "i"), MessageKind::PairingMatch, &r1));
-        assert_ne!(a, MessageId::derive(&key("s", "i"), MessageKind::PairingMatch, &r2));
-        assert_ne!(a, MessageId::derive(&key("s", "j"), MessageKind::PairingMatch, &r1));
+        assert_eq!(
+            a,
+            MessageId::derive(&key("s", "i"), MessageKind::PairingMatch, &r1)
+        );
+        assert_ne!(
+            a,
+            MessageId::derive(&key("s", "i"), MessageKind::PairingMatch, &r2)
+        );
+        assert_ne!(
+            a,
+            MessageId::derive(&key("s", "j"), MessageKind::PairingMatch, &r1)
+        );
         // No ambiguity when bytes move between fields.
         assert_ne!(
             MessageId::derive(&key("ab", "c"), MessageKind::PairingMatch, &r1),

@@ -26,7 +26,11 @@ pub(super) async fn ingest(State(state): State<AppState>, request: Request) -> R
     }
 }
 
-async fn read_event(state: &AppState, headers: &HeaderMap, body: Body) -> Result<CloudEvent, ApiError> {
+async fn read_event(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<CloudEvent, ApiError> {
     let limit = state.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -46,23 +50,38 @@ async fn read_event(state: &AppState, headers: &HeaderMap, body: Body) -> Result
     )
     .map_err(|e| reject(state, "not_cloudevent", e.to_string()))?;
     if event.ty != INCOMING_TYPE {
-        return Err(reject(state, "wrong_type", format!("unexpected event type {:?}", event.ty)));
+        return Err(reject(
+            state,
+            "wrong_type",
+            format!("unexpected event type {:?}", event.ty),
+        ));
     }
     match &event.subject {
         None => return Err(reject(state, "missing_subject", "missing subject".into())),
         Some(s) if !is_header_safe(s) => {
-            return Err(reject(state, "invalid_subject", "subject is not a valid endpoint id".into()));
+            return Err(reject(
+                state,
+                "invalid_subject",
+                "subject is not a valid endpoint id".into(),
+            ));
         }
         Some(_) => {}
     }
     if event.data_content_type.is_none() {
-        return Err(reject(state, "missing_content_type", "missing content type".into()));
+        return Err(reject(
+            state,
+            "missing_content_type",
+            "missing content type".into(),
+        ));
     }
     Ok(event)
 }
 
 fn too_large(state: &AppState) -> ApiError {
-    tracing::info!(limit = state.max_body_bytes, "body over the limit; answering 413");
+    tracing::info!(
+        limit = state.max_body_bytes,
+        "body over the limit; answering 413"
+    );
     state.metrics.event("unknown", "too_large");
     ApiError::TooLarge
 }
@@ -76,7 +95,11 @@ fn reject(state: &AppState, outcome: &str, reason: String) -> ApiError {
 /// The service message type: the media type without parameters, lower-cased.
 fn media_type(event: &CloudEvent) -> String {
     let ct = event.data_content_type.as_deref().unwrap_or_default();
-    ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
+    ct.split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
 }
 
 async fn handle(state: &AppState, event: &CloudEvent) -> Result<(), ApiError> {
@@ -91,12 +114,19 @@ async fn handle(state: &AppState, event: &CloudEvent) -> Result<(), ApiError> {
                 content_type = %media,
                 "unsupported service message type; answering 400"
             );
-            Err(ApiError::BadRequest(format!("unsupported content type {media:?}")))
+            Err(ApiError::BadRequest(format!(
+                "unsupported content type {media:?}"
+            )))
         }
     }
 }
 
-fn refuse(state: &AppState, event: &CloudEvent, kind: &str, reason: Refusal) -> Result<(), ApiError> {
+fn refuse(
+    state: &AppState,
+    event: &CloudEvent,
+    kind: &str,
+    reason: Refusal,
+) -> Result<(), ApiError> {
     tracing::warn!(
         parcel.id = %event.id,
         sender = %event.source,
@@ -114,7 +144,12 @@ async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<
         Ok(fields) => fields,
         Err(reason) => return refuse(state, event, KIND, reason),
     };
-    let request = match PairingRequest::new(fields.requester, fields.target, fields.key_der, &event.source) {
+    let request = match PairingRequest::new(
+        fields.requester,
+        fields.target,
+        fields.key_der,
+        &event.source,
+    ) {
         Ok(request) => request,
         Err(reason) => return refuse(state, event, KIND, reason),
     };
@@ -150,7 +185,10 @@ async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<
         }
         PairingOutcome::Stored { replaced } => {
             state.metrics.event(KIND, "stored");
-            if replaced.as_ref().is_some_and(|old| old.as_str() != event.source) {
+            if replaced
+                .as_ref()
+                .is_some_and(|old| old.as_str() != event.source)
+            {
                 state.metrics.replaced_other_endpoint();
                 tracing::warn!(
                     parcel.id = %event.id,
@@ -180,7 +218,9 @@ async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<
             );
             match &state.dispatcher {
                 Some(dispatcher) => dispatcher.wake(),
-                None => tracing::warn!("no sink configured (K_SINK): the matches wait in the outbox"),
+                None => {
+                    tracing::warn!("no sink configured (K_SINK): the matches wait in the outbox")
+                }
             }
         }
     }

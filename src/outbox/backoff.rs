@@ -28,7 +28,12 @@ impl Backoff {
 
     /// The delay before retry `attempt`, honouring a `Retry-After` the sink sent, but
     /// never waiting longer than the cap.
-    pub fn delay_with_hint(&self, attempt: u32, jitter: f64, retry_after: Option<Duration>) -> Duration {
+    pub fn delay_with_hint(
+        &self,
+        attempt: u32,
+        jitter: f64,
+        retry_after: Option<Duration>,
+    ) -> Duration {
         let delay = self.delay(attempt, jitter);
         match retry_after {
             Some(hint) => delay.max(hint.min(self.cap)),
@@ -59,9 +64,18 @@ mod tests {
 
     #[test]
     fn retry_after_is_honoured_up_to_the_cap() {
-        assert_eq!(B.delay_with_hint(1, 1.0, Some(Duration::from_secs(3))), Duration::from_secs(3));
-        assert_eq!(B.delay_with_hint(1, 1.0, Some(Duration::from_secs(60))), Duration::from_secs(10));
-        assert_eq!(B.delay_with_hint(1, 1.0, Some(Duration::ZERO)), Duration::from_millis(100));
+        assert_eq!(
+            B.delay_with_hint(1, 1.0, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            B.delay_with_hint(1, 1.0, Some(Duration::from_secs(60))),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            B.delay_with_hint(1, 1.0, Some(Duration::ZERO)),
+            Duration::from_millis(100)
+        );
     }
 
     proptest! {

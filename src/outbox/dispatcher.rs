@@ -128,7 +128,11 @@ impl Dispatcher {
             let mut pause = IDLE_POLL;
             if free > 0 {
                 let now = clock::now();
-                match inner.store.claim_due_messages(now, now.plus(inner.lease), free).await {
+                match inner
+                    .store
+                    .claim_due_messages(now, now.plus(inner.lease), free)
+                    .await
+                {
                     Ok(entries) => {
                         let full = entries.len() == free;
                         for entry in entries {
@@ -185,18 +189,25 @@ async fn deliver(inner: Arc<Inner>, entry: OutboxEntry) -> Outcome {
             attempts = entry.attempts,
             "outbox message expired undelivered; dropped"
         );
-        (Outcome::Dropped, inner.store.drop_message(&message.id).await)
+        (
+            Outcome::Dropped,
+            inner.store.drop_message(&message.id).await,
+        )
     } else {
         match inner.sink.deliver(message).await {
             Ok(()) => {
                 tracing::debug!(message.id = message.id.as_str(), "delivered");
-                (Outcome::Delivered, inner.store.mark_delivered(&message.id).await)
+                (
+                    Outcome::Delivered,
+                    inner.store.mark_delivered(&message.id).await,
+                )
             }
             Err(e) => {
                 let attempt = entry.attempts.saturating_add(1);
-                let delay = inner
-                    .backoff
-                    .delay_with_hint(attempt, rand::random::<f64>(), e.retry_after);
+                let delay =
+                    inner
+                        .backoff
+                        .delay_with_hint(attempt, rand::random::<f64>(), e.retry_after);
                 let now = clock::now();
                 // Never wait past the expiry: the message is dropped then.
                 let at = now.plus(delay).min(message.expiry.max(now));

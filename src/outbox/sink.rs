@@ -17,6 +17,13 @@ pub struct DeliveryError {
     pub retry_after: Option<Duration>,
 }
 
+/// Makes ring the process's TLS provider (reqwest is built without a default one).
+/// Idempotent; must run before any `reqwest::Client` is built.
+pub fn install_crypto_provider() {
+    // Fails only when a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Delivers messages to one sink URL.
 #[derive(Debug, Clone)]
 pub struct HttpSink {
@@ -32,6 +39,7 @@ impl HttpSink {
         timeout: Duration,
         overrides: Vec<(String, String)>,
     ) -> reqwest::Result<Self> {
+        install_crypto_provider();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))

@@ -311,8 +311,10 @@ fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingO
             }
         }
     };
-    conn.prepare_cached("INSERT INTO processed_events (source, id, expires_at) VALUES (?1, ?2, ?3)")?
-        .execute(params![s.event.source, s.event.id, s.request_expiry.0])?;
+    conn.prepare_cached(
+        "INSERT INTO processed_events (source, id, expires_at) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![s.event.source, s.event.id, s.request_expiry.0])?;
     Ok(outcome)
 }
 
@@ -365,7 +367,8 @@ fn claim(
                         source: r.get(2)?,
                         recipient: EndpointId::parse(&recipient)
                             .map_err(|_| corrupt("outbox recipient"))?,
-                        kind: MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?,
+                        kind: MessageKind::from_name(&kind)
+                            .ok_or_else(|| corrupt("outbox kind"))?,
                         content: r.get(5)?,
                         time: Timestamp(r.get(6)?),
                         expiry: Timestamp(r.get(7)?),
@@ -402,7 +405,10 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn submit_pairing_request(&self, submission: PairingSubmission) -> Result<PairingOutcome> {
+    async fn submit_pairing_request(
+        &self,
+        submission: PairingSubmission,
+    ) -> Result<PairingOutcome> {
         self.call(move |conn| submit(conn, &submission)).await
     }
 
@@ -454,11 +460,10 @@ impl Store for SqliteStore {
 
     async fn stats(&self) -> Result<Stats> {
         self.call(|conn| {
-            let (depth, oldest): (i64, Option<i64>) = conn.query_row(
-                "SELECT count(*), min(time_ms) FROM outbox",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
+            let (depth, oldest): (i64, Option<i64>) =
+                conn.query_row("SELECT count(*), min(time_ms) FROM outbox", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
             let pending: i64 =
                 conn.query_row("SELECT count(*) FROM pending_requests", [], |r| r.get(0))?;
             Ok(Stats {
@@ -472,10 +477,14 @@ impl Store for SqliteStore {
 
     async fn purge_expired(&self, now: Timestamp) -> Result<PurgeReport> {
         self.call(move |conn| {
-            let requests =
-                conn.execute("DELETE FROM pending_requests WHERE expires_at <= ?1", params![now.0])?;
-            let events =
-                conn.execute("DELETE FROM processed_events WHERE expires_at <= ?1", params![now.0])?;
+            let requests = conn.execute(
+                "DELETE FROM pending_requests WHERE expires_at <= ?1",
+                params![now.0],
+            )?;
+            let events = conn.execute(
+                "DELETE FROM processed_events WHERE expires_at <= ?1",
+                params![now.0],
+            )?;
             Ok(PurgeReport {
                 requests: requests as u64,
                 events: events as u64,
@@ -500,7 +509,10 @@ mod tests {
     fn sqlite_urls() {
         let p = |u: &str| SqliteLocation::from_url(u).map(|l| l.path);
         assert_eq!(p("sqlite://letro.db"), Some("letro.db".into()));
-        assert_eq!(p("sqlite:///var/lib/letro.db"), Some("/var/lib/letro.db".into()));
+        assert_eq!(
+            p("sqlite:///var/lib/letro.db"),
+            Some("/var/lib/letro.db".into())
+        );
         assert_eq!(p("sqlite:data/letro.db"), Some("data/letro.db".into()));
         assert_eq!(p("sqlite://x.db?mode=rwc"), Some("x.db".into()));
         assert_eq!(p("sqlite://"), None);

@@ -1,1 +1,9 @@
-//! it
+#![allow(unreachable_pub)]
+//! Integration tests: the real server on a real socket, a temporary SQLite file, and a
+//! fake sink server standing in for the Knative broker.
+
+mod cli;
+mod ingress;
+mod outbox;
+mod pairing;
+mod support;

@@ -1,0 +1,179 @@
+//! The outbox over real HTTP: retries with stable ids, restarts, expiry, isolation.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+async fn make_match(app: &TestApp, tag: &str) {
+    let p = parties();
+    app.post_request(
+        &p[0],
+        &format!("{tag}-a"),
+        &format!("a-{tag}@x.io"),
+        &format!("b-{tag}@y.io"),
+    )
+    .await;
+    app.post_request(
+        &p[1],
+        &format!("{tag}-b"),
+        &format!("b-{tag}@y.io"),
+        &format!("a-{tag}@x.io"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn retries_after_503_keep_the_same_ids() {
+    let mut sink = FakeSink::start().await;
+    sink.script(&[503, 503, 503, 503]);
+    let (_dir, db) = temp_db();
+    let app = TestApp::spawn(test_config(&db, Some(&sink.url))).await;
+    make_match(&app, "r").await;
+    // Two messages, each failing twice, then both accepted: six requests in all.
+    let received = sink.take(6).await;
+    sink.assert_quiet(Duration::from_millis(300)).await;
+    assert_eq!(
+        distinct(received.iter().map(|r| r.header("ce-id").to_owned())),
+        2
+    );
+    for r in &received {
+        let same: Vec<_> = received
+            .iter()
+            .filter(|o| o.header("ce-id") == r.header("ce-id"))
+            .collect();
+        assert_eq!(same.len(), 3, "each message is tried three times");
+        assert!(
+            same.iter()
+                .all(|o| o.body == r.body && o.header("ce-time") == r.header("ce-time"))
+        );
+    }
+    assert_eq!(app.stats().await.outbox_depth, 0);
+    assert_eq!(
+        app.metric("letro_outbox_deliveries_total{result=\"retry\"}")
+            .await,
+        4
+    );
+    assert_eq!(
+        app.metric("letro_outbox_deliveries_total{result=\"delivered\"}")
+            .await,
+        2
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn messages_survive_a_restart_and_wait_without_a_sink() {
+    let (_dir, db) = temp_db();
+    let app = TestApp::spawn(test_config(&db, None)).await;
+    make_match(&app, "s").await;
+    assert_eq!(app.stats().await.outbox_depth, 2);
+    app.stop().await;
+
+    let mut sink = FakeSink::start().await;
+    let app = TestApp::spawn(test_config(&db, Some(&sink.url))).await;
+    let received = sink.take(2).await;
+    assert_eq!(
+        distinct(received.iter().map(|r| r.header("ce-subject").to_owned())),
+        2
+    );
+    sink.assert_quiet(Duration::from_millis(200)).await;
+    assert_eq!(app.stats().await.outbox_depth, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_and_slow_sinks_are_retried() {
+    // Nothing listens on the sink's port at first.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let (_dir, db) = temp_db();
+    let app = TestApp::spawn(test_config(&db, Some(&format!("http://127.0.0.1:{port}/")))).await;
+    make_match(&app, "u").await;
+    assert_eq!(app.stats().await.outbox_depth, 2);
+    // Connection refused counts as a failed attempt, and the messages stay.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app
+        .metric("letro_outbox_deliveries_total{result=\"retry\"}")
+        .await
+        < 2
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no retry recorded");
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(app.stats().await.outbox_depth, 2);
+    app.stop().await;
+
+    // A sink that answers slower than the timeout, then a normal one.
+    let mut sink = FakeSink::start().await;
+    sink.set_delay(Duration::from_secs(3));
+    let mut config = test_config(&db, Some(&sink.url));
+    config.sink_timeout = Duration::from_millis(500);
+    let app = TestApp::spawn(config).await;
+    let first = sink.take(2).await;
+    sink.set_delay(Duration::ZERO);
+    let ids: Vec<String> = first.iter().map(|r| r.header("ce-id").to_owned()).collect();
+    assert_eq!(distinct(ids.iter().cloned()), 2);
+    // Timed-out attempts are retried, with the same ids, until answered in time.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut retries = 0;
+    while app.stats().await.outbox_depth > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the messages were not delivered"
+        );
+        if let Some(r) = sink.try_next(Duration::from_millis(50)).await {
+            assert!(
+                ids.contains(&r.header("ce-id").to_owned()),
+                "a retry changed the id"
+            );
+            retries += 1;
+        }
+    }
+    assert!(retries >= 2, "each message was retried after its timeout");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_the_sink_always_refuses_does_not_hold_up_the_others_and_expires() {
+    let mut sink = FakeSink::start().await;
+    let p = parties();
+    sink.poison(&p[0].id, 400);
+    let (_dir, db) = temp_db();
+    let mut config = test_config(&db, Some(&sink.url));
+    config.message_ttl = Duration::from_millis(1500);
+    let app = TestApp::spawn(config).await;
+    make_match(&app, "p").await;
+    // The message to p[1] goes through while the one to p[0] keeps failing.
+    let mut delivered_other = false;
+    let mut refused = 0;
+    while !delivered_other || refused < 3 {
+        let r = sink.next().await;
+        if r.header("ce-subject") == p[1].id {
+            delivered_other = true;
+        } else {
+            refused += 1;
+        }
+    }
+    // After its expiry the refused message is dropped and counted.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while app.stats().await.outbox_depth > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the expired message was not dropped"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), sink.next()).await;
+    }
+    assert_eq!(
+        app.metric("letro_outbox_deliveries_total{result=\"dropped\"}")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.metric("letro_outbox_deliveries_total{result=\"delivered\"}")
+            .await,
+        1
+    );
+    app.stop().await;
+}

@@ -1,0 +1,408 @@
+//! `TestApp` (the server on port 0 with a temp database) and `FakeSink` (a real HTTP
+//! server that records what it receives and answers as the test scripts it).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use letro_server::app::App;
+use letro_server::config::{Config, DatabaseConfig};
+use letro_server::http::AppState;
+use letro_server::store::sqlite::Synchronous;
+use tokio::sync::{mpsc, oneshot};
+
+pub const INCOMING_TYPE: &str = "tech.relaycorp.awala.endpoint-internet.incoming-service-message";
+pub const REQUEST_TYPE: &str = "application/vnd.relaycorp.letro.pairing-request-tmp";
+pub const MATCH_TYPE: &str = "application/vnd.relaycorp.letro.pairing-match-tmp";
+/// This server's own endpoint id, as the Awala Internet Endpoint puts it in ce-subject.
+pub const SERVER_ID: &str = "0aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+/// A request the fake sink received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8(self.body.clone()).expect("UTF-8 body")
+    }
+}
+
+#[derive(Default)]
+struct Behaviour {
+    /// Statuses to answer first, in order.
+    script: VecDeque<u16>,
+    /// Answer after the script runs out.
+    default: u16,
+    /// Recipients (ce-subject) that always get this status.
+    poisoned: HashMap<String, u16>,
+    /// Answer only after this delay.
+    delay: Duration,
+}
+
+#[derive(Clone)]
+struct SinkState {
+    behaviour: Arc<Mutex<Behaviour>>,
+    tx: mpsc::UnboundedSender<Received>,
+}
+
+/// A fake Knative broker ingress on a real socket.
+pub struct FakeSink {
+    pub url: String,
+    behaviour: Arc<Mutex<Behaviour>>,
+    rx: mpsc::UnboundedReceiver<Received>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl FakeSink {
+    pub async fn start() -> Self {
+        let behaviour = Arc::new(Mutex::new(Behaviour {
+            default: 202,
+            ..Behaviour::default()
+        }));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = SinkState {
+            behaviour: behaviour.clone(),
+            tx,
+        };
+        let app = axum::Router::new()
+            .route("/", axum::routing::post(receive))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind sink");
+        let addr = listener.local_addr().expect("sink addr");
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            url: format!("http://{addr}/"),
+            behaviour,
+            rx,
+            _server: server,
+        }
+    }
+
+    /// Answers these statuses first, then the default.
+    pub fn script(&self, statuses: &[u16]) {
+        self.behaviour.lock().expect("lock").script.extend(statuses);
+    }
+
+    pub fn poison(&self, recipient: &str, status: u16) {
+        self.behaviour
+            .lock()
+            .expect("lock")
+            .poisoned
+            .insert(recipient.to_owned(), status);
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.behaviour.lock().expect("lock").delay = delay;
+    }
+
+    /// The next request the sink receives, whatever it answered.
+    pub async fn next(&mut self) -> Received {
+        tokio::time::timeout(Duration::from_secs(20), self.rx.recv())
+            .await
+            .expect("the sink received nothing within 20 s")
+            .expect("sink channel open")
+    }
+
+    /// The next request if one arrives within `wait`.
+    pub async fn try_next(&mut self, wait: Duration) -> Option<Received> {
+        tokio::time::timeout(wait, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The next `n` requests.
+    pub async fn take(&mut self, n: usize) -> Vec<Received> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next().await);
+        }
+        out
+    }
+
+    /// Asserts that nothing arrives within `wait`.
+    pub async fn assert_quiet(&mut self, wait: Duration) {
+        if let Ok(Some(r)) = tokio::time::timeout(wait, self.rx.recv()).await {
+            panic!("unexpected delivery: {r:?}");
+        }
+    }
+}
+
+async fn receive(
+    State(state): State<SinkState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
+    let headers: HashMap<String, String> = headers
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                v.to_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let (status, delay) = {
+        let mut b = state.behaviour.lock().expect("lock");
+        let subject = headers.get("ce-subject").cloned().unwrap_or_default();
+        let status = match b.poisoned.get(&subject) {
+            Some(s) => *s,
+            None => b.script.pop_front().unwrap_or(b.default),
+        };
+        (status, b.delay)
+    };
+    let _ = state.tx.send(Received {
+        headers,
+        body: body.to_vec(),
+    });
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    StatusCode::from_u16(status).expect("valid status")
+}
+
+/// The server under test.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub client: reqwest::Client,
+    pub state: AppState,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// An HTTP client for tests.
+pub fn client() -> reqwest::Client {
+    letro_server::outbox::sink::install_crypto_provider();
+    reqwest::Client::new()
+}
+
+/// A configuration for tests: port 0, the given database file, fast retries.
+pub fn test_config(db_path: &Path, sink: Option<&str>) -> Config {
+    let mut config = Config::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        DatabaseConfig::Sqlite {
+            path: db_path.to_owned(),
+            synchronous: Synchronous::Full,
+        },
+    );
+    config.sink = sink.map(|s| s.parse().expect("sink url"));
+    config.retry_base_delay = Duration::from_millis(10);
+    config.retry_max_delay = Duration::from_millis(50);
+    config.sink_timeout = Duration::from_secs(2);
+    config.shutdown_timeout = Duration::from_secs(5);
+    config
+}
+
+impl TestApp {
+    pub async fn spawn(config: Config) -> Self {
+        // Logs go to the test's captured output (shown for failing tests) at RUST_LOG.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let app = App::build(config).await.expect("app builds");
+        let addr = app.local_addr().expect("addr");
+        let state = app.state().clone();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(app.run(async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            url: format!("http://{addr}/"),
+            client: client(),
+            state,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the server the way SIGTERM does and waits for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("join").expect("clean shutdown");
+        }
+    }
+
+    /// POSTs a binary-mode event.
+    pub async fn post(
+        &self,
+        headers: &[(&str, &str)],
+        body: impl Into<Vec<u8>>,
+    ) -> reqwest::StatusCode {
+        let mut request = self.client.post(&self.url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request
+            .body(body.into())
+            .send()
+            .await
+            .expect("request")
+            .status()
+    }
+
+    /// POSTs an incoming service message from `sender`, with parcel id `parcel`.
+    pub async fn post_message(
+        &self,
+        sender: &str,
+        parcel: &str,
+        content_type: &str,
+        body: impl Into<Vec<u8>>,
+    ) -> reqwest::StatusCode {
+        self.post(&event_headers(sender, parcel, content_type), body)
+            .await
+    }
+
+    /// POSTs a pairing request from `from` (who must hold the key it carries).
+    pub async fn post_request(
+        &self,
+        from: &Party,
+        parcel: &str,
+        requester: &str,
+        target: &str,
+    ) -> reqwest::StatusCode {
+        self.post_message(
+            &from.id,
+            parcel,
+            REQUEST_TYPE,
+            from.request(requester, target),
+        )
+        .await
+    }
+
+    pub async fn stats(&self) -> letro_server::store::Stats {
+        self.state.store.stats().await.expect("stats")
+    }
+
+    /// The value of a metric sample line, e.g. `letro_refusals_total{reason="x"}`.
+    pub async fn metric(&self, sample: &str) -> u64 {
+        let text = self
+            .client
+            .get(format!("{}metrics", self.url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
+    }
+}
+
+pub fn event_headers<'a>(
+    sender: &'a str,
+    parcel: &'a str,
+    content_type: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("ce-specversion", "1.0"),
+        ("ce-id", parcel),
+        ("ce-source", sender),
+        ("ce-type", INCOMING_TYPE),
+        ("ce-subject", SERVER_ID),
+        ("content-type", content_type),
+    ]
+}
+
+/// An Awala endpoint with a real RSA identity key from the interoperability vectors.
+#[derive(Debug, Clone)]
+pub struct Party {
+    pub key_der: Vec<u8>,
+    pub id: String,
+}
+
+impl Party {
+    pub fn key_b64(&self) -> String {
+        STANDARD.encode(&self.key_der)
+    }
+
+    pub fn request(&self, requester: &str, target: &str) -> String {
+        format!("{requester},{target},{}", self.key_b64())
+    }
+}
+
+pub fn vectors() -> serde_json::Value {
+    serde_json::from_str(include_str!("../fixtures/awala-vectors.json")).expect("vectors")
+}
+
+/// The five endpoints of the vectors whose keys the original library accepted.
+pub fn parties() -> Vec<Party> {
+    vectors()["endpoint_keys"]
+        .as_array()
+        .expect("endpoint_keys")
+        .iter()
+        .filter_map(|k| {
+            Some(Party {
+                id: k["endpoint_id"].as_str()?.to_owned(),
+                key_der: STANDARD
+                    .decode(k["spki_der_b64"].as_str().expect("b64"))
+                    .expect("base64"),
+            })
+        })
+        .collect()
+}
+
+/// A temp dir and a database path in it.
+pub fn temp_db() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("letro.db");
+    (dir, path)
+}
+
+/// Checks every property of an outgoing match event; returns its content fields.
+pub fn assert_match_event(r: &Received) -> Vec<String> {
+    assert_eq!(r.header("ce-specversion"), "1.0");
+    assert_eq!(
+        r.header("ce-type"),
+        "tech.relaycorp.awala.endpoint-internet.outgoing-service-message"
+    );
+    assert_eq!(r.header("ce-source"), SERVER_ID);
+    assert_eq!(r.header("content-type"), MATCH_TYPE);
+    let id = r.header("ce-id");
+    assert_eq!(id.len(), 64, "ce-id {id}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    let time = time::OffsetDateTime::parse(
+        r.header("ce-time"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("ce-time is RFC 3339");
+    let expiry = time::OffsetDateTime::parse(
+        r.header("ce-expiry"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("ce-expiry is RFC 3339");
+    assert_eq!(expiry - time, time::Duration::days(90));
+    r.text().split(',').map(str::to_owned).collect()
+}
+
+/// Distinct values, for "no duplicates" assertions.
+pub fn distinct<T: std::hash::Hash + Eq>(items: impl IntoIterator<Item = T>) -> usize {
+    items.into_iter().collect::<HashSet<_>>().len()
+}
