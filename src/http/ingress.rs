@@ -48,19 +48,28 @@ async fn read_event(
         headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
         bytes.to_vec(),
     )
-    .map_err(|e| reject(state, "not_cloudevent", e.to_string()))?;
+    .map_err(|e| reject(state, headers, "not_cloudevent", e.to_string()))?;
     if event.ty != INCOMING_TYPE {
         return Err(reject(
             state,
+            headers,
             "wrong_type",
             format!("unexpected event type {:?}", event.ty),
         ));
     }
     match &event.subject {
-        None => return Err(reject(state, "missing_subject", "missing subject".into())),
+        None => {
+            return Err(reject(
+                state,
+                headers,
+                "missing_subject",
+                "missing subject".into(),
+            ));
+        }
         Some(s) if !is_header_safe(s) => {
             return Err(reject(
                 state,
+                headers,
                 "invalid_subject",
                 "subject is not a valid endpoint id".into(),
             ));
@@ -70,6 +79,7 @@ async fn read_event(
     if event.data_content_type.is_none() {
         return Err(reject(
             state,
+            headers,
             "missing_content_type",
             "missing content type".into(),
         ));
@@ -86,8 +96,25 @@ fn too_large(state: &AppState) -> ApiError {
     ApiError::TooLarge
 }
 
-fn reject(state: &AppState, outcome: &str, reason: String) -> ApiError {
-    tracing::info!(%reason, "not an event we take; answering 400");
+fn reject(state: &AppState, headers: &HeaderMap, outcome: &str, reason: String) -> ApiError {
+    // Whatever the headers say, for correlation; the event may not have parsed.
+    let raw = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .chars()
+                    .take(100)
+                    .collect::<String>()
+            })
+            .unwrap_or_default()
+    };
+    tracing::info!(
+        parcel.id = %raw("ce-id"),
+        sender = %raw("ce-source"),
+        %reason,
+        "not an event we take; answering 400"
+    );
     state.metrics.event("unknown", outcome);
     ApiError::BadRequest(reason)
 }
