@@ -275,3 +275,35 @@ async fn pending_requests_are_never_stored_in_plain_text() {
     );
     assert!(!text.contains("hyrule"), "domain stored in plain text");
 }
+
+#[tokio::test]
+async fn expired_requests_do_not_match_and_are_purged() {
+    let (app, mut sink, _dir) = {
+        let sink = FakeSink::start().await;
+        let (dir, db) = temp_db();
+        let mut config = test_config(&db, Some(&sink.url));
+        config.request_ttl = Duration::from_millis(100);
+        (TestApp::spawn(config).await, sink, dir)
+    };
+    let p = parties();
+    app.post_request(&p[0], "a", ALICE, BOB).await;
+    // No hook can make time pass: wait out the 100 ms lifetime.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    app.post_request(&p[1], "b", BOB, ALICE).await;
+    sink.assert_quiet(Duration::from_millis(200)).await;
+    assert_eq!(
+        app.stats().await.pending_requests,
+        2,
+        "the expired row is ignored, not matched"
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let report = app
+        .state
+        .store
+        .purge_expired(letro_server::clock::now())
+        .await
+        .expect("purge");
+    assert_eq!((report.requests, report.events), (2, 2));
+    assert_eq!(app.stats().await.pending_requests, 0);
+    app.stop().await;
+}
