@@ -10,10 +10,17 @@ const ALICE: &str = "alice@applepie.rocks";
 const BOB: &str = "bob@tickety.boo";
 
 async fn app_with_sink() -> (TestApp, FakeSink, tempfile::TempDir) {
+    app_with_sink_and(|_| {}).await
+}
+
+async fn app_with_sink_and(
+    adjust: impl FnOnce(&mut letro_server::config::Config),
+) -> (TestApp, FakeSink, tempfile::TempDir) {
     let sink = FakeSink::start().await;
     let (dir, db) = temp_db();
-    let app = TestApp::spawn(test_config(&db, Some(&sink.url))).await;
-    (app, sink, dir)
+    let mut config = test_config(&db, Some(&sink.url));
+    adjust(&mut config);
+    (TestApp::spawn(config).await, sink, dir)
 }
 
 /// Runs one arrival order and checks both matches byte for byte.
@@ -278,13 +285,8 @@ async fn pending_requests_are_never_stored_in_plain_text() {
 
 #[tokio::test]
 async fn expired_requests_do_not_match_and_are_purged() {
-    let (app, mut sink, _dir) = {
-        let sink = FakeSink::start().await;
-        let (dir, db) = temp_db();
-        let mut config = test_config(&db, Some(&sink.url));
-        config.request_ttl = Duration::from_millis(100);
-        (TestApp::spawn(config).await, sink, dir)
-    };
+    let (app, mut sink, _dir) =
+        app_with_sink_and(|c| c.request_ttl = Duration::from_millis(100)).await;
     let p = parties();
     app.post_request(&p[0], "a", ALICE, BOB).await;
     // No hook can make time pass: wait out the 100 ms lifetime.
