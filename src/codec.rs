@@ -5,5 +5,6 @@
 
 pub mod awala;
 pub mod cloudevent;
+pub mod connparams;
 pub mod pairing;
 pub mod timestamp;

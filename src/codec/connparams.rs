@@ -1,0 +1,310 @@
+//! Awala `PrivateEndpointConnParams` in DER: the content of a pairing authorisation.
+//!
+//! ```asn1
+//! PrivateEndpointConnParams ::= SEQUENCE {
+//!     identityKey            [0] IMPLICIT SubjectPublicKeyInfo,
+//!     internetGatewayAddress [1] IMPLICIT VisibleString,
+//!     deliveryAuth           [2] IMPLICIT CertificationPath,
+//!     sessionKey             [3] IMPLICIT SessionKey OPTIONAL }
+//! CertificationPath ::= SEQUENCE {
+//!     leafCertificate        [0] IMPLICIT Certificate,       -- the PDA
+//!     certificateAuthorities [1] IMPLICIT SEQUENCE OF Certificate }
+//! SessionKey ::= SEQUENCE { keyId [0] IMPLICIT OCTET STRING,
+//!                           publicKey [1] IMPLICIT SubjectPublicKeyInfo }
+//! ```
+//!
+//! Strict DER: the BER-only forms the original library tolerated (trailing bytes,
+//! indefinite or non-minimal lengths, an `A0` outer tag, a fifth field, non-minimal
+//! serial numbers) are refused as malformed. Android never produces them.
+
+use der::asn1::OctetString;
+use der::{Decode, Encode, Sequence};
+use spki::{ObjectIdentifier, SubjectPublicKeyInfoOwned};
+use x509_cert::Certificate;
+use x509_cert::ext::pkix::AuthorityKeyIdentifier;
+
+use super::awala::canonical_rsa_spki;
+use crate::domain::Timestamp;
+
+/// `id-ecPublicKey`: session keys are ECDH keys.
+const ID_EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+/// `id-RSASSA-PSS`: the signature algorithm of Awala certificates.
+pub const ID_RSASSA_PSS: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.10");
+/// `id-ce-authorityKeyIdentifier`.
+const ID_CE_AUTHORITY_KEY_IDENTIFIER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.35");
+
+#[derive(Sequence)]
+struct ConnParamsDer {
+    #[asn1(context_specific = "0", tag_mode = "IMPLICIT")]
+    identity_key: SubjectPublicKeyInfoOwned,
+    // A VisibleString; der has no such type, and we only carry the bytes.
+    #[asn1(context_specific = "1", tag_mode = "IMPLICIT")]
+    internet_gateway_address: OctetString,
+    #[asn1(context_specific = "2", tag_mode = "IMPLICIT")]
+    delivery_auth: CertPathDer,
+    #[asn1(context_specific = "3", tag_mode = "IMPLICIT", optional = "true")]
+    session_key: Option<SessionKeyDer>,
+}
+
+#[derive(Sequence)]
+struct CertPathDer {
+    #[asn1(context_specific = "0", tag_mode = "IMPLICIT")]
+    leaf: Certificate,
+    // SEQUENCE OF, not SET OF: DER SET OF would force a sort order nobody writes.
+    #[asn1(context_specific = "1", tag_mode = "IMPLICIT")]
+    cas: Vec<Certificate>,
+}
+
+#[derive(Sequence)]
+struct SessionKeyDer {
+    #[asn1(context_specific = "0", tag_mode = "IMPLICIT")]
+    key_id: OctetString,
+    #[asn1(context_specific = "1", tag_mode = "IMPLICIT")]
+    public_key: SubjectPublicKeyInfoOwned,
+}
+
+/// Why bytes are not connection params.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ParamsError {
+    /// Not the ASN.1 structure above, in DER.
+    #[error("not DER PrivateEndpointConnParams")]
+    Structure,
+    /// The identity key is not an RSA key.
+    #[error("identity key is not an RSA key")]
+    IdentityKey,
+    /// The session key is not an EC key.
+    #[error("session key is not an EC key")]
+    SessionKey,
+}
+
+/// The PDA's authority key identifier extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthorityKeyId {
+    /// No such extension: the PDA names no issuer.
+    Absent,
+    /// The extension is there but has no `keyIdentifier`.
+    WithoutKeyIdentifier,
+    /// The issuer's key identifier (for Awala, the SHA-256 of its SPKI).
+    KeyIdentifier(Vec<u8>),
+}
+
+/// What the broker needs of the PDA (the leaf of the delivery authorisation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pda {
+    /// Who issued it.
+    pub authority_key_id: AuthorityKeyId,
+    /// The subject's (grantee's) key as canonical RSA SPKI DER, if it is an RSA key.
+    pub subject_rsa_key_der: Option<Vec<u8>>,
+    /// The signature algorithm's OID.
+    pub signature_algorithm: ObjectIdentifier,
+    /// The signature algorithm's parameters, DER, if any.
+    pub signature_parameters_der: Option<Vec<u8>>,
+    /// The signed bytes (the DER TBSCertificate).
+    pub tbs_der: Vec<u8>,
+    /// The signature.
+    pub signature: Vec<u8>,
+    /// Start of validity.
+    pub not_before: Timestamp,
+    /// End of validity.
+    pub not_after: Timestamp,
+}
+
+/// Decoded connection params.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionParams {
+    /// The granter's identity key, canonical RSA SPKI DER.
+    pub identity_key_der: Vec<u8>,
+    /// The delivery authorisation's leaf.
+    pub pda: Pda,
+    /// How many certificate authorities came with the PDA.
+    pub ca_count: usize,
+}
+
+/// Decodes connection params.
+pub fn decode_connection_params(der: &[u8]) -> Result<ConnectionParams, ParamsError> {
+    let params = ConnParamsDer::from_der(der).map_err(|_| ParamsError::Structure)?;
+    let identity_spki = params
+        .identity_key
+        .to_der()
+        .map_err(|_| ParamsError::Structure)?;
+    let identity_key_der =
+        canonical_rsa_spki(&identity_spki).map_err(|_| ParamsError::IdentityKey)?;
+    if let Some(session_key) = &params.session_key
+        && session_key.public_key.algorithm.oid != ID_EC_PUBLIC_KEY
+    {
+        return Err(ParamsError::SessionKey);
+    }
+    let leaf = &params.delivery_auth.leaf;
+    let tbs = leaf.tbs_certificate();
+    let subject_spki = tbs
+        .subject_public_key_info()
+        .to_der()
+        .map_err(|_| ParamsError::Structure)?;
+    let authority_key_id = match tbs.extensions().and_then(|exts| {
+        exts.iter()
+            .find(|e| e.extn_id == ID_CE_AUTHORITY_KEY_IDENTIFIER)
+    }) {
+        None => AuthorityKeyId::Absent,
+        Some(ext) => match AuthorityKeyIdentifier::from_der(ext.extn_value.as_bytes()) {
+            Ok(aki) => match aki.key_identifier {
+                Some(id) => AuthorityKeyId::KeyIdentifier(id.as_bytes().to_vec()),
+                None => AuthorityKeyId::WithoutKeyIdentifier,
+            },
+            Err(_) => return Err(ParamsError::Structure),
+        },
+    };
+    let algorithm = leaf.signature_algorithm();
+    let validity = tbs.validity();
+    let ms = |t: &x509_cert::time::Time| {
+        Timestamp(i64::try_from(t.to_unix_duration().as_millis()).unwrap_or(i64::MAX))
+    };
+    Ok(ConnectionParams {
+        identity_key_der,
+        pda: Pda {
+            authority_key_id,
+            subject_rsa_key_der: canonical_rsa_spki(&subject_spki).ok(),
+            signature_algorithm: algorithm.oid,
+            signature_parameters_der: algorithm.parameters.as_ref().and_then(|p| p.to_der().ok()),
+            tbs_der: tbs.to_der().map_err(|_| ParamsError::Structure)?,
+            signature: leaf
+                .signature()
+                .as_bytes()
+                .ok_or(ParamsError::Structure)?
+                .to_vec(),
+            not_before: ms(&validity.not_before),
+            not_after: ms(&validity.not_after),
+        },
+        ca_count: params.delivery_auth.cas.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use proptest::prelude::*;
+
+    use crate::domain::EndpointId;
+
+    fn vectors() -> serde_json::Value {
+        serde_json::from_str(include_str!("../../tests/fixtures/awala-vectors.json"))
+            .expect("vectors parse")
+    }
+
+    fn params_of(case: &serde_json::Value) -> Vec<u8> {
+        STANDARD
+            .decode(case["params_der_b64"].as_str().expect("params"))
+            .expect("base64")
+    }
+
+    #[test]
+    fn valid_vectors_decode_to_the_expected_ids() {
+        let v = vectors();
+        for case in v["valid_connection_params"].as_array().expect("group") {
+            let name = case["name"].as_str().expect("name");
+            let p = decode_connection_params(&params_of(case)).expect(name);
+            let AuthorityKeyId::KeyIdentifier(aki) = &p.pda.authority_key_id else {
+                panic!("{name}: no key identifier");
+            };
+            assert_eq!(
+                EndpointId::from_digest(aki).as_str(),
+                case["granter_id_from_pda_issuer"].as_str().expect("id"),
+                "{name}"
+            );
+            let grantee =
+                EndpointId::from_spki_der(p.pda.subject_rsa_key_der.as_ref().expect("RSA"));
+            assert_eq!(
+                grantee.as_str(),
+                case["grantee_id"].as_str().expect("id"),
+                "{name}"
+            );
+            assert_eq!(
+                EndpointId::from_spki_der(&p.identity_key_der).as_str(),
+                case["deserialized"]["identity_key_id"]
+                    .as_str()
+                    .expect("id"),
+                "{name}"
+            );
+            assert_eq!(
+                p.ca_count.to_string(),
+                case["deserialized"]["ca_count"]
+                    .to_string()
+                    .trim_matches('"'),
+                "{name}"
+            );
+            assert_eq!(p.pda.signature_algorithm, ID_RSASSA_PSS, "{name}");
+        }
+    }
+
+    #[test]
+    fn invalid_vectors_are_malformed() {
+        let v = vectors();
+        for case in v["invalid_connection_params"].as_array().expect("group") {
+            let name = case["name"].as_str().expect("name");
+            assert!(
+                decode_connection_params(&params_of(case)).is_err(),
+                "{name} decoded"
+            );
+        }
+    }
+
+    #[test]
+    fn accepted_edge_cases_follow_canonical_der() {
+        let v = vectors();
+        for case in v["accepted_edge_cases"].as_array().expect("group") {
+            let name = case["name"].as_str().expect("name");
+            let decoded = decode_connection_params(&params_of(case));
+            if case["canonical_der"].as_bool() == Some(true) {
+                assert!(decoded.is_ok(), "{name}: {decoded:?}");
+            } else {
+                // Deliberate: BER that only the lenient original accepted.
+                assert!(decoded.is_err(), "{name} is BER but decoded");
+            }
+        }
+    }
+
+    #[test]
+    fn issuer_and_handler_error_vectors_decode_with_the_flaw_visible() {
+        let v = vectors();
+        let find = |group: &str, name: &str| {
+            v[group]
+                .as_array()
+                .expect("group")
+                .iter()
+                .find(|c| c["name"] == name)
+                .map(params_of)
+                .expect("case")
+        };
+        let p = decode_connection_params(&find(
+            "not_issued_by_sender",
+            "pda_without_authority_key_identifier",
+        ))
+        .expect("decodes");
+        assert_eq!(p.pda.authority_key_id, AuthorityKeyId::Absent);
+        let p = decode_connection_params(&find("handler_errors", "aki_without_key_identifier"))
+            .expect("decodes");
+        assert_eq!(p.pda.authority_key_id, AuthorityKeyId::WithoutKeyIdentifier);
+        let p = decode_connection_params(&find("handler_errors", "pda_signed_with_pkcs1v15"))
+            .expect("decodes");
+        assert_ne!(p.pda.signature_algorithm, ID_RSASSA_PSS);
+        let p = decode_connection_params(&find("handler_errors", "pda_subject_key_is_ec"))
+            .expect("decodes");
+        assert_eq!(p.pda.subject_rsa_key_der, None);
+    }
+
+    proptest! {
+        #[test]
+        fn mutated_vectors_never_panic(case in 0usize..10, at in any::<usize>(), bit in 0u8..8, cut in any::<bool>()) {
+            let v = vectors();
+            let mut der = params_of(&v["valid_connection_params"][case]);
+            let i = at % der.len();
+            if cut {
+                der.truncate(i);
+            } else {
+                der[i] ^= 1 << bit;
+            }
+            let _ = decode_connection_params(&der);
+        }
+    }
+}
