@@ -29,7 +29,8 @@ async fn retries_after_503_keep_the_same_ids() {
     let (_dir, db) = temp_db();
     let app = TestApp::spawn(test_config(&db, Some(&sink.url))).await;
     make_match(&app, "r").await;
-    // Two messages, each failing twice, then both accepted: six requests in all.
+    // Two messages share four 503s (in whatever order their retries come), then both are
+    // accepted: six requests in all, and every retry repeats its message exactly.
     let received = sink.take(6).await;
     sink.assert_quiet(Duration::from_millis(300)).await;
     assert_eq!(
@@ -41,11 +42,11 @@ async fn retries_after_503_keep_the_same_ids() {
             .iter()
             .filter(|o| o.header("ce-id") == r.header("ce-id"))
             .collect();
-        assert_eq!(same.len(), 3, "each message is tried three times");
-        assert!(
-            same.iter()
-                .all(|o| o.body == r.body && o.header("ce-time") == r.header("ce-time"))
-        );
+        assert!(same.len() >= 2, "each message failed at least once");
+        assert!(same.iter().all(|o| o.body == r.body
+            && o.header("ce-time") == r.header("ce-time")
+            && o.header("ce-expiry") == r.header("ce-expiry")
+            && o.header("ce-subject") == r.header("ce-subject")));
     }
     assert_eq!(app.stats().await.outbox_depth, 0);
     assert_eq!(
