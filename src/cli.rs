@@ -157,13 +157,21 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// Parses `letro-server serve ARGS`.
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let cli =
+            Cli::try_parse_from(["letro-server", "serve"].iter().chain(args)).expect("parses");
+        let Command::Serve(args) = cli.command else {
+            panic!("serve expected");
+        };
+        *args
+    }
+
     #[test]
     fn flags_override_defaults() {
         // Flags only: every setting here is given explicitly, so the environment of the
         // test process does not matter.
-        let cli = Cli::try_parse_from([
-            "letro-server",
-            "serve",
+        let args = serve_args(&[
             "--bind",
             "127.0.0.1:9000",
             "--database",
@@ -176,11 +184,7 @@ mod tests {
             "30days",
             "--veraid-secret",
             "00112233445566778899aabbccddeeff",
-        ])
-        .expect("parses");
-        let Command::Serve(args) = cli.command else {
-            panic!("serve expected");
-        };
+        ]);
         let config = args.to_config().expect("valid");
         assert_eq!(config.bind, "127.0.0.1:9000".parse().expect("addr"));
         assert_eq!(config.retry_max_delay.as_secs(), 2);
@@ -190,20 +194,14 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_setting() {
-        let cli = Cli::try_parse_from([
-            "letro-server",
-            "serve",
+        let args = serve_args(&[
             "--bind",
             "127.0.0.1:9000",
             "--database",
             "sqlite://x.db",
             "--message-ttl",
             "200days",
-        ])
-        .expect("parses");
-        let Command::Serve(args) = cli.command else {
-            panic!("serve expected");
-        };
+        ]);
         let e = args.to_config().expect_err("too long");
         assert!(e.to_string().contains("LETRO_MESSAGE_TTL"), "{e}");
     }
