@@ -67,6 +67,26 @@ pub enum PairingOutcome {
     },
 }
 
+/// A checked pairing authorisation, ready to be forwarded as a completion.
+#[derive(Debug, Clone)]
+pub struct CompletionSubmission {
+    /// The idempotency key of the event that carried the authorisation.
+    pub event: EventKey,
+    /// The completion for the grantee.
+    pub message: OutgoingMessage,
+    /// How long the event key is kept.
+    pub event_expiry: Timestamp,
+}
+
+/// What became of a completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CompletionOutcome {
+    /// The same event was handled before; nothing changed.
+    Duplicate,
+    /// The completion is in the outbox.
+    Queued,
+}
+
 /// A message claimed from the outbox for delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEntry {
@@ -111,6 +131,12 @@ pub trait Store: Send + Sync + 'static {
     async fn submit_pairing_request(&self, submission: PairingSubmission)
     -> Result<PairingOutcome>;
 
+    /// Queues a completion for its grantee, or does nothing for a redelivered event.
+    async fn submit_completion(
+        &self,
+        submission: CompletionSubmission,
+    ) -> Result<CompletionOutcome>;
+
     /// Claims up to `limit` due messages, oldest first, hiding them from other claims
     /// until `lease_until` (so a crash mid-delivery only delays them).
     async fn claim_due_messages(
@@ -147,17 +173,15 @@ fn match_messages(
     submission: &PairingSubmission,
     matches: [&PairingMatch; 2],
 ) -> [OutgoingMessage; 2] {
-    matches.map(|m| OutgoingMessage {
-        id: MessageId::derive(
+    matches.map(|m| {
+        OutgoingMessage::caused_by(
             &submission.event,
             MessageKind::PairingMatch,
-            &m.recipient_endpoint_id,
-        ),
-        source: submission.server_id.clone(),
-        recipient: m.recipient_endpoint_id.clone(),
-        kind: MessageKind::PairingMatch,
-        content: encode_match(m),
-        time: submission.now,
-        expiry: submission.message_expiry,
+            &submission.server_id,
+            m.recipient_endpoint_id.clone(),
+            encode_match(m),
+            submission.now,
+            submission.message_expiry,
+        )
     })
 }

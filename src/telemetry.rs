@@ -51,6 +51,7 @@ pub struct Metrics {
     events: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
     matches: Counter,
+    completions: Counter,
     replaced_other_endpoint: Counter,
     deliveries: Family<Labels, Counter>,
     outbox_depth: Gauge,
@@ -85,6 +86,12 @@ impl Metrics {
             "matches",
             "Pairs matched (two match messages each)",
             matches.clone(),
+        );
+        let completions = Counter::default();
+        registry.register(
+            "completions",
+            "Pairing authorisations forwarded as completions",
+            completions.clone(),
         );
         let replaced_other_endpoint = Counter::default();
         registry.register(
@@ -121,6 +128,7 @@ impl Metrics {
             events,
             refusals,
             matches,
+            completions,
             replaced_other_endpoint,
             deliveries,
             outbox_depth,
@@ -149,6 +157,11 @@ impl Metrics {
     /// Counts a matched pair.
     pub fn matched(&self) {
         self.matches.inc();
+    }
+
+    /// Counts a forwarded completion.
+    pub fn completed(&self) {
+        self.completions.inc();
     }
 
     /// Counts a pending request replaced from another endpoint.

@@ -24,7 +24,7 @@ use x509_cert::Certificate;
 use x509_cert::ext::pkix::AuthorityKeyIdentifier;
 
 use super::awala::canonical_rsa_spki;
-use crate::domain::Timestamp;
+use crate::domain::{AuthorityKeyId, PdaFacts, Timestamp};
 
 /// `id-ecPublicKey`: session keys are ECDH keys.
 const ID_EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
@@ -77,36 +77,17 @@ pub enum ParamsError {
     SessionKey,
 }
 
-/// The PDA's authority key identifier extension.
+/// The signed part of the PDA, for signature verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuthorityKeyId {
-    /// No such extension: the PDA names no issuer.
-    Absent,
-    /// The extension is there but has no `keyIdentifier`.
-    WithoutKeyIdentifier,
-    /// The issuer's key identifier (for Awala, the SHA-256 of its SPKI).
-    KeyIdentifier(Vec<u8>),
-}
-
-/// What the broker needs of the PDA (the leaf of the delivery authorisation).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pda {
-    /// Who issued it.
-    pub authority_key_id: AuthorityKeyId,
-    /// The subject's (grantee's) key as canonical RSA SPKI DER, if it is an RSA key.
-    pub subject_rsa_key_der: Option<Vec<u8>>,
+pub struct SignedPda {
     /// The signature algorithm's OID.
-    pub signature_algorithm: ObjectIdentifier,
+    pub algorithm: ObjectIdentifier,
     /// The signature algorithm's parameters, DER, if any.
-    pub signature_parameters_der: Option<Vec<u8>>,
+    pub parameters_der: Option<Vec<u8>>,
     /// The signed bytes (the DER TBSCertificate).
     pub tbs_der: Vec<u8>,
     /// The signature.
     pub signature: Vec<u8>,
-    /// Start of validity.
-    pub not_before: Timestamp,
-    /// End of validity.
-    pub not_after: Timestamp,
 }
 
 /// Decoded connection params.
@@ -114,8 +95,10 @@ pub struct Pda {
 pub struct ConnectionParams {
     /// The granter's identity key, canonical RSA SPKI DER.
     pub identity_key_der: Vec<u8>,
-    /// The delivery authorisation's leaf.
-    pub pda: Pda,
+    /// What the pairing rules need of the delivery authorisation's leaf (the PDA).
+    pub pda: PdaFacts,
+    /// The PDA's signature and what it covers.
+    pub signed_pda: SignedPda,
     /// How many certificate authorities came with the PDA.
     pub ca_count: usize,
 }
@@ -160,22 +143,86 @@ pub fn decode_connection_params(der: &[u8]) -> Result<ConnectionParams, ParamsEr
     };
     Ok(ConnectionParams {
         identity_key_der,
-        pda: Pda {
+        pda: PdaFacts {
             authority_key_id,
+            signed_with_rsa_pss: algorithm.oid == ID_RSASSA_PSS,
             subject_rsa_key_der: canonical_rsa_spki(&subject_spki).ok(),
-            signature_algorithm: algorithm.oid,
-            signature_parameters_der: algorithm.parameters.as_ref().and_then(|p| p.to_der().ok()),
+            not_before: ms(&validity.not_before),
+            not_after: ms(&validity.not_after),
+        },
+        signed_pda: SignedPda {
+            algorithm: algorithm.oid,
+            parameters_der: algorithm.parameters.as_ref().and_then(|p| p.to_der().ok()),
             tbs_der: tbs.to_der().map_err(|_| ParamsError::Structure)?,
             signature: leaf
                 .signature()
                 .as_bytes()
                 .ok_or(ParamsError::Structure)?
                 .to_vec(),
-            not_before: ms(&validity.not_before),
-            not_after: ms(&validity.not_after),
         },
         ca_count: params.delivery_auth.cas.len(),
     })
+}
+
+const ID_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.1");
+const ID_SHA384: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.2");
+const ID_SHA512: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.3");
+const ID_MGF1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.8");
+
+/// Whether `pda`'s RSASSA-PSS signature verifies with the RSA key `issuer_spki_der`
+/// (canonical SPKI DER). The hash is the one the signature parameters name (SHA-256,
+/// -384 or -512), MGF1 must use the same hash, and the salt length is taken from them.
+pub fn pda_signature_verifies(pda: &SignedPda, issuer_spki_der: &[u8]) -> bool {
+    use der::asn1::{Any, UintRef};
+    use rsa::signature::Verifier;
+
+    if pda.algorithm != ID_RSASSA_PSS {
+        return false;
+    }
+    let Some(params) = pda
+        .parameters_der
+        .as_deref()
+        .and_then(|p| pkcs1::RsaPssParams::<Any>::from_der(p).ok())
+    else {
+        return false;
+    };
+    let mgf_hash_matches = params.mask_gen.oid == ID_MGF1
+        && params
+            .mask_gen
+            .parameters
+            .as_ref()
+            .is_some_and(|h| h.oid == params.hash.oid);
+    if !mgf_hash_matches {
+        return false;
+    }
+    let Ok(spki) = spki::SubjectPublicKeyInfoRef::from_der(issuer_spki_der) else {
+        return false;
+    };
+    let Some(key) = spki
+        .subject_public_key
+        .as_bytes()
+        .and_then(|bits| pkcs1::RsaPublicKey::<UintRef<'_>>::from_der(bits).ok())
+        .and_then(|k| rsa::PublicKey::try_from(k).ok())
+    else {
+        return false;
+    };
+    let Ok(signature) = rsa::pss::Signature::try_from(pda.signature.as_slice()) else {
+        return false;
+    };
+    let salt = usize::from(params.salt_len);
+    let tbs = pda.tbs_der.as_slice();
+    match params.hash.oid {
+        ID_SHA256 => rsa::pss::VerifyingKey::<sha2::Sha256>::new_with_salt_len(key, salt)
+            .verify(tbs, &signature)
+            .is_ok(),
+        ID_SHA384 => rsa::pss::VerifyingKey::<sha2::Sha384>::new_with_salt_len(key, salt)
+            .verify(tbs, &signature)
+            .is_ok(),
+        ID_SHA512 => rsa::pss::VerifyingKey::<sha2::Sha512>::new_with_salt_len(key, salt)
+            .verify(tbs, &signature)
+            .is_ok(),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -233,7 +280,13 @@ mod tests {
                     .trim_matches('"'),
                 "{name}"
             );
-            assert_eq!(p.pda.signature_algorithm, ID_RSASSA_PSS, "{name}");
+            assert!(p.pda.signed_with_rsa_pss, "{name}");
+            let verifies = pda_signature_verifies(&p.signed_pda, &p.identity_key_der);
+            let expected = !matches!(
+                name,
+                "pda_signature_invalid_still_forwarded" | "identity_key_differs_from_pda_issuer"
+            );
+            assert_eq!(verifies, expected, "{name}: signature");
         }
     }
 
@@ -287,7 +340,8 @@ mod tests {
         assert_eq!(p.pda.authority_key_id, AuthorityKeyId::WithoutKeyIdentifier);
         let p = decode_connection_params(&find("handler_errors", "pda_signed_with_pkcs1v15"))
             .expect("decodes");
-        assert_ne!(p.pda.signature_algorithm, ID_RSASSA_PSS);
+        assert!(!p.pda.signed_with_rsa_pss);
+        assert!(!pda_signature_verifies(&p.signed_pda, &p.identity_key_der));
         let p = decode_connection_params(&find("handler_errors", "pda_subject_key_is_ec"))
             .expect("decodes");
         assert_eq!(p.pda.subject_rsa_key_der, None);

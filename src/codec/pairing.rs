@@ -4,10 +4,13 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 use super::awala::{KeyError, canonical_rsa_spki};
-use crate::domain::{PairingMatch, Refusal, VeraId};
+use crate::domain::{EndpointId, PairingMatch, Refusal, VeraId};
 
 /// Content type of a pairing request.
 pub const PAIRING_REQUEST_TYPE: &str = "application/vnd.relaycorp.letro.pairing-request-tmp";
+
+/// Content type of a pairing authorisation (Awala connection params, DER).
+pub const PAIRING_AUTH_TYPE: &str = "application/vnd.relaycorp.letro.pairing-auth-tmp";
 
 /// The largest pairing request we read. An RSA-8192 key is about 1.4 KiB in base64 and
 /// VeraIds are short: anything bigger is not a request a client would send.
@@ -68,10 +71,14 @@ pub fn encode_match(m: &PairingMatch) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Renders a completion: `granterId,base64(params)`, the params exactly as received.
+pub fn encode_completion(granter: &EndpointId, params_der: &[u8]) -> Vec<u8> {
+    format!("{granter},{}", STANDARD.encode(params_der)).into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::EndpointId;
     use proptest::prelude::*;
 
     fn vector_key() -> (Vec<u8>, String) {

@@ -22,6 +22,8 @@ impl Timestamp {
 pub enum MessageKind {
     /// `application/vnd.relaycorp.letro.pairing-match-tmp`
     PairingMatch,
+    /// `application/vnd.relaycorp.letro.pairing-completion-tmp`
+    PairingCompletion,
 }
 
 impl MessageKind {
@@ -29,6 +31,7 @@ impl MessageKind {
     pub fn content_type(self) -> &'static str {
         match self {
             Self::PairingMatch => "application/vnd.relaycorp.letro.pairing-match-tmp",
+            Self::PairingCompletion => "application/vnd.relaycorp.letro.pairing-completion-tmp",
         }
     }
 
@@ -36,12 +39,15 @@ impl MessageKind {
     pub fn name(self) -> &'static str {
         match self {
             Self::PairingMatch => "pairing-match",
+            Self::PairingCompletion => "pairing-completion",
         }
     }
 
     /// The kind with this [`name`](Self::name), as read back from storage.
     pub fn from_name(name: &str) -> Option<Self> {
-        [Self::PairingMatch].into_iter().find(|k| k.name() == name)
+        [Self::PairingMatch, Self::PairingCompletion]
+            .into_iter()
+            .find(|k| k.name() == name)
     }
 }
 
@@ -100,6 +106,31 @@ pub struct OutgoingMessage {
     pub time: Timestamp,
     /// `ce-expiry`: the message is dropped, undelivered, once this has passed.
     pub expiry: Timestamp,
+}
+
+impl OutgoingMessage {
+    /// The `kind` message to `recipient` caused by the incoming event `cause`, sent from
+    /// `source` (this server) at `time`, expiring at `expiry`. Its id is derived from the
+    /// cause, so handling the same event again yields the same message.
+    pub fn caused_by(
+        cause: &EventKey,
+        kind: MessageKind,
+        source: &str,
+        recipient: EndpointId,
+        content: Vec<u8>,
+        time: Timestamp,
+        expiry: Timestamp,
+    ) -> Self {
+        Self {
+            id: MessageId::derive(cause, kind, &recipient),
+            source: source.to_owned(),
+            recipient,
+            kind,
+            content,
+            time,
+            expiry,
+        }
+    }
 }
 
 #[cfg(test)]

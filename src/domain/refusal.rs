@@ -35,6 +35,33 @@ pub enum Refusal {
     /// The key does not hash to the sender's endpoint id.
     #[error("key does not belong to the sender")]
     KeyNotSender,
+    /// The content is not Awala connection params in DER.
+    #[error("connection params are malformed")]
+    ParamsMalformed,
+    /// The PDA was not issued by the sender (or names no issuer).
+    #[error("PDA not issued by the sender")]
+    NotIssuedBySender,
+    /// The PDA's authority key identifier extension has no key identifier.
+    #[error("PDA authority key identifier has no key identifier")]
+    PdaWithoutKeyIdentifier,
+    /// The PDA is not signed with RSASSA-PSS.
+    #[error("PDA is not signed with RSA-PSS")]
+    PdaNotRsaPss,
+    /// The PDA certifies a key that is not RSA.
+    #[error("PDA subject key is not an RSA key")]
+    PdaSubjectNotRsa,
+    /// The connection params' identity key is not the granter's.
+    #[error("identity key is not the granter's")]
+    IdentityKeyNotGranter,
+    /// The PDA's signature does not verify with the granter's key.
+    #[error("PDA signature is invalid")]
+    PdaSignatureInvalid,
+    /// The PDA has expired.
+    #[error("PDA has expired")]
+    PdaExpired,
+    /// The PDA is not valid yet.
+    #[error("PDA is not valid yet")]
+    PdaNotYetValid,
 }
 
 impl Refusal {
@@ -51,6 +78,15 @@ impl Refusal {
             Self::KeyNotSpki => "key_not_spki",
             Self::KeyNotRsa => "key_not_rsa",
             Self::KeyNotSender => "key_not_sender",
+            Self::ParamsMalformed => "params_malformed",
+            Self::NotIssuedBySender => "not_issued_by_sender",
+            Self::PdaWithoutKeyIdentifier => "pda_without_key_identifier",
+            Self::PdaNotRsaPss => "pda_not_rsa_pss",
+            Self::PdaSubjectNotRsa => "pda_subject_not_rsa",
+            Self::IdentityKeyNotGranter => "identity_key_not_granter",
+            Self::PdaSignatureInvalid => "pda_signature_invalid",
+            Self::PdaExpired => "pda_expired",
+            Self::PdaNotYetValid => "pda_not_yet_valid",
         }
     }
 }

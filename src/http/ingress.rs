@@ -9,9 +9,13 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use super::{ApiError, AppState};
 use crate::clock;
 use crate::codec::cloudevent::{CloudEvent, INCOMING_TYPE, decode_http, is_header_safe};
-use crate::codec::pairing::{PAIRING_REQUEST_TYPE, parse_request};
-use crate::domain::{EventKey, PairingRequest, Refusal};
-use crate::store::{PairingOutcome, PairingSubmission};
+use crate::codec::connparams::{decode_connection_params, pda_signature_verifies};
+use crate::codec::pairing::{
+    PAIRING_AUTH_TYPE, PAIRING_REQUEST_TYPE, encode_completion, parse_request,
+};
+use crate::domain::authorisation::check_authorisation;
+use crate::domain::{EventKey, MessageKind, OutgoingMessage, PairingRequest, Refusal};
+use crate::store::{CompletionOutcome, CompletionSubmission, PairingOutcome, PairingSubmission};
 
 /// Reads, decodes and routes one event.
 pub(super) async fn ingest(State(state): State<AppState>, request: Request) -> Response {
@@ -133,6 +137,7 @@ async fn handle(state: &AppState, event: &CloudEvent) -> Result<(), ApiError> {
     let media = media_type(event);
     match media.as_str() {
         PAIRING_REQUEST_TYPE => handle_pairing_request(state, event).await,
+        PAIRING_AUTH_TYPE => handle_pairing_auth(state, event).await,
         _ => {
             state.metrics.event("unsupported", "unsupported_type");
             tracing::info!(
@@ -249,6 +254,78 @@ async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<
                     tracing::warn!("no sink configured (K_SINK): the matches wait in the outbox")
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Tells the dispatcher that messages were committed, or the log that they will wait.
+fn wake_dispatcher(state: &AppState) {
+    match &state.dispatcher {
+        Some(dispatcher) => dispatcher.wake(),
+        None => tracing::warn!("no sink configured (K_SINK): outgoing messages wait in the outbox"),
+    }
+}
+
+async fn handle_pairing_auth(state: &AppState, event: &CloudEvent) -> Result<(), ApiError> {
+    const KIND: &str = "pairing-auth";
+    let params = match decode_connection_params(&event.data) {
+        Ok(params) => params,
+        Err(_) => return refuse(state, event, KIND, Refusal::ParamsMalformed),
+    };
+    let now = clock::now();
+    let checked = check_authorisation(
+        &event.source,
+        &params.identity_key_der,
+        &params.pda,
+        now,
+        || pda_signature_verifies(&params.signed_pda, &params.identity_key_der),
+    );
+    let authorisation = match checked {
+        Ok(authorisation) => authorisation,
+        Err(reason) => return refuse(state, event, KIND, reason),
+    };
+    let cause = EventKey {
+        source: event.source.clone(),
+        id: event.id.clone(),
+    };
+    let message = OutgoingMessage::caused_by(
+        &cause,
+        MessageKind::PairingCompletion,
+        event.subject.as_deref().unwrap_or_default(),
+        authorisation.grantee.clone(),
+        encode_completion(&authorisation.granter, &event.data),
+        now,
+        now.plus(state.message_ttl),
+    );
+    let submission = CompletionSubmission {
+        event: cause,
+        message,
+        event_expiry: now.plus(state.request_ttl),
+    };
+    let outcome = state
+        .store
+        .submit_completion(submission)
+        .await
+        .map_err(|e| {
+            state.metrics.event(KIND, "unavailable");
+            ApiError::Unavailable(e)
+        })?;
+    match outcome {
+        CompletionOutcome::Duplicate => {
+            state.metrics.event(KIND, "duplicate");
+            tracing::info!(parcel.id = %event.id, sender = %event.source, "duplicate delivery ignored");
+        }
+        CompletionOutcome::Queued => {
+            state.metrics.event(KIND, "forwarded");
+            state.metrics.completed();
+            tracing::info!(
+                parcel.id = %event.id,
+                sender = %event.source,
+                grantee = authorisation.grantee.as_str(),
+                "pairing authorisation forwarded as a completion"
+            );
+            wake_dispatcher(state);
         }
     }
     Ok(())

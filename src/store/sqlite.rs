@@ -15,12 +15,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    OutboxEntry, PairingOutcome, PairingSubmission, PurgeReport, Result, Stats, Store, StoreError,
-    match_messages,
+    CompletionOutcome, CompletionSubmission, OutboxEntry, PairingOutcome, PairingSubmission,
+    PurgeReport, Result, Stats, Store, StoreError, match_messages,
 };
 use crate::domain::pairing::decide;
 use crate::domain::{
-    EndpointId, MessageId, MessageKind, OutgoingMessage, PendingRequest, Timestamp,
+    EndpointId, EventKey, MessageId, MessageKind, OutgoingMessage, PendingRequest, Timestamp,
 };
 
 /// How many queued operations may share one transaction.
@@ -237,11 +237,37 @@ fn run_batch(conn: &Connection, jobs: Vec<Job>) {
     }
 }
 
+fn already_processed(conn: &Connection, event: &EventKey) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM processed_events WHERE source = ?1 AND id = ?2")?
+        .exists(params![event.source, event.id])
+}
+
+fn record_processed(
+    conn: &Connection,
+    event: &EventKey,
+    expiry: Timestamp,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO processed_events (source, id, expires_at) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![event.source, event.id, expiry.0])
+    .map(drop)
+}
+
+fn submit_completion(
+    conn: &Connection,
+    s: &CompletionSubmission,
+) -> rusqlite::Result<CompletionOutcome> {
+    if already_processed(conn, &s.event)? {
+        return Ok(CompletionOutcome::Duplicate);
+    }
+    insert_message(conn, &s.message)?;
+    record_processed(conn, &s.event, s.event_expiry)?;
+    Ok(CompletionOutcome::Queued)
+}
+
 fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingOutcome> {
-    let seen = conn
-        .prepare_cached("SELECT 1 FROM processed_events WHERE source = ?1 AND id = ?2")?
-        .exists(params![s.event.source, s.event.id])?;
-    if seen {
+    if already_processed(conn, &s.event)? {
         return Ok(PairingOutcome::Duplicate);
     }
     let requester = &s.requester_digest.0[..];
@@ -311,10 +337,7 @@ fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingO
             }
         }
     };
-    conn.prepare_cached(
-        "INSERT INTO processed_events (source, id, expires_at) VALUES (?1, ?2, ?3)",
-    )?
-    .execute(params![s.event.source, s.event.id, s.request_expiry.0])?;
+    record_processed(conn, &s.event, s.request_expiry)?;
     Ok(outcome)
 }
 
@@ -410,6 +433,14 @@ impl Store for SqliteStore {
         submission: PairingSubmission,
     ) -> Result<PairingOutcome> {
         self.call(move |conn| submit(conn, &submission)).await
+    }
+
+    async fn submit_completion(
+        &self,
+        submission: CompletionSubmission,
+    ) -> Result<CompletionOutcome> {
+        self.call(move |conn| submit_completion(conn, &submission))
+            .await
     }
 
     async fn claim_due_messages(

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub const INCOMING_TYPE: &str = "tech.relaycorp.awala.endpoint-internet.incoming-service-message";
 pub const REQUEST_TYPE: &str = "application/vnd.relaycorp.letro.pairing-request-tmp";
+pub const AUTH_TYPE: &str = "application/vnd.relaycorp.letro.pairing-auth-tmp";
 pub const MATCH_TYPE: &str = "application/vnd.relaycorp.letro.pairing-match-tmp";
 /// This server's own endpoint id, as the Awala Internet Endpoint puts it in ce-subject.
 pub const SERVER_ID: &str = "0aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
