@@ -164,6 +164,37 @@ pub fn decode_connection_params(der: &[u8]) -> Result<ConnectionParams, ParamsEr
     })
 }
 
+/// Encodes connection params in the layout above (what an Awala endpoint sends). The
+/// certificates must be DER X.509; the session key, if any, is `(key id, SPKI DER)`.
+pub fn encode_connection_params(
+    identity_spki_der: &[u8],
+    internet_gateway_address: &str,
+    pda_der: &[u8],
+    cas_der: &[Vec<u8>],
+    session_key: Option<(&[u8], &[u8])>,
+) -> der::Result<Vec<u8>> {
+    let session_key = match session_key {
+        Some((key_id, spki)) => Some(SessionKeyDer {
+            key_id: OctetString::new(key_id)?,
+            public_key: SubjectPublicKeyInfoOwned::from_der(spki)?,
+        }),
+        None => None,
+    };
+    ConnParamsDer {
+        identity_key: SubjectPublicKeyInfoOwned::from_der(identity_spki_der)?,
+        internet_gateway_address: OctetString::new(internet_gateway_address.as_bytes())?,
+        delivery_auth: CertPathDer {
+            leaf: Certificate::from_der(pda_der)?,
+            cas: cas_der
+                .iter()
+                .map(|c| Certificate::from_der(c))
+                .collect::<der::Result<_>>()?,
+        },
+        session_key,
+    }
+    .to_der()
+}
+
 const ID_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.1");
 const ID_SHA384: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.2");
 const ID_SHA512: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.3");
@@ -345,6 +376,33 @@ mod tests {
         let p = decode_connection_params(&find("handler_errors", "pda_subject_key_is_ec"))
             .expect("decodes");
         assert_eq!(p.pda.subject_rsa_key_der, None);
+    }
+
+    #[test]
+    fn encoding_the_decoded_parts_gives_the_original_bytes() {
+        let v = vectors();
+        for case in v["valid_connection_params"].as_array().expect("group") {
+            let d = &case["deserialized"];
+            let b64 =
+                |x: &serde_json::Value| STANDARD.decode(x.as_str().expect("b64")).expect("base64");
+            let cas: Vec<Vec<u8>> = d["cas_der_b64"]
+                .as_array()
+                .expect("cas")
+                .iter()
+                .map(b64)
+                .collect();
+            let key_id = b64(&d["session_key_id_b64"]);
+            let session = b64(&d["session_public_key_spki_der_b64"]);
+            let encoded = encode_connection_params(
+                &b64(&d["identity_key_spki_der_b64"]),
+                d["internet_gateway_address"].as_str().expect("address"),
+                &b64(&d["pda_der_b64"]),
+                &cas,
+                Some((&key_id, &session)),
+            )
+            .expect("encodes");
+            assert_eq!(encoded, params_of(case), "{}", case["name"]);
+        }
     }
 
     proptest! {

@@ -4,6 +4,7 @@
 
 mod authorisation;
 mod cli;
+mod fresh_params;
 mod ingress;
 mod outbox;
 mod pairing;
