@@ -15,7 +15,9 @@ use crate::codec::pairing::{
 };
 use crate::domain::authorisation::check_authorisation;
 use crate::domain::{EventKey, MessageKind, OutgoingMessage, PairingRequest, Refusal};
-use crate::store::{CompletionOutcome, CompletionSubmission, PairingOutcome, PairingSubmission};
+use crate::store::{
+    CompletionOutcome, CompletionSubmission, PairingOutcome, PairingSubmission, StoreError,
+};
 
 /// Reads, decodes and routes one event.
 pub(super) async fn ingest(State(state): State<AppState>, request: Request) -> Response {
@@ -205,10 +207,7 @@ async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<
         .store
         .submit_pairing_request(submission)
         .await
-        .map_err(|e| {
-            state.metrics.event(KIND, "unavailable");
-            ApiError::Unavailable(e)
-        })?;
+        .map_err(|e| unavailable(state, KIND, e))?;
     let (requester, target) = (requester_digest.short(), target_digest.short());
     match outcome {
         PairingOutcome::Duplicate => {
@@ -259,6 +258,12 @@ async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<
     Ok(())
 }
 
+/// A store failure: counted, and answered 503 so the event is redelivered.
+fn unavailable(state: &AppState, kind: &str, e: StoreError) -> ApiError {
+    state.metrics.event(kind, "unavailable");
+    ApiError::Unavailable(e)
+}
+
 /// Tells the dispatcher that messages were committed, or the log that they will wait.
 fn wake_dispatcher(state: &AppState) {
     match &state.dispatcher {
@@ -307,10 +312,7 @@ async fn handle_pairing_auth(state: &AppState, event: &CloudEvent) -> Result<(),
         .store
         .submit_completion(submission)
         .await
-        .map_err(|e| {
-            state.metrics.event(KIND, "unavailable");
-            ApiError::Unavailable(e)
-        })?;
+        .map_err(|e| unavailable(state, KIND, e))?;
     match outcome {
         CompletionOutcome::Duplicate => {
             state.metrics.event(KIND, "duplicate");

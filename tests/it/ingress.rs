@@ -286,15 +286,7 @@ async fn oversized_bodies_get_413_and_a_clean_close() {
         .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     // The server is still healthy and nothing was stored.
-    assert_eq!(
-        app.client
-            .get(&app.url)
-            .send()
-            .await
-            .expect("health")
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.health().await, StatusCode::OK);
     assert_eq!(app.stats().await.pending_requests, 0);
     assert_eq!(
         app.metric("letro_events_total{content_type=\"unknown\",outcome=\"too_large\"}")
@@ -308,17 +300,13 @@ async fn oversized_bodies_get_413_and_a_clean_close() {
 async fn readiness_follows_the_database() {
     let (_dir, db) = temp_db();
     let app = TestApp::spawn(test_config(&db, None)).await;
-    let get = app.client.get(&app.url).send().await.expect("get");
-    assert_eq!(get.status(), StatusCode::OK);
+    assert_eq!(app.health().await, StatusCode::OK);
     let head = app.client.head(&app.url).send().await.expect("head");
     assert_eq!(head.status(), StatusCode::OK);
     // With the database gone, readiness and ingress answer 503 (retried by Knative),
     // never acknowledging what was not stored.
     app.state.store.close().await;
-    assert_eq!(
-        app.client.get(&app.url).send().await.expect("get").status(),
-        StatusCode::SERVICE_UNAVAILABLE
-    );
+    assert_eq!(app.health().await, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         app.client
             .head(&app.url)

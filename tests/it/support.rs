@@ -296,6 +296,16 @@ impl TestApp {
         .await
     }
 
+    /// The readiness probe's status.
+    pub async fn health(&self) -> reqwest::StatusCode {
+        self.client
+            .get(&self.url)
+            .send()
+            .await
+            .expect("health")
+            .status()
+    }
+
     pub async fn stats(&self) -> letro_server::store::Stats {
         self.state.store.stats().await.expect("stats")
     }
