@@ -1,7 +1,7 @@
 //! Wiring: builds the store, the dispatcher and the HTTP server from a [`Config`], and
 //! runs them until a shutdown signal.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::clock;
 use crate::config::{Config, DatabaseConfig};
 use crate::domain::VeraIdDigester;
-use crate::http::{AppState, router};
+use crate::http::{AppState, ServeOptions, router, serve};
 use crate::outbox::{Backoff, Dispatcher, HttpSink};
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
@@ -86,6 +86,8 @@ impl App {
             max_body_bytes: config.max_body_bytes,
             request_ttl: config.request_ttl,
             message_ttl: config.message_ttl,
+            limits: config.limits,
+            body_read_timeout: config.body_read_timeout,
         };
         Ok(Self {
             listener,
@@ -137,22 +139,13 @@ impl App {
         ));
 
         let store = state.store.clone();
-        let mut graceful_rx = stop_rx.clone();
-        let server = axum::serve(listener, router(state))
-            .with_graceful_shutdown(async move {
-                let _ = graceful_rx.wait_for(|stop| *stop).await;
-                tracing::info!("shutting down: no new connections");
-            })
-            .into_future();
-        let mut deadline_rx = stop_rx.clone();
-        let timeout = config.shutdown_timeout;
-        let deadline = async move {
-            let _ = deadline_rx.wait_for(|stop| *stop).await;
-            tokio::time::sleep(timeout).await;
+        let options = ServeOptions {
+            header_read_timeout: config.header_read_timeout,
+            shutdown_timeout: config.shutdown_timeout,
         };
-        tokio::select! {
-            result = server => result.context("HTTP server")?,
-            () = deadline => tracing::warn!("shutdown timeout: dropping connections still open"),
+        let timeout = config.shutdown_timeout;
+        if !serve(listener, router(state), options, stop_rx.clone()).await {
+            tracing::warn!("shutdown timeout: dropping connections still open");
         }
 
         if let Some(task) = dispatcher

@@ -8,6 +8,7 @@ use crate::config::{
     Config, ConfigError, DatabaseConfig, HumanDuration, defaults, parse_ce_overrides, parse_secret,
     parse_sink,
 };
+use crate::domain::PendingLimits;
 use crate::store::sqlite::Synchronous;
 use crate::telemetry::LogFormat;
 
@@ -114,6 +115,23 @@ pub struct ServeArgs {
     /// How long shutdown waits for requests and deliveries in flight.
     #[arg(long, env = "LETRO_SHUTDOWN_TIMEOUT", default_value_t = HumanDuration(defaults::SHUTDOWN_TIMEOUT))]
     pub shutdown_timeout: HumanDuration,
+    /// Most pairing requests one endpoint may have waiting; more are refused (204).
+    #[arg(long, env = "LETRO_MAX_PENDING_PER_SENDER", default_value_t = defaults::MAX_PENDING_PER_SENDER)]
+    pub max_pending_per_sender: u32,
+    /// Most pairing requests that may wait for one target VeraId; more are refused (204).
+    #[arg(long, env = "LETRO_MAX_PENDING_PER_TARGET", default_value_t = defaults::MAX_PENDING_PER_TARGET)]
+    pub max_pending_per_target: u32,
+    /// Refuse a pairing request that would replace a waiting one from another endpoint
+    /// (by default it replaces it, so that a reinstalled app can pair; either way it is
+    /// logged and counted).
+    #[arg(long, env = "LETRO_REFUSE_ENDPOINT_REPLACEMENT")]
+    pub refuse_endpoint_replacement: bool,
+    /// Time a client has to send the request line and headers before it is disconnected.
+    #[arg(long, env = "LETRO_HEADER_READ_TIMEOUT", default_value_t = HumanDuration(defaults::HEADER_READ_TIMEOUT))]
+    pub header_read_timeout: HumanDuration,
+    /// Time a client has to send the body after its headers; slower ones get 408.
+    #[arg(long, env = "LETRO_BODY_READ_TIMEOUT", default_value_t = HumanDuration(defaults::BODY_READ_TIMEOUT))]
+    pub body_read_timeout: HumanDuration,
 }
 
 impl ServeArgs {
@@ -142,6 +160,13 @@ impl ServeArgs {
             .transpose()?;
         config.purge_interval = self.purge_interval.0;
         config.shutdown_timeout = self.shutdown_timeout.0;
+        config.limits = PendingLimits {
+            per_sender: self.max_pending_per_sender,
+            per_target: self.max_pending_per_target,
+            refuse_endpoint_replacement: self.refuse_endpoint_replacement,
+        };
+        config.header_read_timeout = self.header_read_timeout.0;
+        config.body_read_timeout = self.body_read_timeout.0;
         config.validate()?;
         Ok(config)
     }

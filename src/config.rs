@@ -11,6 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::codec::cloudevent::is_header_safe;
+use crate::domain::PendingLimits;
 use crate::store::sqlite::{SqliteLocation, Synchronous};
 
 /// A duration written the human way (`10s`, `90days`), for flags and env vars.
@@ -55,6 +56,14 @@ pub mod defaults {
     pub const REQUEST_TTL: Duration = Duration::from_secs(90 * 86_400);
     /// `--purge-interval`.
     pub const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+    /// `--max-pending-per-sender`: far more contacts than one person adds in a request TTL.
+    pub const MAX_PENDING_PER_SENDER: u32 = 1000;
+    /// `--max-pending-per-target`: far more people than ever ask one person at once.
+    pub const MAX_PENDING_PER_TARGET: u32 = 100;
+    /// `--header-read-timeout`: the AIE's own PoHTTP timeout is 3 s.
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `--body-read-timeout`.
+    pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
     /// `--shutdown-timeout`.
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
     /// RAMF's largest parcel TTL: the Awala Internet Endpoint fails on anything longer.
@@ -151,6 +160,12 @@ pub struct Config {
     pub purge_interval: Duration,
     /// How long shutdown waits for in-flight work.
     pub shutdown_timeout: Duration,
+    /// Caps on waiting requests.
+    pub limits: PendingLimits,
+    /// Time allowed for a client to send the request line and headers.
+    pub header_read_timeout: Duration,
+    /// Time allowed for a client to send the body, once the headers are in.
+    pub body_read_timeout: Duration,
 }
 
 impl Config {
@@ -171,6 +186,13 @@ impl Config {
             veraid_secret: None,
             purge_interval: defaults::PURGE_INTERVAL,
             shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
+            limits: PendingLimits {
+                per_sender: defaults::MAX_PENDING_PER_SENDER,
+                per_target: defaults::MAX_PENDING_PER_TARGET,
+                refuse_endpoint_replacement: false,
+            },
+            header_read_timeout: defaults::HEADER_READ_TIMEOUT,
+            body_read_timeout: defaults::BODY_READ_TIMEOUT,
         }
     }
 
@@ -215,6 +237,30 @@ impl Config {
         if self.purge_interval.is_zero() {
             return Err(ConfigError::new(
                 "--purge-interval (LETRO_PURGE_INTERVAL)",
+                "must be more than 0",
+            ));
+        }
+        if self.limits.per_sender == 0 {
+            return Err(ConfigError::new(
+                "--max-pending-per-sender (LETRO_MAX_PENDING_PER_SENDER)",
+                "must be at least 1",
+            ));
+        }
+        if self.limits.per_target == 0 {
+            return Err(ConfigError::new(
+                "--max-pending-per-target (LETRO_MAX_PENDING_PER_TARGET)",
+                "must be at least 1",
+            ));
+        }
+        if self.header_read_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "--header-read-timeout (LETRO_HEADER_READ_TIMEOUT)",
+                "must be more than 0",
+            ));
+        }
+        if self.body_read_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "--body-read-timeout (LETRO_BODY_READ_TIMEOUT)",
                 "must be more than 0",
             ));
         }

@@ -13,6 +13,8 @@ pub mod refusal;
 pub use authorisation::{Authorisation, AuthorityKeyId, PdaFacts};
 pub use ids::{EndpointId, EventKey, VeraId};
 pub use message::{MessageId, MessageKind, OutgoingMessage, Timestamp};
-pub use pairing::{Decision, PairingMatch, PairingRequest, PendingRequest};
+pub use pairing::{
+    Decision, PairingMatch, PairingRequest, PendingCounts, PendingLimits, PendingRequest,
+};
 pub use privacy::{VeraIdDigest, VeraIdDigester};
 pub use refusal::Refusal;

@@ -3,6 +3,7 @@
 
 mod error;
 mod ingress;
+mod server;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +15,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 pub use error::ApiError;
+pub use server::{ServeOptions, serve};
 
 use crate::clock;
-use crate::domain::VeraIdDigester;
+use crate::domain::{PendingLimits, VeraIdDigester};
 use crate::outbox::Dispatcher;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -38,6 +40,10 @@ pub struct AppState {
     pub request_ttl: Duration,
     /// Expiry of outgoing messages.
     pub message_ttl: Duration,
+    /// Caps on waiting requests.
+    pub limits: PendingLimits,
+    /// Time allowed to read a body once the headers are in.
+    pub body_read_timeout: Duration,
 }
 
 /// The routes.

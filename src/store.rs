@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use crate::codec::pairing::encode_match;
 use crate::domain::{
     EndpointId, EventKey, MessageId, MessageKind, OutgoingMessage, PairingMatch, PairingRequest,
-    Timestamp, VeraIdDigest,
+    PendingLimits, Refusal, Timestamp, VeraIdDigest,
 };
 
 /// What went wrong below the domain. Every variant is transient from the client's point
@@ -48,6 +48,8 @@ pub struct PairingSubmission {
     pub request_expiry: Timestamp,
     /// The expiry of any message it causes.
     pub message_expiry: Timestamp,
+    /// The caps a request that has to wait must fit under.
+    pub limits: PendingLimits,
 }
 
 /// What became of a pairing request.
@@ -60,6 +62,9 @@ pub enum PairingOutcome {
         /// The endpoint id of the pending request this one replaced, if any.
         replaced: Option<EndpointId>,
     },
+    /// It would have had to wait, but did not fit under the caps: nothing was stored,
+    /// and the event was not recorded (a redelivery is judged afresh).
+    Refused(Refusal),
     /// Matched with the reverse request: both matches are in the outbox.
     Matched {
         /// The ids of the two matches.

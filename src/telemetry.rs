@@ -96,7 +96,7 @@ impl Metrics {
         let replaced_other_endpoint = Counter::default();
         registry.register(
             "replaced_other_endpoint",
-            "Pending requests replaced by a request from a different endpoint",
+            "Pairing requests for a waiting pair from a different endpoint (possible hijack attempts), whether they replaced it or were refused",
             replaced_other_endpoint.clone(),
         );
         let deliveries = Family::<Labels, Counter>::default();

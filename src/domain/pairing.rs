@@ -111,9 +111,104 @@ pub fn decide(incoming: &PairingRequest, counterpart: Option<PendingRequest>) ->
     }
 }
 
+/// Caps on what is kept waiting, so that one sender, or many senders aiming at one
+/// user, cannot fill the store. None of these existed upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingLimits {
+    /// Most requests one endpoint may have waiting at once.
+    pub per_sender: u32,
+    /// Most requests that may wait for one target VeraId at once.
+    pub per_target: u32,
+    /// Refuse a request that would replace a waiting one sent from another endpoint,
+    /// instead of replacing it. Off by default: a reinstalled app has a new endpoint.
+    pub refuse_endpoint_replacement: bool,
+}
+
+/// What the store sees around a request that is about to wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingCounts {
+    /// Live requests waiting from the sender's endpoint, not counting the one this
+    /// request would replace (counted up to the cap only).
+    pub from_sender: u64,
+    /// Live requests waiting for the same target, not counting the one this request
+    /// would replace (counted up to the cap only).
+    pub for_target: u64,
+    /// The endpoint of the live request, for the same pair, that this one would replace.
+    pub replaces: Option<EndpointId>,
+}
+
+/// Decides whether `request` may wait. Only a request that has to wait is checked: one
+/// that completes a pair frees a slot rather than taking one.
+pub fn admit(
+    request: &PairingRequest,
+    limits: &PendingLimits,
+    counts: &PendingCounts,
+) -> Result<(), Refusal> {
+    let replaces_other = counts
+        .replaces
+        .as_ref()
+        .is_some_and(|previous| *previous != request.endpoint_id);
+    if limits.refuse_endpoint_replacement && replaces_other {
+        return Err(Refusal::ReplacesOtherEndpoint);
+    }
+    if counts.for_target >= u64::from(limits.per_target) {
+        return Err(Refusal::TargetPendingLimit);
+    }
+    if counts.from_sender >= u64::from(limits.per_sender) {
+        return Err(Refusal::SenderPendingLimit);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LIMITS: PendingLimits = PendingLimits {
+        per_sender: 3,
+        per_target: 2,
+        refuse_endpoint_replacement: false,
+    };
+
+    fn counts(from_sender: u64, for_target: u64, replaces: Option<EndpointId>) -> PendingCounts {
+        PendingCounts {
+            from_sender,
+            for_target,
+            replaces,
+        }
+    }
+
+    #[test]
+    fn caps_refuse_only_at_the_limit() {
+        let r = request("a@x.io", "b@y.io", b"ka");
+        assert_eq!(admit(&r, &LIMITS, &counts(2, 1, None)), Ok(()));
+        assert_eq!(
+            admit(&r, &LIMITS, &counts(3, 0, None)),
+            Err(Refusal::SenderPendingLimit)
+        );
+        assert_eq!(
+            admit(&r, &LIMITS, &counts(0, 2, None)),
+            Err(Refusal::TargetPendingLimit)
+        );
+    }
+
+    #[test]
+    fn replacing_another_endpoint_is_refused_only_when_asked() {
+        let r = request("a@x.io", "b@y.io", b"ka");
+        let other = Some(EndpointId::from_spki_der(b"kother"));
+        let same = Some(r.endpoint_id.clone());
+        assert_eq!(admit(&r, &LIMITS, &counts(0, 0, other.clone())), Ok(()));
+        let strict = PendingLimits {
+            refuse_endpoint_replacement: true,
+            ..LIMITS
+        };
+        assert_eq!(
+            admit(&r, &strict, &counts(0, 0, other)),
+            Err(Refusal::ReplacesOtherEndpoint)
+        );
+        // The same app sending again is never a hijack.
+        assert_eq!(admit(&r, &strict, &counts(0, 0, same)), Ok(()));
+    }
 
     fn vid(s: &str) -> VeraId {
         VeraId::parse(s).expect("valid VeraId")

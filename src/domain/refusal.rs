@@ -35,6 +35,16 @@ pub enum Refusal {
     /// The key does not hash to the sender's endpoint id.
     #[error("key does not belong to the sender")]
     KeyNotSender,
+    /// The sender already has as many requests waiting as it may.
+    #[error("too many pending requests from this endpoint")]
+    SenderPendingLimit,
+    /// The target already has as many requests waiting for it as it may.
+    #[error("too many pending requests for this target")]
+    TargetPendingLimit,
+    /// The request would replace one sent from another endpoint, and the operator
+    /// chose to refuse that.
+    #[error("would replace a pending request from another endpoint")]
+    ReplacesOtherEndpoint,
     /// The content is not Awala connection params in DER.
     #[error("connection params are malformed")]
     ParamsMalformed,
@@ -78,6 +88,9 @@ impl Refusal {
             Self::KeyNotSpki => "key_not_spki",
             Self::KeyNotRsa => "key_not_rsa",
             Self::KeyNotSender => "key_not_sender",
+            Self::SenderPendingLimit => "sender_pending_limit",
+            Self::TargetPendingLimit => "target_pending_limit",
+            Self::ReplacesOtherEndpoint => "replaces_other_endpoint",
             Self::ParamsMalformed => "params_malformed",
             Self::NotIssuedBySender => "not_issued_by_sender",
             Self::PdaWithoutKeyIdentifier => "pda_without_key_identifier",

@@ -12,6 +12,7 @@ use crate::store::StoreError;
 /// | --- | --- |
 /// | handled, duplicate, or well-formed content refused (not an `ApiError`) | 204 |
 /// | not a CloudEvent, wrong type, missing subject or content type, unsupported content type | 400 |
+/// | body not sent within the body read timeout | 408 (retried: the sender was slow, the event may be fine) |
 /// | body over the limit | 413 |
 /// | transient trouble (database unavailable) | 503 |
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,10 @@ pub enum ApiError {
     /// The body is over the limit. Not retried by Knative.
     #[error("body too large")]
     TooLarge,
+    /// The body did not arrive in time. Retried by Knative, which is right: a slow
+    /// network is transient.
+    #[error("body read timed out")]
+    BodyTimeout,
     /// Try again later. Retried.
     #[error("temporarily unavailable: {0}")]
     Unavailable(StoreError),
@@ -37,6 +42,14 @@ impl IntoResponse for ApiError {
                 let mut response =
                     (StatusCode::PAYLOAD_TOO_LARGE, "body too large\n").into_response();
                 // The rest of the body is never read, so the connection cannot be reused.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                response
+            }
+            Self::BodyTimeout => {
+                let mut response =
+                    (StatusCode::REQUEST_TIMEOUT, "body read timed out\n").into_response();
                 response
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));

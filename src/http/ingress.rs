@@ -45,10 +45,23 @@ async fn read_event(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(too_large(state));
     }
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large(state)),
-        Err(e) => return Err(ApiError::BadRequest(format!("could not read body: {e}"))),
+    let read = tokio::time::timeout(state.body_read_timeout, Limited::new(body, limit).collect());
+    let bytes = match read.await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(too_large(state));
+        }
+        Ok(Err(e)) => return Err(ApiError::BadRequest(format!("could not read body: {e}"))),
+        Err(_) => {
+            tracing::info!(
+                parcel.id = %raw_header(headers, "ce-id"),
+                sender = %raw_header(headers, "ce-source"),
+                timeout = ?state.body_read_timeout,
+                "body not sent in time; answering 408"
+            );
+            state.metrics.event("unknown", "body_timeout");
+            return Err(ApiError::BodyTimeout);
+        }
     };
     let event = decode_http(
         headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
@@ -102,22 +115,23 @@ fn too_large(state: &AppState) -> ApiError {
     ApiError::TooLarge
 }
 
+/// Whatever a header says, shortened, for correlating a request that did not parse.
+fn raw_header(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .chars()
+                .take(100)
+                .collect::<String>()
+        })
+        .unwrap_or_default()
+}
+
 fn reject(state: &AppState, headers: &HeaderMap, outcome: &str, reason: String) -> ApiError {
-    // Whatever the headers say, for correlation; the event may not have parsed.
-    let raw = |name: &str| {
-        headers
-            .get(name)
-            .map(|v| {
-                String::from_utf8_lossy(v.as_bytes())
-                    .chars()
-                    .take(100)
-                    .collect::<String>()
-            })
-            .unwrap_or_default()
-    };
     tracing::info!(
-        parcel.id = %raw("ce-id"),
-        sender = %raw("ce-source"),
+        parcel.id = %raw_header(headers, "ce-id"),
+        sender = %raw_header(headers, "ce-source"),
         %reason,
         "not an event we take; answering 400"
     );
@@ -202,6 +216,7 @@ async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<
         now,
         request_expiry: now.plus(state.request_ttl),
         message_expiry: now.plus(state.message_ttl),
+        limits: state.limits,
     };
     let outcome = state
         .store
@@ -213,6 +228,20 @@ async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<
         PairingOutcome::Duplicate => {
             state.metrics.event(KIND, "duplicate");
             tracing::info!(parcel.id = %event.id, sender = %event.source, "duplicate delivery ignored");
+        }
+        PairingOutcome::Refused(reason) => {
+            if reason == Refusal::ReplacesOtherEndpoint {
+                state.metrics.replaced_other_endpoint();
+            }
+            tracing::warn!(
+                parcel.id = %event.id,
+                sender = %event.source,
+                requester, target,
+                reason = reason.as_str(),
+                "refused pairing-request: {reason}"
+            );
+            state.metrics.refusal(reason.as_str());
+            state.metrics.event(KIND, "refused");
         }
         PairingOutcome::Stored { replaced } => {
             state.metrics.event(KIND, "stored");

@@ -18,9 +18,10 @@ use super::{
     CompletionOutcome, CompletionSubmission, OutboxEntry, PairingOutcome, PairingSubmission,
     PurgeReport, Result, Stats, Store, StoreError, match_messages,
 };
-use crate::domain::pairing::decide;
+use crate::domain::pairing::{admit, decide};
 use crate::domain::{
-    EndpointId, EventKey, MessageId, MessageKind, OutgoingMessage, PendingRequest, Timestamp,
+    EndpointId, EventKey, MessageId, MessageKind, OutgoingMessage, PendingCounts, PendingRequest,
+    Timestamp,
 };
 
 /// How many queued operations may share one transaction.
@@ -158,6 +159,9 @@ const MIGRATIONS: &[&str] = &[
          last_error TEXT
      );
      CREATE INDEX outbox_due ON outbox (next_attempt_at);",
+    // 2: the per-sender and per-target caps count live requests by these.
+    "CREATE INDEX pending_requests_sender ON pending_requests (endpoint_id, expires_at);
+     CREATE INDEX pending_requests_target ON pending_requests (target_digest, expires_at);",
 ];
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
@@ -292,8 +296,16 @@ fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingO
         }),
         None => None,
     };
+    let previous = match previous {
+        Some((id, _)) => Some(EndpointId::parse(&id).map_err(|_| corrupt("pending endpoint id"))?),
+        None => None,
+    };
     let outcome = match decide(&s.request, counterpart) {
         crate::domain::Decision::Wait => {
+            let counts = count_pending(conn, s, previous.clone())?;
+            if let Err(reason) = admit(&s.request, &s.limits, &counts) {
+                return Ok(PairingOutcome::Refused(reason));
+            }
             conn.prepare_cached(
                 "INSERT INTO pending_requests
                      (requester_digest, target_digest, endpoint_id, key_der, created_at, expires_at)
@@ -310,13 +322,7 @@ fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingO
                 s.now.0,
                 s.request_expiry.0
             ])?;
-            let replaced = match previous {
-                Some((id, _)) => {
-                    Some(EndpointId::parse(&id).map_err(|_| corrupt("pending endpoint id"))?)
-                }
-                None => None,
-            };
-            PairingOutcome::Stored { replaced }
+            PairingOutcome::Stored { replaced: previous }
         }
         crate::domain::Decision::Matched {
             for_requester,
@@ -339,6 +345,50 @@ fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingO
     };
     record_processed(conn, &s.event, s.request_expiry)?;
     Ok(outcome)
+}
+
+/// Counts what the caps look at, stopping at each cap: a full count of a flooded
+/// sender's requests would cost more than the request is worth.
+fn count_pending(
+    conn: &Connection,
+    s: &PairingSubmission,
+    replaces: Option<EndpointId>,
+) -> rusqlite::Result<PendingCounts> {
+    let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
+    let from_sender: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM (
+                 SELECT 1 FROM pending_requests
+                 WHERE endpoint_id = ?1 AND expires_at > ?2
+                   AND NOT (requester_digest = ?3 AND target_digest = ?4)
+                 LIMIT ?5)",
+        )?
+        .query_row(
+            params![
+                s.request.endpoint_id.as_str(),
+                s.now.0,
+                requester,
+                target,
+                s.limits.per_sender
+            ],
+            |r| r.get(0),
+        )?;
+    let for_target: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM (
+                 SELECT 1 FROM pending_requests
+                 WHERE target_digest = ?1 AND expires_at > ?2 AND requester_digest <> ?3
+                 LIMIT ?4)",
+        )?
+        .query_row(
+            params![target, s.now.0, requester, s.limits.per_target],
+            |r| r.get(0),
+        )?;
+    Ok(PendingCounts {
+        from_sender: u64::try_from(from_sender).unwrap_or(0),
+        for_target: u64::try_from(for_target).unwrap_or(0),
+        replaces,
+    })
 }
 
 fn insert_message(conn: &Connection, m: &OutgoingMessage) -> rusqlite::Result<()> {

@@ -2,6 +2,7 @@
 //! Integration tests: the real server on a real socket, a temporary SQLite file, and a
 //! fake sink server standing in for the Knative broker.
 
+mod abuse;
 mod authorisation;
 mod cli;
 mod fresh_params;
