@@ -1,11 +1,12 @@
 //! The dispatcher: claims due messages and delivers them, several at a time, so that a
 //! slow or failing message never holds up the others.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use super::backoff::Backoff;
 use super::sink::HttpSink;
@@ -49,6 +50,54 @@ struct Inner {
     concurrency: usize,
     metrics: Arc<Metrics>,
     wake: Notify,
+    health: Mutex<SinkHealth>,
+}
+
+/// Consecutive sink-wide failures, and the pause they earned.
+#[derive(Debug, Default)]
+struct SinkHealth {
+    failures: u32,
+    paused_until: Option<Instant>,
+}
+
+impl Inner {
+    fn health(&self) -> std::sync::MutexGuard<'_, SinkHealth> {
+        // The guarded data is two plain numbers: a panic elsewhere cannot leave it torn.
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How long deliveries stay paused because the sink looks down.
+    fn paused_for(&self) -> Option<Duration> {
+        let until = self.health().paused_until?;
+        let left = until.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
+    fn sink_up(&self) {
+        let mut health = self.health();
+        if health.failures > 0 {
+            tracing::info!(
+                failures = health.failures,
+                "sink accepts deliveries again; resuming"
+            );
+        }
+        *health = SinkHealth::default();
+    }
+
+    fn sink_down(&self, retry_after: Option<Duration>) {
+        let mut health = self.health();
+        health.failures = health.failures.saturating_add(1);
+        let pause =
+            self.backoff
+                .delay_with_hint(health.failures, rand::random::<f64>(), retry_after);
+        let until = Instant::now() + pause;
+        if health.paused_until.is_none_or(|current| current < until) {
+            health.paused_until = Some(until);
+        }
+        if health.failures == 1 {
+            tracing::warn!("sink looks down; pausing deliveries with backoff");
+        }
+    }
 }
 
 /// Delivers outbox messages to the sink. Cheap to clone.
@@ -84,6 +133,7 @@ impl Dispatcher {
                 concurrency: concurrency.max(1),
                 metrics,
                 wake: Notify::new(),
+                health: Mutex::new(SinkHealth::default()),
             }),
         }
     }
@@ -124,9 +174,15 @@ impl Dispatcher {
         let mut in_flight = JoinSet::new();
         tracing::info!(sink = %inner.sink.url(), "outbox dispatcher started");
         while !*shutdown.borrow() {
-            let free = inner.concurrency.saturating_sub(in_flight.len());
+            let mut free = inner.concurrency.saturating_sub(in_flight.len());
+            if inner.health().failures > 0 {
+                // The sink looked down: probe with one message until one gets through.
+                free = usize::from(in_flight.is_empty());
+            }
             let mut pause = IDLE_POLL;
-            if free > 0 {
+            if let Some(left) = inner.paused_for() {
+                pause = left;
+            } else if free > 0 {
                 let now = clock::now();
                 match inner
                     .store
@@ -197,12 +253,16 @@ async fn deliver(inner: Arc<Inner>, entry: OutboxEntry) -> Outcome {
         match inner.sink.deliver(message).await {
             Ok(()) => {
                 tracing::debug!(message.id = message.id.as_str(), "delivered");
+                inner.sink_up();
                 (
                     Outcome::Delivered,
                     inner.store.mark_delivered(&message.id).await,
                 )
             }
             Err(e) => {
+                if e.sink_down {
+                    inner.sink_down(e.retry_after);
+                }
                 let attempt = entry.attempts.saturating_add(1);
                 let delay =
                     inner

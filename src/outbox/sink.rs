@@ -15,6 +15,10 @@ pub struct DeliveryError {
     pub reason: String,
     /// The sink's `Retry-After`, if it sent one.
     pub retry_after: Option<Duration>,
+    /// Whether the failure says nothing about this message and much about the sink
+    /// (unreachable, timed out, 5xx, 408, 429): then every delivery pauses, not just
+    /// this one, so that an outage costs a probe now and then instead of a storm.
+    pub sink_down: bool,
 }
 
 /// Makes ring the process's TLS provider (reqwest is built without a default one).
@@ -69,6 +73,7 @@ impl HttpSink {
             .map_err(|e| DeliveryError {
                 reason: describe(&e),
                 retry_after: None,
+                sink_down: true,
             })?;
         let status = response.status();
         if status.is_success() {
@@ -80,9 +85,13 @@ impl HttpSink {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        let sink_down = status.is_server_error()
+            || status == reqwest::StatusCode::REQUEST_TIMEOUT
+            || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
         Err(DeliveryError {
             reason: format!("sink answered {status}"),
             retry_after,
+            sink_down,
         })
     }
 }

@@ -178,3 +178,44 @@ async fn a_message_the_sink_always_refuses_does_not_hold_up_the_others_and_expir
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn during_an_outage_the_dispatcher_probes_instead_of_storming() {
+    let mut sink = FakeSink::start().await;
+    sink.set_default(503);
+    let (_dir, db) = temp_db();
+    let mut config = test_config(&db, None);
+    config.retry_base_delay = Duration::from_millis(50);
+    config.retry_max_delay = Duration::from_millis(400);
+    // Queue 40 messages before the dispatcher starts.
+    let app = TestApp::spawn(config.clone()).await;
+    for i in 0..20 {
+        make_match(&app, &format!("o{i}")).await;
+    }
+    assert_eq!(app.stats().await.outbox_depth, 40);
+    app.stop().await;
+    config.sink = Some(sink.url.parse().expect("url"));
+    let app = TestApp::spawn(config).await;
+    // A second of outage. Retrying each message on its own schedule would try every
+    // one of the 40 at least once (and most several times); with the sink-wide pause
+    // the first wave (up to 16 in flight) is followed by one probe per pause.
+    let outage_end = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut attempts = 0;
+    while let Some(left) = outage_end.checked_duration_since(tokio::time::Instant::now()) {
+        if sink.try_next(left).await.is_some() {
+            attempts += 1;
+        }
+    }
+    assert!(attempts >= 1, "the dispatcher tried the sink");
+    assert!(attempts < 40, "{attempts} attempts in a second of outage");
+    sink.set_default(202);
+    let mut delivered = std::collections::HashSet::new();
+    while delivered.len() < 40 {
+        let r = sink.next().await;
+        delivered.insert(r.header("ce-id").to_owned());
+    }
+    sink.assert_quiet(Duration::from_millis(200)).await;
+    assert_eq!(app.stats().await.outbox_depth, 0);
+    println!("sink outage of 1 s with 40 messages queued: {attempts} attempts");
+    app.stop().await;
+}

@@ -104,6 +104,11 @@ impl FakeSink {
         self.behaviour.lock().expect("lock").script.extend(statuses);
     }
 
+    /// What the sink answers when no script or poison applies.
+    pub fn set_default(&self, status: u16) {
+        self.behaviour.lock().expect("lock").default = status;
+    }
+
     pub fn poison(&self, recipient: &str, status: u16) {
         self.behaviour
             .lock()
