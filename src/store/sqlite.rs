@@ -89,6 +89,7 @@ impl SqliteStore {
         ))
         .map_err(unavailable)?;
         migrate(&conn).map_err(unavailable)?;
+        release_leases(&conn, crate::clock::now()).map_err(unavailable)?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -172,6 +173,22 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         tx.execute_batch(sql)?;
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
         tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Makes every message due now. A SQLite file has one server process, so at start no
+/// delivery is in flight and any lease in the future belongs to a process that died:
+/// waiting it out would delay, after a crash, exactly the messages that were being sent.
+/// Retry delays are reset too, which costs one early attempt each (one probe, when the
+/// sink is down).
+fn release_leases(conn: &Connection, now: Timestamp) -> rusqlite::Result<()> {
+    let released = conn.execute(
+        "UPDATE outbox SET next_attempt_at = ?1 WHERE next_attempt_at > ?1",
+        params![now.0],
+    )?;
+    if released > 0 {
+        tracing::info!(messages = released, "outbox messages made due at start");
     }
     Ok(())
 }
