@@ -72,6 +72,11 @@ pub struct FakeSink {
 
 impl FakeSink {
     pub async fn start() -> Self {
+        Self::start_at(0).await
+    }
+
+    /// A sink on a given port (0: any), e.g. one that was down and comes back.
+    pub async fn start_at(port: u16) -> Self {
         let behaviour = Arc::new(Mutex::new(Behaviour {
             default: 202,
             ..Behaviour::default()
@@ -84,7 +89,7 @@ impl FakeSink {
         let app = axum::Router::new()
             .route("/", axum::routing::post(receive))
             .with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind sink");
         let addr = listener.local_addr().expect("sink addr");
@@ -421,4 +426,229 @@ pub fn assert_match_event(r: &Received) -> Vec<String> {
 /// Distinct values, for "no duplicates" assertions.
 pub fn distinct<T: std::hash::Hash + Eq>(items: impl IntoIterator<Item = T>) -> usize {
     items.into_iter().collect::<HashSet<_>>().len()
+}
+
+/// A port nothing listens on (for now): a sink that is down.
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// The real binary, as an operator runs it.
+pub struct ServerProcess {
+    pub url: String,
+    child: std::process::Child,
+    log: Arc<Mutex<VecDeque<String>>>,
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_letro-server");
+
+impl ServerProcess {
+    /// Starts `letro-server serve` on port 0 with the given database file, sink and
+    /// extra flags, fast retries, and a clean environment; waits until it listens.
+    pub fn start(db: &Path, sink: Option<&str>, extra: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let mut command = Command::new(BIN);
+        command
+            .env_clear()
+            .args(["--log-format", "json", "serve", "--bind", "127.0.0.1:0"])
+            .arg("--database")
+            .arg(format!("sqlite://{}", db.display()))
+            .args(["--retry-base-delay", "10ms", "--retry-max-delay", "200ms"])
+            .args(["--sink-timeout", "2s", "--shutdown-timeout", "10s"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(sink) = sink {
+            command.args(["--sink", sink]);
+        }
+        let mut child = command.spawn().expect("spawn letro-server");
+        let stdout = child.stdout.take().expect("stdout");
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let kept = log.clone();
+        // Keep reading: a server whose log pipe is full would block on its next line.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("\"listening\"") {
+                    let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log");
+                    let _ = tx.send(v["address"].as_str().expect("address").to_owned());
+                }
+                let mut kept = kept.lock().expect("lock");
+                if kept.len() == 200 {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the server did not report its address");
+        Self {
+            url: format!("http://{addr}/"),
+            child,
+            log,
+        }
+    }
+
+    /// The last log lines, for failure messages.
+    pub fn recent_log(&self) -> String {
+        let log = self.log.lock().expect("lock");
+        log.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// SIGKILL: no shutdown code runs at all.
+    pub fn kill_9(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("wait");
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        tokio::task::spawn_blocking(move || self.child.wait())
+            .await
+            .expect("join")
+            .expect("wait")
+    }
+
+    /// Resident set size, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// POSTs a pairing request to `url`; `Err` for a transport failure (no answer).
+pub async fn send_request(
+    client: &reqwest::Client,
+    url: &str,
+    from: &Party,
+    parcel: &str,
+    requester: &str,
+    target: &str,
+) -> Result<reqwest::StatusCode, reqwest::Error> {
+    let mut request = client.post(url);
+    for (name, value) in event_headers(&from.id, parcel, REQUEST_TYPE) {
+        request = request.header(name, value);
+    }
+    request
+        .body(from.request(requester, target))
+        .send()
+        .await
+        .map(|r| r.status())
+}
+
+/// What the outbox of a database file holds, read directly.
+pub fn outbox_ids(db: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(db).expect("open database");
+    let mut stmt = conn.prepare("SELECT id FROM outbox").expect("prepare");
+    stmt.query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+/// How many pairing requests a database file holds, read directly.
+pub fn pending_count(db: &Path) -> u64 {
+    let conn = rusqlite::Connection::open(db).expect("open database");
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM pending_requests", [], |r| r.get(0))
+        .expect("count");
+    u64::try_from(n).expect("count")
+}
+
+/// The bytes of a keep-alive HTTP/1.1 POST of a pairing request.
+pub fn raw_request(from: &Party, parcel: &str, requester: &str, target: &str) -> Vec<u8> {
+    let body = from.request(requester, target);
+    let mut out = String::from("POST / HTTP/1.1\r\nhost: letro\r\n");
+    for (name, value) in event_headers(&from.id, parcel, REQUEST_TYPE) {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    out.into_bytes()
+}
+
+/// Sends pre-rendered requests over `concurrency` keep-alive connections and returns the
+/// status of each (0: no answer). A bare-bones client, because in a debug build a full
+/// HTTP client costs more CPU than the server it is loading.
+pub async fn raw_burst(url: &str, requests: Vec<Vec<u8>>, concurrency: usize) -> Vec<u16> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let requests = Arc::new(requests);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let statuses = Arc::new(Mutex::new(vec![0u16; requests.len()]));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (addr, requests, next, statuses) = (
+            addr.clone(),
+            requests.clone(),
+            next.clone(),
+            statuses.clone(),
+        );
+        workers.spawn(async move {
+            let mut conn = None;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(request) = requests.get(i) else {
+                    break;
+                };
+                if conn.is_none() {
+                    conn = tokio::net::TcpStream::connect(&addr)
+                        .await
+                        .ok()
+                        .map(BufReader::new);
+                }
+                let Some(stream) = conn.as_mut() else {
+                    continue;
+                };
+                let mut status = 0;
+                let mut length = 0usize;
+                let mut ok = stream.get_mut().write_all(request).await.is_ok();
+                let mut line = String::new();
+                while ok {
+                    line.clear();
+                    ok = matches!(stream.read_line(&mut line).await, Ok(n) if n > 0);
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(rest) = lower.strip_prefix("http/1.1 ") {
+                        status = rest.get(..3).and_then(|s| s.parse().ok()).unwrap_or(0);
+                    } else if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    } else if line == "\r\n" {
+                        let mut body = vec![0u8; length];
+                        ok = stream.read_exact(&mut body).await.is_ok();
+                        break;
+                    }
+                }
+                if !ok {
+                    status = 0;
+                    conn = None;
+                }
+                statuses.lock().expect("lock")[i] = status;
+            }
+        });
+    }
+    while workers.join_next().await.is_some() {}
+    statuses.lock().expect("lock").clone()
 }
