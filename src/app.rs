@@ -15,15 +15,22 @@ use crate::domain::VeraIdDigester;
 use crate::http::{AppState, ServeOptions, router, serve};
 use crate::outbox::{Backoff, Dispatcher, HttpSink};
 use crate::store::Store;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::telemetry::Metrics;
 
 /// Opens the configured database, creating and migrating it as needed.
-pub fn open_store(database: &DatabaseConfig) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn open_store(database: &DatabaseConfig) -> anyhow::Result<Arc<dyn Store>> {
     match database {
         DatabaseConfig::Sqlite { path, synchronous } => {
             let store = SqliteStore::open(path, *synchronous)
                 .with_context(|| format!("opening SQLite database {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+        DatabaseConfig::Postgres { url, pool } => {
+            let store = PostgresStore::connect(&url.0, pool.max_connections, pool.timeout)
+                .await
+                .with_context(|| format!("opening PostgreSQL database {url}"))?;
             Ok(Arc::new(store))
         }
     }
@@ -40,7 +47,7 @@ impl App {
     /// Opens the database, loads or creates the VeraId secret and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
-        let store = open_store(&config.database)?;
+        let store = open_store(&config.database).await?;
         let secret = match &config.veraid_secret {
             Some(secret) => secret.0.clone(),
             None => {

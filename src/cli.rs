@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    Config, ConfigError, DatabaseConfig, HumanDuration, defaults, parse_ce_overrides, parse_secret,
-    parse_sink,
+    Config, ConfigError, DatabaseConfig, HumanDuration, PoolSettings, defaults, parse_ce_overrides,
+    parse_secret, parse_sink,
 };
 use crate::domain::PendingLimits;
 use crate::store::sqlite::Synchronous;
@@ -45,13 +45,19 @@ pub enum SynchronousArg {
 /// Where the database is.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
-    /// Database URL: sqlite://PATH (relative) or sqlite:///ABSOLUTE/PATH; the file is
-    /// created if missing.
-    #[arg(long = "database", env = "DATABASE_URL", default_value = defaults::DATABASE)]
+    /// Database URL: sqlite://PATH (relative) or sqlite:///ABSOLUTE/PATH (the file is
+    /// created if missing), or postgres://USER:PASSWORD@HOST:PORT/DATABASE.
+    #[arg(long = "database", env = "DATABASE_URL", default_value = defaults::DATABASE, hide_env_values = true)]
     pub url: String,
     /// SQLite commit durability.
     #[arg(long, env = "LETRO_SQLITE_SYNCHRONOUS", value_enum, default_value_t = SynchronousArg::Full)]
     pub sqlite_synchronous: SynchronousArg,
+    /// PostgreSQL: most connections per replica.
+    #[arg(long, env = "LETRO_DB_MAX_CONNECTIONS", default_value_t = defaults::DB_MAX_CONNECTIONS)]
+    pub db_max_connections: u32,
+    /// PostgreSQL: time allowed to connect or to get a free connection; then 503.
+    #[arg(long, env = "LETRO_DB_TIMEOUT", default_value_t = HumanDuration(defaults::DB_TIMEOUT))]
+    pub db_timeout: HumanDuration,
 }
 
 impl DatabaseArgs {
@@ -61,7 +67,11 @@ impl DatabaseArgs {
             SynchronousArg::Full => Synchronous::Full,
             SynchronousArg::Normal => Synchronous::Normal,
         };
-        DatabaseConfig::from_url(&self.url, sync)
+        let pool = PoolSettings {
+            max_connections: self.db_max_connections,
+            timeout: self.db_timeout.0,
+        };
+        DatabaseConfig::from_url(&self.url, sync, pool)
     }
 }
 

@@ -64,6 +64,10 @@ pub mod defaults {
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
     /// `--body-read-timeout`.
     pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `--db-max-connections`.
+    pub const DB_MAX_CONNECTIONS: u32 = 10;
+    /// `--db-timeout`.
+    pub const DB_TIMEOUT: Duration = Duration::from_secs(5);
     /// `--shutdown-timeout`.
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
     /// RAMF's largest parcel TTL: the Awala Internet Endpoint fails on anything longer.
@@ -82,21 +86,104 @@ pub enum DatabaseConfig {
         /// Commit durability.
         synchronous: Synchronous,
     },
+    /// A PostgreSQL server, shared by any number of replicas.
+    Postgres {
+        /// `postgres://user:password@host:port/database?…`.
+        url: DatabaseUrl,
+        /// Connection pool settings.
+        pool: PoolSettings,
+    },
+}
+
+/// Settings of a database connection pool (PostgreSQL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Most connections open at once, per replica.
+    pub max_connections: u32,
+    /// Time allowed to connect, or to wait for a free connection; beyond it the request
+    /// gets 503.
+    pub timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: defaults::DB_MAX_CONNECTIONS,
+            timeout: defaults::DB_TIMEOUT,
+        }
+    }
+}
+
+/// A database URL, which may hold a password: `Debug` and `Display` leave it out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(pub String);
+
+impl DatabaseUrl {
+    /// The URL without its password, for logs and errors.
+    pub fn redacted(&self) -> String {
+        match reqwest::Url::parse(&self.0) {
+            Ok(mut url) => {
+                if url.password().is_some() {
+                    let _ = url.set_password(Some("***"));
+                }
+                url.to_string()
+            }
+            Err(_) => "<unparseable URL>".to_owned(),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
 }
 
 impl DatabaseConfig {
     /// Parses a database URL.
-    pub fn from_url(url: &str, synchronous: Synchronous) -> Result<Self, ConfigError> {
+    pub fn from_url(
+        url: &str,
+        synchronous: Synchronous,
+        pool: PoolSettings,
+    ) -> Result<Self, ConfigError> {
+        const SETTING: &str = "--database (DATABASE_URL)";
         if let Some(location) = SqliteLocation::from_url(url) {
             return Ok(Self::Sqlite {
                 path: location.path,
                 synchronous,
             });
         }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            reqwest::Url::parse(url).map_err(|e| ConfigError::new(SETTING, e.to_string()))?;
+            if pool.max_connections == 0 {
+                return Err(ConfigError::new(
+                    "--db-max-connections (LETRO_DB_MAX_CONNECTIONS)",
+                    "must be at least 1",
+                ));
+            }
+            if pool.timeout.is_zero() {
+                return Err(ConfigError::new(
+                    "--db-timeout (LETRO_DB_TIMEOUT)",
+                    "must be more than 0",
+                ));
+            }
+            return Ok(Self::Postgres {
+                url: DatabaseUrl(url.to_owned()),
+                pool,
+            });
+        }
         let scheme = url.split(':').next().unwrap_or_default();
         Err(ConfigError::new(
-            "--database (DATABASE_URL)",
-            format!("unsupported database URL scheme {scheme:?}; expected sqlite://PATH"),
+            SETTING,
+            format!(
+                "unsupported database URL scheme {scheme:?}; expected sqlite://PATH or postgres://…"
+            ),
         ))
     }
 }
@@ -345,7 +432,8 @@ mod tests {
     fn config() -> Config {
         Config::new(
             "127.0.0.1:0".parse().expect("addr"),
-            DatabaseConfig::from_url("sqlite://x.db", Synchronous::Full).expect("url"),
+            DatabaseConfig::from_url("sqlite://x.db", Synchronous::Full, PoolSettings::default())
+                .expect("url"),
         )
     }
 
@@ -379,11 +467,19 @@ mod tests {
 
     #[test]
     fn database_urls() {
+        let parse = |url| DatabaseConfig::from_url(url, Synchronous::Full, PoolSettings::default());
         assert!(matches!(
-            DatabaseConfig::from_url("sqlite:///tmp/a.db", Synchronous::Full),
+            parse("sqlite:///tmp/a.db"),
             Ok(DatabaseConfig::Sqlite { .. })
         ));
-        let e = DatabaseConfig::from_url("mysql://x", Synchronous::Full).expect_err("unsupported");
+        let Ok(DatabaseConfig::Postgres { url, .. }) = parse("postgres://u:hunter2@db:5432/letro")
+        else {
+            panic!("a PostgreSQL URL");
+        };
+        assert_eq!(url.to_string(), "postgres://u:***@db:5432/letro");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        assert!(parse("postgresql://db/letro").is_ok());
+        let e = parse("mysql://x").expect_err("unsupported");
         assert!(e.to_string().contains("DATABASE_URL"));
     }
 

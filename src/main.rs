@@ -17,7 +17,7 @@ async fn main() -> anyhow::Result<()> {
             app.run(shutdown_signal()).await
         }
         Command::Migrate(args) => {
-            let store = open_store(&args.to_config()?)?;
+            let store = open_store(&args.to_config()?).await?;
             store.close().await;
             tracing::info!("database is up to date");
             Ok(())

@@ -4,6 +4,7 @@
 //! transaction, so a state change and the messages it causes commit together (the
 //! transactional outbox). Imports `domain` and `codec` only.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;

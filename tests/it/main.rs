@@ -10,4 +10,5 @@ mod fresh_params;
 mod ingress;
 mod outbox;
 mod pairing;
+mod store_contract;
 mod support;

@@ -1,0 +1,492 @@
+//! The PostgreSQL store, for several stateless replicas on one database.
+//!
+//! What the SQLite store gets from its single writer thread, this one gets from the
+//! database: a transaction-scoped advisory lock on the unordered pair of VeraId digests
+//! serialises the read-then-write of two reverse requests, wherever they arrive; the
+//! processed-event key is inserted first, so a redelivery racing its original waits for
+//! it and then sees it; and outbox claims take a lease with `FOR UPDATE SKIP LOCKED`, so
+//! two replicas never hold the same message.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+
+use super::{
+    CompletionOutcome, CompletionSubmission, OutboxEntry, PairingOutcome, PairingSubmission,
+    PurgeReport, Result, Stats, Store, StoreError, match_messages,
+};
+use crate::domain::pairing::{admit, decide};
+use crate::domain::{
+    Decision, EndpointId, EventKey, MessageId, MessageKind, OutgoingMessage, PendingCounts,
+    PendingRequest, Timestamp, VeraIdDigest,
+};
+
+/// The schema, one entry per version; applied in order under an advisory lock, so that
+/// replicas starting together migrate once.
+const MIGRATIONS: &[&str] = &[
+    // 1: the same tables as SQLite's migrations 1 and 2.
+    "CREATE TABLE settings (
+         name TEXT PRIMARY KEY,
+         value BYTEA NOT NULL
+     );
+     CREATE TABLE pending_requests (
+         requester_digest BYTEA NOT NULL,
+         target_digest BYTEA NOT NULL,
+         endpoint_id TEXT NOT NULL,
+         key_der BYTEA NOT NULL,
+         created_at BIGINT NOT NULL,
+         expires_at BIGINT NOT NULL,
+         PRIMARY KEY (requester_digest, target_digest)
+     );
+     CREATE INDEX pending_requests_expiry ON pending_requests (expires_at);
+     CREATE INDEX pending_requests_sender ON pending_requests (endpoint_id, expires_at);
+     CREATE INDEX pending_requests_target ON pending_requests (target_digest, expires_at);
+     CREATE TABLE processed_events (
+         source TEXT NOT NULL,
+         id TEXT NOT NULL,
+         expires_at BIGINT NOT NULL,
+         PRIMARY KEY (source, id)
+     );
+     CREATE INDEX processed_events_expiry ON processed_events (expires_at);
+     CREATE TABLE outbox (
+         seq BIGSERIAL PRIMARY KEY,
+         id TEXT NOT NULL UNIQUE,
+         source TEXT NOT NULL,
+         recipient TEXT NOT NULL,
+         kind TEXT NOT NULL,
+         content BYTEA NOT NULL,
+         time_ms BIGINT NOT NULL,
+         expiry_ms BIGINT NOT NULL,
+         attempts INTEGER NOT NULL DEFAULT 0,
+         next_attempt_at BIGINT NOT NULL,
+         last_error TEXT
+     );
+     CREATE INDEX outbox_due ON outbox (next_attempt_at);",
+];
+
+/// Advisory lock key of migrations ("letro" in ASCII).
+const MIGRATION_LOCK: i64 = 0x006c_6574_726f;
+
+/// The PostgreSQL implementation of [`Store`].
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Unavailable(format!("corrupt row: {what}"))
+}
+
+impl PostgresStore {
+    /// Connects, and migrates the schema.
+    pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(timeout)
+            .connect(url)
+            .await
+            .map_err(unavailable)?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS letro_schema (
+                 version INTEGER PRIMARY KEY,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+             )",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let applied: i32 = sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM letro_schema")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let applied = usize::try_from(applied).unwrap_or(0);
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+            sqlx::raw_sql(*sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            sqlx::query("INSERT INTO letro_schema (version) VALUES ($1)")
+                .bind(i32::try_from(i + 1).unwrap_or(i32::MAX))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+}
+
+/// The advisory lock key of the unordered pair {a, b}: both halves of a pair take the
+/// same lock, so their transactions run one after the other.
+fn pair_lock(a: &VeraIdDigest, b: &VeraIdDigest) -> i64 {
+    let (first, second) = if a.0 <= b.0 { (a, b) } else { (b, a) };
+    let mut hash = Sha256::new();
+    hash.update(first.0);
+    hash.update(second.0);
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
+}
+
+/// Records the event key; false if it was already recorded (a redelivery). A racing
+/// transaction with the same key makes this wait for it to finish.
+async fn record_event(
+    tx: &mut Transaction<'_, Postgres>,
+    event: &EventKey,
+    expiry: Timestamp,
+) -> Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO processed_events (source, id, expires_at) VALUES ($1, $2, $3)
+         ON CONFLICT (source, id) DO NOTHING",
+    )
+    .bind(&event.source)
+    .bind(&event.id)
+    .bind(expiry.0)
+    .execute(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+async fn insert_message(tx: &mut Transaction<'_, Postgres>, m: &OutgoingMessage) -> Result<()> {
+    // A stable id that is already queued is the same message: keep the first.
+    sqlx::query(
+        "INSERT INTO outbox (id, source, recipient, kind, content, time_ms, expiry_ms, next_attempt_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $6)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(m.id.as_str())
+    .bind(&m.source)
+    .bind(m.recipient.as_str())
+    .bind(m.kind.name())
+    .bind(&m.content)
+    .bind(m.time.0)
+    .bind(m.expiry.0)
+    .execute(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+async fn pending(
+    tx: &mut Transaction<'_, Postgres>,
+    requester: &VeraIdDigest,
+    target: &VeraIdDigest,
+    now: Timestamp,
+) -> Result<Option<PendingRequest>> {
+    let row: Option<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT endpoint_id, key_der FROM pending_requests
+         WHERE requester_digest = $1 AND target_digest = $2 AND expires_at > $3",
+    )
+    .bind(&requester.0[..])
+    .bind(&target.0[..])
+    .bind(now.0)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    match row {
+        Some((id, key_der)) => Ok(Some(PendingRequest {
+            endpoint_id: EndpointId::parse(&id).map_err(|_| corrupt("pending endpoint id"))?,
+            key_der,
+        })),
+        None => Ok(None),
+    }
+}
+
+/// Counts what the caps look at, stopping at each cap.
+async fn count_pending(
+    tx: &mut Transaction<'_, Postgres>,
+    s: &PairingSubmission,
+    replaces: Option<EndpointId>,
+) -> Result<PendingCounts> {
+    let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
+    let from_sender: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT 1 FROM pending_requests
+             WHERE endpoint_id = $1 AND expires_at > $2
+               AND NOT (requester_digest = $3 AND target_digest = $4)
+             LIMIT $5) AS capped",
+    )
+    .bind(s.request.endpoint_id.as_str())
+    .bind(s.now.0)
+    .bind(requester)
+    .bind(target)
+    .bind(i64::from(s.limits.per_sender))
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    let for_target: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT 1 FROM pending_requests
+             WHERE target_digest = $1 AND expires_at > $2 AND requester_digest <> $3
+             LIMIT $4) AS capped",
+    )
+    .bind(target)
+    .bind(s.now.0)
+    .bind(requester)
+    .bind(i64::from(s.limits.per_target))
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(PendingCounts {
+        from_sender: u64::try_from(from_sender).unwrap_or(0),
+        for_target: u64::try_from(for_target).unwrap_or(0),
+        replaces,
+    })
+}
+
+fn outbox_entry(row: &PgRow) -> Result<OutboxEntry> {
+    let get = |e: sqlx::Error| unavailable(e);
+    let recipient: String = row.try_get("recipient").map_err(get)?;
+    let kind: String = row.try_get("kind").map_err(get)?;
+    let attempts: i32 = row.try_get("attempts").map_err(get)?;
+    Ok(OutboxEntry {
+        message: OutgoingMessage {
+            id: MessageId::from_stored(row.try_get("id").map_err(get)?),
+            source: row.try_get("source").map_err(get)?,
+            recipient: EndpointId::parse(&recipient).map_err(|_| corrupt("outbox recipient"))?,
+            kind: MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?,
+            content: row.try_get("content").map_err(get)?,
+            time: Timestamp(row.try_get("time_ms").map_err(get)?),
+            expiry: Timestamp(row.try_get("expiry_ms").map_err(get)?),
+        },
+        attempts: u32::try_from(attempts).unwrap_or(0),
+    })
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+
+    async fn veraid_secret(&self, candidate: Vec<u8>) -> Result<Vec<u8>> {
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES ('veraid_secret', $1)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(candidate)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        sqlx::query_scalar("SELECT value FROM settings WHERE name = 'veraid_secret'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn submit_pairing_request(&self, s: PairingSubmission) -> Result<PairingOutcome> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(pair_lock(&s.requester_digest, &s.target_digest))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if !record_event(&mut tx, &s.event, s.request_expiry).await? {
+            return Ok(PairingOutcome::Duplicate);
+        }
+        let counterpart = pending(&mut tx, &s.target_digest, &s.requester_digest, s.now).await?;
+        let previous = pending(&mut tx, &s.requester_digest, &s.target_digest, s.now)
+            .await?
+            .map(|p| p.endpoint_id);
+        let outcome = match decide(&s.request, counterpart) {
+            Decision::Wait => {
+                let counts = count_pending(&mut tx, &s, previous.clone()).await?;
+                if let Err(reason) = admit(&s.request, &s.limits, &counts) {
+                    // Nothing is kept, not even the event key: dropping `tx` rolls back.
+                    return Ok(PairingOutcome::Refused(reason));
+                }
+                sqlx::query(
+                    "INSERT INTO pending_requests
+                         (requester_digest, target_digest, endpoint_id, key_der, created_at, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (requester_digest, target_digest) DO UPDATE SET
+                         endpoint_id = excluded.endpoint_id, key_der = excluded.key_der,
+                         created_at = excluded.created_at, expires_at = excluded.expires_at",
+                )
+                .bind(&s.requester_digest.0[..])
+                .bind(&s.target_digest.0[..])
+                .bind(s.request.endpoint_id.as_str())
+                .bind(&s.request.key_der)
+                .bind(s.now.0)
+                .bind(s.request_expiry.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                PairingOutcome::Stored { replaced: previous }
+            }
+            Decision::Matched {
+                for_requester,
+                for_counterpart,
+            } => {
+                sqlx::query(
+                    "DELETE FROM pending_requests
+                     WHERE (requester_digest = $1 AND target_digest = $2)
+                        OR (requester_digest = $2 AND target_digest = $1)",
+                )
+                .bind(&s.requester_digest.0[..])
+                .bind(&s.target_digest.0[..])
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                let messages = match_messages(&s, [&for_requester, &for_counterpart]);
+                for m in &messages {
+                    insert_message(&mut tx, m).await?;
+                }
+                PairingOutcome::Matched {
+                    messages: messages.into_iter().map(|m| m.id).collect(),
+                }
+            }
+        };
+        tx.commit().await.map_err(unavailable)?;
+        Ok(outcome)
+    }
+
+    async fn submit_completion(&self, s: CompletionSubmission) -> Result<CompletionOutcome> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        if !record_event(&mut tx, &s.event, s.event_expiry).await? {
+            return Ok(CompletionOutcome::Duplicate);
+        }
+        insert_message(&mut tx, &s.message).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(CompletionOutcome::Queued)
+    }
+
+    async fn claim_due_messages(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>> {
+        let rows = sqlx::query(
+            "UPDATE outbox SET next_attempt_at = $1
+             WHERE seq IN (
+                 SELECT seq FROM outbox WHERE next_attempt_at <= $2
+                 ORDER BY seq LIMIT $3
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING seq, id, source, recipient, kind, content, time_ms, expiry_ms, attempts",
+        )
+        .bind(lease_until.0)
+        .bind(now.0)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let seq: i64 = row.try_get("seq").map_err(unavailable)?;
+            entries.push((seq, outbox_entry(row)?));
+        }
+        entries.sort_by_key(|(seq, _)| *seq);
+        Ok(entries.into_iter().map(|(_, e)| e).collect())
+    }
+
+    async fn next_due(&self) -> Result<Option<Timestamp>> {
+        let next: Option<i64> = sqlx::query_scalar("SELECT min(next_attempt_at) FROM outbox")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(next.map(Timestamp))
+    }
+
+    async fn mark_delivered(&self, id: &MessageId) -> Result<()> {
+        sqlx::query("DELETE FROM outbox WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+
+    async fn schedule_retry(&self, id: &MessageId, at: Timestamp, error: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3
+             WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .bind(at.0)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map(drop)
+        .map_err(unavailable)
+    }
+
+    async fn drop_message(&self, id: &MessageId) -> Result<()> {
+        self.mark_delivered(id).await
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let (depth, oldest, pending): (i64, Option<i64>, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox), (SELECT min(time_ms) FROM outbox),
+                    (SELECT count(*) FROM pending_requests)",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(Stats {
+            outbox_depth: u64::try_from(depth).unwrap_or(0),
+            outbox_oldest: oldest.map(Timestamp),
+            pending_requests: u64::try_from(pending).unwrap_or(0),
+        })
+    }
+
+    async fn purge_expired(&self, now: Timestamp) -> Result<PurgeReport> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let requests = sqlx::query("DELETE FROM pending_requests WHERE expires_at <= $1")
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        let events = sqlx::query("DELETE FROM processed_events WHERE expires_at <= $1")
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        tx.commit().await.map_err(unavailable)?;
+        Ok(PurgeReport { requests, events })
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_halves_of_a_pair_take_the_same_lock() {
+        let a = VeraIdDigest([1; 32]);
+        let b = VeraIdDigest([2; 32]);
+        let c = VeraIdDigest([3; 32]);
+        assert_eq!(pair_lock(&a, &b), pair_lock(&b, &a));
+        assert_ne!(pair_lock(&a, &b), pair_lock(&a, &c));
+    }
+}

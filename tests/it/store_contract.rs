@@ -1,0 +1,470 @@
+//! One contract for every `Store` backend: each test below runs on a temporary SQLite
+//! file and on a fresh PostgreSQL database (from `TEST_DATABASE_URL`; skipped, with a
+//! message, when that is not set).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use letro_server::domain::{
+    EndpointId, EventKey, MessageKind, OutgoingMessage, PairingRequest, PendingLimits, Refusal,
+    Timestamp, VeraId, VeraIdDigester,
+};
+use letro_server::store::postgres::PostgresStore;
+use letro_server::store::sqlite::{SqliteStore, Synchronous};
+use letro_server::store::{
+    CompletionOutcome, CompletionSubmission, PairingOutcome, PairingSubmission, Store,
+};
+
+use crate::support::*;
+
+const NOW: Timestamp = Timestamp(1_800_000_000_000);
+const DAY: Duration = Duration::from_secs(86_400);
+const LIMITS: PendingLimits = PendingLimits {
+    per_sender: 1000,
+    per_target: 100,
+    refuse_endpoint_replacement: false,
+};
+
+/// A store under test, and what to clean up after it.
+pub struct Backend {
+    pub store: Arc<dyn Store>,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir),
+    Postgres(PgDatabase),
+}
+
+impl Backend {
+    pub async fn sqlite() -> Self {
+        let (dir, path) = temp_db();
+        let store = SqliteStore::open(&path, Synchronous::Full).expect("open SQLite");
+        Self {
+            store: Arc::new(store),
+            cleanup: Cleanup::Sqlite(dir),
+        }
+    }
+
+    pub async fn postgres() -> Option<Self> {
+        let db = PgDatabase::create().await?;
+        let store = PostgresStore::connect(&db.url, 8, Duration::from_secs(5))
+            .await
+            .expect("connect to the test database");
+        Some(Self {
+            store: Arc::new(store),
+            cleanup: Cleanup::Postgres(db),
+        })
+    }
+
+    pub async fn finish(self) {
+        self.store.close().await;
+        if let Cleanup::Postgres(db) = self.cleanup {
+            db.drop_database().await;
+        }
+    }
+}
+
+fn digester() -> VeraIdDigester {
+    VeraIdDigester::new(b"contract-test-secret")
+}
+
+/// `requester` (holding `from`'s key) asks to pair with `target`, in event `parcel`.
+fn submission(from: &Party, parcel: &str, requester: &str, target: &str) -> PairingSubmission {
+    let request = PairingRequest::new(
+        VeraId::parse(requester).expect("requester"),
+        VeraId::parse(target).expect("target"),
+        from.key_der.clone(),
+        &from.id,
+    )
+    .expect("valid request");
+    let d = digester();
+    PairingSubmission {
+        event: EventKey {
+            source: from.id.clone(),
+            id: parcel.to_owned(),
+        },
+        server_id: SERVER_ID.to_owned(),
+        requester_digest: d.digest(&request.requester),
+        target_digest: d.digest(&request.target),
+        request,
+        now: NOW,
+        request_expiry: NOW.plus(DAY),
+        message_expiry: NOW.plus(DAY),
+        limits: LIMITS,
+    }
+}
+
+fn completion(parcel: &str, grantee: &Party) -> CompletionSubmission {
+    let event = EventKey {
+        source: parties()[0].id.clone(),
+        id: parcel.to_owned(),
+    };
+    CompletionSubmission {
+        message: OutgoingMessage::caused_by(
+            &event,
+            MessageKind::PairingCompletion,
+            SERVER_ID,
+            EndpointId::parse(&grantee.id).expect("id"),
+            b"granter,params".to_vec(),
+            NOW,
+            NOW.plus(DAY),
+        ),
+        event,
+        event_expiry: NOW.plus(DAY),
+    }
+}
+
+async fn wait_then_match(store: Arc<dyn Store>) {
+    let p = parties();
+    let first = store
+        .submit_pairing_request(submission(&p[0], "a", "a@x.io", "b@y.io"))
+        .await
+        .expect("submit");
+    assert_eq!(first, PairingOutcome::Stored { replaced: None });
+    let second = store
+        .submit_pairing_request(submission(&p[1], "b", "b@y.io", "a@x.io"))
+        .await
+        .expect("submit");
+    let PairingOutcome::Matched { messages } = second else {
+        panic!("expected a match, got {second:?}");
+    };
+    assert_eq!(messages.len(), 2);
+    let stats = store.stats().await.expect("stats");
+    assert_eq!((stats.pending_requests, stats.outbox_depth), (0, 2));
+    assert_eq!(stats.outbox_oldest, Some(NOW));
+    let claimed = store
+        .claim_due_messages(NOW, NOW.plus(DAY), 10)
+        .await
+        .expect("claim");
+    let mut recipients: Vec<_> = claimed
+        .iter()
+        .map(|e| e.message.recipient.as_str().to_owned())
+        .collect();
+    recipients.sort();
+    let mut expected = vec![p[0].id.clone(), p[1].id.clone()];
+    expected.sort();
+    assert_eq!(recipients, expected);
+    assert!(
+        claimed
+            .iter()
+            .all(|e| e.message.kind == MessageKind::PairingMatch
+                && e.attempts == 0
+                && messages.contains(&e.message.id))
+    );
+    // Each party learns the other's endpoint.
+    for e in &claimed {
+        let text = String::from_utf8(e.message.content.clone()).expect("text");
+        let other = if e.message.recipient.as_str() == p[0].id {
+            &p[1]
+        } else {
+            &p[0]
+        };
+        assert!(text.contains(&other.id), "{text}");
+    }
+}
+
+async fn a_redelivered_event_changes_nothing(store: Arc<dyn Store>) {
+    let p = parties();
+    let s = submission(&p[0], "same", "a@x.io", "b@y.io");
+    assert!(matches!(
+        store.submit_pairing_request(s.clone()).await,
+        Ok(PairingOutcome::Stored { .. })
+    ));
+    assert_eq!(
+        store.submit_pairing_request(s).await.expect("again"),
+        PairingOutcome::Duplicate
+    );
+    // The reverse half, delivered twice, matches once.
+    let reverse = submission(&p[1], "rev", "b@y.io", "a@x.io");
+    assert!(matches!(
+        store.submit_pairing_request(reverse.clone()).await,
+        Ok(PairingOutcome::Matched { .. })
+    ));
+    assert_eq!(
+        store.submit_pairing_request(reverse).await.expect("again"),
+        PairingOutcome::Duplicate
+    );
+    assert_eq!(store.stats().await.expect("stats").outbox_depth, 2);
+    let c = completion("auth", &p[1]);
+    assert_eq!(
+        store.submit_completion(c.clone()).await.expect("queue"),
+        CompletionOutcome::Queued
+    );
+    assert_eq!(
+        store.submit_completion(c).await.expect("again"),
+        CompletionOutcome::Duplicate
+    );
+    assert_eq!(store.stats().await.expect("stats").outbox_depth, 3);
+}
+
+async fn replacement_and_caps(store: Arc<dyn Store>) {
+    let p = parties();
+    let capped = |mut s: PairingSubmission| {
+        s.limits.per_sender = 2;
+        s.limits.per_target = 2;
+        s
+    };
+    for (parcel, target) in [("1", "t1@y.io"), ("2", "t2@y.io")] {
+        let s = capped(submission(&p[0], parcel, "a@x.io", target));
+        assert!(matches!(
+            store.submit_pairing_request(s).await,
+            Ok(PairingOutcome::Stored { replaced: None })
+        ));
+    }
+    let over = capped(submission(&p[0], "3", "a@x.io", "t3@y.io"));
+    assert_eq!(
+        store
+            .submit_pairing_request(over.clone())
+            .await
+            .expect("submit"),
+        PairingOutcome::Refused(Refusal::SenderPendingLimit)
+    );
+    // Replacing one's own request takes no new slot; another endpoint's replacement is
+    // reported with the endpoint it replaced.
+    let again = capped(submission(&p[0], "1b", "a@x.io", "t1@y.io"));
+    assert_eq!(
+        store.submit_pairing_request(again).await.expect("submit"),
+        PairingOutcome::Stored {
+            replaced: Some(EndpointId::parse(&p[0].id).expect("id"))
+        }
+    );
+    let hijack = capped(submission(&p[1], "h", "a@x.io", "t1@y.io"));
+    assert_eq!(
+        store.submit_pairing_request(hijack).await.expect("submit"),
+        PairingOutcome::Stored {
+            replaced: Some(EndpointId::parse(&p[0].id).expect("id"))
+        }
+    );
+    // Per target: two wait for t9, the third is refused.
+    for (i, party) in p.iter().enumerate().skip(2).take(2) {
+        let s = capped(submission(
+            party,
+            &format!("t{i}"),
+            &format!("f{i}@x.io"),
+            "t9@y.io",
+        ));
+        assert!(matches!(
+            store.submit_pairing_request(s).await,
+            Ok(PairingOutcome::Stored { .. })
+        ));
+    }
+    let s = capped(submission(&p[4], "t4", "f4@x.io", "t9@y.io"));
+    assert_eq!(
+        store.submit_pairing_request(s).await.expect("submit"),
+        PairingOutcome::Refused(Refusal::TargetPendingLimit)
+    );
+    // A refused event was not recorded: once a slot frees up, its redelivery is stored.
+    assert_eq!(store.stats().await.expect("stats").pending_requests, 4);
+    let answer = capped(submission(&p[2], "ans", "t2@y.io", "a@x.io"));
+    assert!(matches!(
+        store.submit_pairing_request(answer).await,
+        Ok(PairingOutcome::Matched { .. })
+    ));
+    assert!(matches!(
+        store.submit_pairing_request(over).await,
+        Ok(PairingOutcome::Stored { .. })
+    ));
+    // The operator's opt-in refusal of replacements from another endpoint.
+    let mut strict = submission(&p[3], "strict", "a@x.io", "t3@y.io");
+    strict.limits.refuse_endpoint_replacement = true;
+    assert_eq!(
+        store.submit_pairing_request(strict).await.expect("submit"),
+        PairingOutcome::Refused(Refusal::ReplacesOtherEndpoint)
+    );
+}
+
+async fn leases_retries_and_delivery(store: Arc<dyn Store>) {
+    let p = parties();
+    for i in 0..3 {
+        let c = completion(&format!("c{i}"), &p[1]);
+        store.submit_completion(c).await.expect("queue");
+    }
+    assert_eq!(store.next_due().await.expect("next"), Some(NOW));
+    let lease = NOW.plus(Duration::from_secs(60));
+    let first = store
+        .claim_due_messages(NOW, lease, 2)
+        .await
+        .expect("claim");
+    assert_eq!(first.len(), 2, "oldest first, up to the limit");
+    let rest = store
+        .claim_due_messages(NOW, lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(rest.len(), 1, "claimed messages are leased");
+    assert!(
+        store
+            .claim_due_messages(NOW, lease, 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    assert_eq!(store.next_due().await.expect("next"), Some(lease));
+    // A failed attempt: counted, and due again at its time.
+    let retry_at = NOW.plus(Duration::from_secs(5));
+    store
+        .schedule_retry(&first[0].message.id, retry_at, "sink answered 503")
+        .await
+        .expect("retry");
+    let again = store
+        .claim_due_messages(retry_at, lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        again[0].message, first[0].message,
+        "the same message, byte for byte"
+    );
+    assert_eq!(again[0].attempts, 1);
+    // Delivered and dropped messages leave the outbox.
+    store
+        .mark_delivered(&first[0].message.id)
+        .await
+        .expect("delivered");
+    store
+        .mark_delivered(&first[1].message.id)
+        .await
+        .expect("delivered");
+    store
+        .drop_message(&rest[0].message.id)
+        .await
+        .expect("dropped");
+    let stats = store.stats().await.expect("stats");
+    assert_eq!((stats.outbox_depth, stats.outbox_oldest), (0, None));
+    assert_eq!(store.next_due().await.expect("next"), None);
+}
+
+async fn expiry_and_purge(store: Arc<dyn Store>) {
+    let p = parties();
+    let mut old = submission(&p[0], "old", "a@x.io", "b@y.io");
+    old.request_expiry = NOW.plus(Duration::from_secs(10));
+    store.submit_pairing_request(old).await.expect("submit");
+    // After the expiry the stored half does not match.
+    let mut late = submission(&p[1], "late", "b@y.io", "a@x.io");
+    late.now = NOW.plus(Duration::from_secs(11));
+    late.request_expiry = late.now.plus(DAY);
+    assert!(matches!(
+        store.submit_pairing_request(late).await,
+        Ok(PairingOutcome::Stored { .. })
+    ));
+    let report = store
+        .purge_expired(NOW.plus(Duration::from_secs(20)))
+        .await
+        .expect("purge");
+    assert_eq!((report.requests, report.events), (1, 1));
+    assert_eq!(store.stats().await.expect("stats").pending_requests, 1);
+}
+
+async fn the_secret_is_chosen_once(store: Arc<dyn Store>) {
+    let first = store.veraid_secret(vec![1; 32]).await.expect("secret");
+    assert_eq!(first, vec![1; 32]);
+    let second = store.veraid_secret(vec![2; 32]).await.expect("secret");
+    assert_eq!(second, vec![1; 32]);
+    store.ping().await.expect("ping");
+}
+
+async fn concurrent_reverse_halves_match_exactly_once(store: Arc<dyn Store>) {
+    const PAIRS: usize = 60;
+    let p = parties();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..PAIRS {
+        for b_side in [false, true] {
+            let (store, p) = (store.clone(), p.clone());
+            tasks.spawn(async move {
+                let (a, b) = (format!("a{i}@x.io"), format!("b{i}@y.io"));
+                let s = if b_side {
+                    submission(&p[1], &format!("B{i}"), &b, &a)
+                } else {
+                    submission(&p[0], &format!("A{i}"), &a, &b)
+                };
+                store.submit_pairing_request(s).await.expect("submit")
+            });
+        }
+    }
+    let mut matched = 0;
+    while let Some(outcome) = tasks.join_next().await {
+        match outcome.expect("task") {
+            PairingOutcome::Matched { .. } => matched += 1,
+            PairingOutcome::Stored { replaced: None } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(matched, PAIRS);
+    let stats = store.stats().await.expect("stats");
+    assert_eq!(
+        (stats.pending_requests, stats.outbox_depth),
+        (0, 2 * PAIRS as u64)
+    );
+}
+
+async fn concurrent_claims_never_overlap(store: Arc<dyn Store>) {
+    const MESSAGES: usize = 120;
+    let p = parties();
+    for i in 0..MESSAGES {
+        store
+            .submit_completion(completion(&format!("m{i}"), &p[i % 5]))
+            .await
+            .expect("queue");
+    }
+    let mut claimers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let store = store.clone();
+        claimers.spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = store
+                    .claim_due_messages(NOW, NOW.plus(DAY), 7)
+                    .await
+                    .expect("claim");
+                if batch.is_empty() {
+                    return mine;
+                }
+                mine.extend(batch.into_iter().map(|e| e.message.id.as_str().to_owned()));
+            }
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(mine) = claimers.join_next().await {
+        all.extend(mine.expect("claimer"));
+    }
+    assert_eq!(all.len(), MESSAGES, "every message claimed exactly once");
+    assert_eq!(distinct(all), MESSAGES);
+}
+
+macro_rules! contract {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let backend = super::Backend::sqlite().await;
+                    super::$test(backend.store.clone()).await;
+                    backend.finish().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let Some(backend) = super::Backend::postgres().await else {
+                        return;
+                    };
+                    super::$test(backend.store.clone()).await;
+                    backend.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    wait_then_match,
+    a_redelivered_event_changes_nothing,
+    replacement_and_caps,
+    leases_retries_and_delivery,
+    expiry_and_purge,
+    the_secret_is_chosen_once,
+    concurrent_reverse_halves_match_exactly_once,
+    concurrent_claims_never_overlap,
+);
