@@ -17,6 +17,9 @@ use crate::telemetry::Metrics;
 /// How long to sleep, at most, with nothing due: other replicas may add messages without
 /// waking us.
 const IDLE_POLL: Duration = Duration::from_secs(5);
+/// How much longer than the sink timeout a claim is held: time to record the result.
+/// A replica that dies mid-delivery leaves its messages to the others after this.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// Pause after a store error before trying again.
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
 
@@ -129,7 +132,7 @@ impl Dispatcher {
                 store,
                 sink,
                 backoff,
-                lease: sink_timeout + Duration::from_secs(10),
+                lease: sink_timeout + LEASE_MARGIN,
                 concurrency: concurrency.max(1),
                 metrics,
                 wake: Notify::new(),

@@ -29,3 +29,44 @@ fn migrate_creates_the_database_and_bad_urls_are_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
 }
+
+#[tokio::test]
+async fn migrate_on_postgresql_and_an_unreachable_server_is_a_clear_error() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    for _ in 0..2 {
+        // Twice: the second run finds the schema up to date.
+        let out = Command::new(BIN)
+            .env_clear()
+            .args(["migrate", "--database", &db.url])
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let version: i32 = {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+        sqlx::query_scalar("SELECT max(version) FROM letro_schema")
+            .fetch_one(&mut conn)
+            .await
+            .expect("schema version")
+    };
+    assert_eq!(version, 1);
+    db.drop_database().await;
+
+    let url = format!("postgres://letro:hunter2@127.0.0.1:{}/letro", closed_port());
+    let out = Command::new(BIN)
+        .env_clear()
+        .args(["migrate", "--db-timeout", "1s", "--database", &url])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("opening PostgreSQL database"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
+}

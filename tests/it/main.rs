@@ -10,5 +10,6 @@ mod fresh_params;
 mod ingress;
 mod outbox;
 mod pairing;
+mod replicas;
 mod store_contract;
 mod support;

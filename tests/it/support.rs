@@ -447,16 +447,20 @@ impl ServerProcess {
     /// Starts `letro-server serve` on port 0 with the given database file, sink and
     /// extra flags, fast retries, and a clean environment; waits until it listens.
     pub fn start(db: &Path, sink: Option<&str>, extra: &[&str]) -> Self {
+        Self::start_on(&format!("sqlite://{}", db.display()), sink, extra)
+    }
+
+    /// The same on any database URL.
+    pub fn start_on(database: &str, sink: Option<&str>, extra: &[&str]) -> Self {
         use std::io::{BufRead, BufReader};
         use std::process::{Command, Stdio};
         let mut command = Command::new(BIN);
         command
             .env_clear()
             .args(["--log-format", "json", "serve", "--bind", "127.0.0.1:0"])
-            .arg("--database")
-            .arg(format!("sqlite://{}", db.display()))
+            .args(["--database", database])
             .args(["--retry-base-delay", "10ms", "--retry-max-delay", "200ms"])
-            .args(["--sink-timeout", "2s", "--shutdown-timeout", "10s"])
+            .args(["--sink-timeout", "1s", "--shutdown-timeout", "10s"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -706,5 +710,104 @@ impl PgDatabase {
         .execute(&mut conn)
         .await;
         let _ = conn.close().await;
+    }
+}
+
+/// A PostgreSQL server of our own (initdb in a temp dir, run as the `postgres` user), so
+/// that a test can stop and start it without disturbing the machine's shared one.
+/// `None`, with a message, where that cannot be done.
+pub struct PrivatePostgres {
+    pub url: String,
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> Option<Self> {
+        let skip = |why: &str| {
+            eprintln!("SKIPPED: cannot run a private PostgreSQL server here ({why})");
+            None
+        };
+        let Some(bin) = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| versions.flatten().map(|v| v.path().join("bin")).max())
+        else {
+            return skip("no /usr/lib/postgresql/*/bin");
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let chown = std::process::Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(dir.path())
+            .status();
+        if !chown.is_ok_and(|s| s.success()) {
+            return skip("cannot hand a directory to the postgres user");
+        }
+        let data = dir.path().join("data");
+        let initdb = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !initdb.is_ok_and(|s| s.success()) {
+            return skip("initdb failed");
+        }
+        let port = closed_port();
+        let server = Self {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            bin,
+            data,
+            port,
+            _dir: dir,
+        };
+        server.pg_ctl(&["start"]);
+        Some(server)
+    }
+
+    fn pg_ctl(&self, action: &[&str]) {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off",
+            self.port,
+            self.data.display()
+        );
+        let status = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-o", &options, "-w", "-t", "30", "-m", "fast"])
+            .args(action)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("pg_ctl");
+        assert!(status.success(), "pg_ctl {action:?} failed");
+    }
+
+    pub fn stop(&self) {
+        self.pg_ctl(&["stop"]);
+    }
+
+    pub fn restart(&self) {
+        self.pg_ctl(&["start"]);
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }

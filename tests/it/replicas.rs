@@ -1,0 +1,251 @@
+//! Several replicas of the real binary on one PostgreSQL database.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::support::*;
+
+/// Posts both halves of each pair at the same moment, to two different replicas.
+async fn post_pairs(replicas: &[ServerProcess], pairs: std::ops::Range<usize>, tag: &str) {
+    let client = client();
+    let p = parties();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in pairs {
+        let (client, p, tag) = (client.clone(), p.clone(), tag.to_owned());
+        let first = replicas[i % replicas.len()].url.clone();
+        let second = replicas[(i + 1) % replicas.len()].url.clone();
+        tasks.spawn(async move {
+            let (a, b) = (format!("a{i}{tag}@x.io"), format!("b{i}{tag}@y.io"));
+            let (pa, pb) = (format!("A{i}{tag}"), format!("B{i}{tag}"));
+            let (ra, rb) = tokio::join!(
+                send_request(&client, &first, &p[0], &pa, &a, &b),
+                send_request(&client, &second, &p[1], &pb, &b, &a),
+            );
+            assert_eq!(ra.expect("answer"), StatusCode::NO_CONTENT);
+            assert_eq!(rb.expect("answer"), StatusCode::NO_CONTENT);
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("pair task");
+    }
+}
+
+/// Receives until `expected` distinct ids have arrived and the sink has been quiet for
+/// a while; returns how often each id arrived, and each match's content fields by id.
+async fn receive_all(
+    sink: &mut FakeSink,
+    expected: usize,
+) -> (HashMap<String, usize>, HashMap<String, Vec<String>>) {
+    let mut times: HashMap<String, usize> = HashMap::new();
+    let mut fields = HashMap::new();
+    while times.len() < expected {
+        let r = sink.next().await;
+        let id = r.header("ce-id").to_owned();
+        fields.insert(id.clone(), assert_match_event(&r));
+        *times.entry(id).or_default() += 1;
+    }
+    while let Some(r) = sink.try_next(Duration::from_millis(500)).await {
+        *times.entry(r.header("ce-id").to_owned()).or_default() += 1;
+    }
+    (times, fields)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_match_exactly_and_share_the_outbox() {
+    const PAIRS: usize = 300;
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let mut sink = FakeSink::start().await;
+    let extra = ["--delivery-concurrency", "4"];
+    let replicas: Vec<ServerProcess> = (0..3)
+        .map(|_| ServerProcess::start_on(&db.url, Some(&sink.url), &extra))
+        .collect();
+    post_pairs(&replicas, 0..PAIRS, "").await;
+    let (times, fields) = receive_all(&mut sink, 2 * PAIRS).await;
+    assert_eq!(times.len(), 2 * PAIRS, "600 distinct matches");
+    let twice: Vec<_> = times.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    // Each party of each pair got exactly one match, naming the other party.
+    let parties_seen: HashSet<(String, String)> = fields
+        .values()
+        .map(|f| (f[1].clone(), f[0].clone()))
+        .collect();
+    assert_eq!(parties_seen.len(), 2 * PAIRS);
+    for i in 0..PAIRS {
+        let (a, b) = (format!("a{i}@x.io"), format!("b{i}@y.io"));
+        assert!(parties_seen.contains(&(a.clone(), b.clone())));
+        assert!(parties_seen.contains(&(b, a)));
+    }
+    println!(
+        "3 replicas: {} matches for {PAIRS} pairs, none delivered twice",
+        times.len()
+    );
+
+    // A replica killed while it holds claimed messages (the sink takes 800 ms to answer,
+    // and the kill comes 300 ms after the last match): the others deliver them once its
+    // leases run out (sink timeout + 5 s).
+    sink.set_delay(Duration::from_millis(800));
+    let mut replicas = replicas;
+    post_pairs(&replicas, 0..30, "k").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim = replicas.remove(0);
+    victim.kill_9();
+    sink.set_delay(Duration::ZERO);
+    let mut times: HashMap<String, usize> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while outbox_depth_pg(&db.url).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox did not drain"
+        );
+        while let Some(r) = sink.try_next(Duration::from_millis(100)).await {
+            *times.entry(r.header("ce-id").to_owned()).or_default() += 1;
+        }
+    }
+    while let Some(r) = sink.try_next(Duration::from_millis(300)).await {
+        *times.entry(r.header("ce-id").to_owned()).or_default() += 1;
+    }
+    assert_eq!(times.len(), 60, "every match of the second wave arrived");
+    let redelivered = times.values().filter(|n| **n > 1).count();
+    assert!(
+        redelivered >= 1,
+        "the killed replica held no message: the test proved nothing"
+    );
+    for replica in replicas {
+        assert_eq!(replica.terminate().await.code(), Some(0));
+    }
+    println!(
+        "replica killed mid-delivery: all 60 matches arrived; {redelivered} that it was \
+         delivering were delivered again by the others after its lease"
+    );
+    db.drop_database().await;
+}
+
+async fn outbox_depth_pg(url: &str) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&mut conn)
+        .await
+        .expect("count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_restart_mid_load_loses_nothing_acknowledged() {
+    let Some(pg) = PrivatePostgres::start() else {
+        return;
+    };
+    let server = ServerProcess::start_on(
+        &pg.url,
+        None,
+        &["--db-timeout", "1s", "--max-pending-per-sender", "100000"],
+    );
+    let client = client();
+    let p = parties();
+    let send = |i: usize| {
+        let (client, url, p) = (client.clone(), server.url.clone(), p[0].clone());
+        async move {
+            send_request(
+                &client,
+                &url,
+                &p,
+                &format!("r{i}"),
+                &format!("u{i}@x.io"),
+                &format!("t{i}@y.io"),
+            )
+            .await
+            .map(|s| s.as_u16())
+            .unwrap_or(0)
+        }
+    };
+    // Requests flow (16 at a time) while the database goes away and comes back.
+    let mut acked = HashSet::new();
+    let mut unavailable = HashSet::new();
+    let mut next = 0;
+    let mut phase = 0;
+    while phase < 3 {
+        let mut batch = tokio::task::JoinSet::new();
+        for i in next..next + 16 {
+            let request = send(i);
+            batch.spawn(async move { (i, request.await) });
+        }
+        next += 16;
+        while let Some(r) = batch.join_next().await {
+            let (i, status) = r.expect("task");
+            match status {
+                204 => {
+                    acked.insert(i);
+                }
+                503 => {
+                    unavailable.insert(i);
+                }
+                other => panic!("request {i}: {other}\n{}", server.recent_log()),
+            }
+        }
+        match phase {
+            0 if next >= 160 => {
+                pg.stop();
+                phase = 1;
+            }
+            1 if unavailable.len() >= 16 => {
+                // The readiness probe says so too.
+                let health = client
+                    .get(&server.url)
+                    .send()
+                    .await
+                    .expect("health")
+                    .status();
+                assert_eq!(health, StatusCode::SERVICE_UNAVAILABLE);
+                pg.restart();
+                phase = 2;
+            }
+            2 if next >= 480 => phase = 3,
+            _ => {}
+        }
+    }
+    // After the restart the server reconnected by itself, and the broker's redeliveries
+    // of what got 503 go through.
+    for i in unavailable.iter().copied().collect::<Vec<_>>() {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match send(i).await {
+                204 => break,
+                503 if tries < 50 => tokio::time::sleep(Duration::from_millis(100)).await,
+                other => panic!("request {i} after the restart: {other}"),
+            }
+        }
+        acked.insert(i);
+    }
+    let health = client
+        .get(&server.url)
+        .send()
+        .await
+        .expect("health")
+        .status();
+    assert_eq!(health, StatusCode::OK);
+    assert_eq!(server.terminate().await.code(), Some(0));
+    let stored: i64 = {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
+        sqlx::query_scalar("SELECT count(*) FROM pending_requests")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count")
+    };
+    assert_eq!(
+        stored as usize,
+        acked.len(),
+        "stored exactly what was acknowledged"
+    );
+    println!(
+        "PostgreSQL restart: {} requests sent, {} answered 503 while it was down and \
+         acknowledged on redelivery, {} stored",
+        next,
+        unavailable.len(),
+        stored
+    );
+}
