@@ -8,6 +8,7 @@
 //! - [`outbox`]: the dispatcher, the HTTP sink, backoff.
 //! - [`cli`], [`config`], [`telemetry`], [`clock`]: the edges.
 //! - [`app`]: the wiring.
+//! - [`fuzz`]: the properties the fuzz targets check.
 
 pub mod app;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod domain;
+pub mod fuzz;
 pub mod http;
 pub mod outbox;
 pub mod store;
