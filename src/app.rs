@@ -151,7 +151,13 @@ impl App {
             shutdown_timeout: config.shutdown_timeout,
         };
         let timeout = config.shutdown_timeout;
-        if !serve(listener, router(state), options, stop_rx.clone()).await {
+        let routes = if config.noop_route {
+            tracing::warn!("POST /noop is on: a benchmark's ceiling, not for production");
+            router(state).route("/noop", axum::routing::post(crate::http::noop))
+        } else {
+            router(state)
+        };
+        if !serve(listener, routes, options, stop_rx.clone()).await {
             tracing::warn!("shutdown timeout: dropping connections still open");
         }
 

@@ -142,6 +142,9 @@ pub struct ServeArgs {
     /// Time a client has to send the body after its headers; slower ones get 408.
     #[arg(long, env = "LETRO_BODY_READ_TIMEOUT", default_value_t = HumanDuration(defaults::BODY_READ_TIMEOUT))]
     pub body_read_timeout: HumanDuration,
+    /// Benchmarks only: serve POST /noop, which answers 204 without touching storage.
+    #[arg(long, env = "LETRO_BENCH_NOOP_ROUTE", hide = true)]
+    pub bench_noop_route: bool,
 }
 
 impl ServeArgs {
@@ -177,6 +180,7 @@ impl ServeArgs {
         };
         config.header_read_timeout = self.header_read_timeout.0;
         config.body_read_timeout = self.body_read_timeout.0;
+        config.noop_route = self.bench_noop_route;
         config.validate()?;
         Ok(config)
     }

@@ -253,6 +253,9 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Time allowed for a client to send the body, once the headers are in.
     pub body_read_timeout: Duration,
+    /// Serve `POST /noop`, which reads the body and answers 204 without decoding or
+    /// storing anything: the benchmark's ceiling. Off in production.
+    pub noop_route: bool,
 }
 
 impl Config {
@@ -280,6 +283,7 @@ impl Config {
             },
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
             body_read_timeout: defaults::BODY_READ_TIMEOUT,
+            noop_route: false,
         }
     }
 

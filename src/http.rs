@@ -54,6 +54,12 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The benchmark's ceiling: HTTP in and out, the body read, nothing else.
+pub async fn noop(body: axum::body::Bytes) -> StatusCode {
+    std::hint::black_box(body);
+    StatusCode::NO_CONTENT
+}
+
 /// Readiness: 200 when the database answers, else 503. Axum answers `HEAD` with the
 /// same status and no body.
 async fn health(State(state): State<AppState>) -> Response {

@@ -11,6 +11,7 @@
 //! - [`fuzz`]: the properties the fuzz targets check.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod clock;

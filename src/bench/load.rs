@@ -1,0 +1,213 @@
+//! A lean keep-alive HTTP/1.1 load generator. Requests are rendered to bytes before the
+//! clock starts, and answers are parsed only as far as the status line and
+//! `Content-Length`, so the generator costs far less CPU than the server it loads (they
+//! share the machine).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use crate::codec::cloudevent::INCOMING_TYPE;
+use crate::codec::pairing::PAIRING_REQUEST_TYPE;
+
+/// One pairing request, ready to send.
+pub fn render_request(
+    path: &str,
+    sender: &str,
+    parcel: &str,
+    server_id: &str,
+    body: &str,
+) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: letro\r\nce-specversion: 1.0\r\nce-id: {parcel}\r\n\
+         ce-source: {sender}\r\nce-type: {INCOMING_TYPE}\r\nce-subject: {server_id}\r\n\
+         content-type: {PAIRING_REQUEST_TYPE}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// How requests are paced.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// Each connection sends its next request as soon as the previous one is answered:
+    /// maximum throughput.
+    Closed,
+    /// Requests are due at a fixed rate, whatever the server does; latency is measured
+    /// from when a request was due, so a stalled server cannot hide its queue
+    /// (no coordinated omission).
+    Open {
+        /// Requests per second.
+        rate: f64,
+    },
+}
+
+/// What a run measured.
+#[derive(Debug)]
+pub struct LoadReport {
+    /// Requests answered, by status.
+    pub statuses: BTreeMap<u16, u64>,
+    /// Requests that got no answer.
+    pub failures: u64,
+    /// From the first request to the last answer.
+    pub elapsed: Duration,
+    /// Latency in microseconds.
+    pub latency: Histogram<u64>,
+}
+
+impl LoadReport {
+    /// Answered requests per second.
+    pub fn throughput(&self) -> f64 {
+        let answered: u64 = self.statuses.values().sum();
+        answered as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// A latency quantile in milliseconds.
+    pub fn latency_ms(&self, quantile: f64) -> f64 {
+        self.latency.value_at_quantile(quantile) as f64 / 1000.0
+    }
+}
+
+/// Sends every request once over `connections` keep-alive connections to `addr`, paced
+/// by `pace`, printing progress to stderr every second under `label`.
+pub async fn run(
+    addr: std::net::SocketAddr,
+    requests: Arc<Vec<Vec<u8>>>,
+    connections: usize,
+    pace: Pace,
+    label: &str,
+) -> LoadReport {
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let merged = Arc::new(Mutex::new((
+        BTreeMap::<u16, u64>::new(),
+        0u64,
+        new_histogram(),
+    )));
+    let start = Instant::now();
+    let progress = {
+        let (done, label, total) = (done.clone(), label.to_owned(), requests.len());
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = done.load(Ordering::Relaxed);
+                eprintln!(
+                    "  {label}: {now}/{total} answered, {} req/s",
+                    now.saturating_sub(last)
+                );
+                last = now;
+            }
+        })
+    };
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let (requests, next, done, merged) =
+            (requests.clone(), next.clone(), done.clone(), merged.clone());
+        workers.spawn(async move {
+            let mut statuses = BTreeMap::<u16, u64>::new();
+            let mut failures = 0u64;
+            let mut histogram = new_histogram();
+            let mut conn: Option<BufReader<TcpStream>> = None;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(request) = requests.get(i) else {
+                    break;
+                };
+                let due = match pace {
+                    Pace::Closed => Instant::now(),
+                    Pace::Open { rate } => {
+                        let due = start + Duration::from_secs_f64(i as f64 / rate);
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                };
+                if conn.is_none() {
+                    conn = TcpStream::connect(addr).await.ok().map(|s| {
+                        let _ = s.set_nodelay(true);
+                        BufReader::new(s)
+                    });
+                }
+                let status = match conn.as_mut() {
+                    Some(stream) => exchange(stream, request).await,
+                    None => None,
+                };
+                match status {
+                    Some((status, keep_alive)) => {
+                        *statuses.entry(status).or_default() += 1;
+                        let micros = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        let _ = histogram.record(micros.max(1));
+                        if !keep_alive {
+                            conn = None;
+                        }
+                    }
+                    None => {
+                        failures += 1;
+                        conn = None;
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut merged = merged.lock().await;
+            for (status, n) in statuses {
+                *merged.0.entry(status).or_default() += n;
+            }
+            merged.1 += failures;
+            let _ = merged.2.add(&histogram);
+        });
+    }
+    while workers.join_next().await.is_some() {}
+    let elapsed = start.elapsed();
+    progress.abort();
+    let (statuses, failures, latency) = Arc::try_unwrap(merged)
+        .map(Mutex::into_inner)
+        .unwrap_or_else(|_| (BTreeMap::new(), 0, new_histogram()));
+    LoadReport {
+        statuses,
+        failures,
+        elapsed,
+        latency,
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs to 60 s at 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant, valid bounds")
+}
+
+/// Writes one request and reads its answer: (status, whether the connection stays open).
+async fn exchange(stream: &mut BufReader<TcpStream>, request: &[u8]) -> Option<(u16, bool)> {
+    stream.get_mut().write_all(request).await.ok()?;
+    let mut line = String::new();
+    let mut status = 0u16;
+    let mut length = 0usize;
+    let mut keep_alive = true;
+    loop {
+        line.clear();
+        if stream.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        if status == 0 {
+            status = line.get(9..12)?.parse().ok()?;
+            continue;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(value) = lower.strip_prefix("content-length:") {
+            length = value.trim().parse().ok()?;
+        } else if lower.starts_with("connection:") && lower.contains("close") {
+            keep_alive = false;
+        }
+    }
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.ok()?;
+    Some((status, keep_alive))
+}
