@@ -143,7 +143,8 @@ pub trait Store: Send + Sync + 'static {
         submission: CompletionSubmission,
     ) -> Result<CompletionOutcome>;
 
-    /// Claims up to `limit` due messages, oldest first, hiding them from other claims
+    /// Claims up to `limit` due messages, earliest due first (creation order among equals;
+    /// the query must use an index, whatever the backlog), hiding them from other claims
     /// until `lease_until` (so a crash mid-delivery only delays them).
     async fn claim_due_messages(
         &self,

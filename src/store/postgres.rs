@@ -65,6 +65,10 @@ const MIGRATIONS: &[&str] = &[
          last_error TEXT
      );
      CREATE INDEX outbox_due ON outbox (next_attempt_at);",
+    // 2: claims walk the due messages in (next_attempt_at, seq) order, which this index
+    // gives without a sort, however long the backlog.
+    "CREATE INDEX outbox_due_seq ON outbox (next_attempt_at, seq);
+     DROP INDEX outbox_due;",
 ];
 
 /// Advisory lock key of migrations ("letro" in ASCII).
@@ -219,21 +223,26 @@ async fn count_pending(
     replaces: Option<EndpointId>,
 ) -> Result<PendingCounts> {
     let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    let from_sender: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (
+    // u32::MAX is no cap: nothing to count.
+    let from_sender: i64 = if s.limits.per_sender == u32::MAX {
+        0
+    } else {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM (
              SELECT 1 FROM pending_requests
              WHERE endpoint_id = $1 AND expires_at > $2
                AND NOT (requester_digest = $3 AND target_digest = $4)
              LIMIT $5) AS capped",
-    )
-    .bind(s.request.endpoint_id.as_str())
-    .bind(s.now.0)
-    .bind(requester)
-    .bind(target)
-    .bind(i64::from(s.limits.per_sender))
-    .fetch_one(&mut **tx)
-    .await
-    .map_err(unavailable)?;
+        )
+        .bind(s.request.endpoint_id.as_str())
+        .bind(s.now.0)
+        .bind(requester)
+        .bind(target)
+        .bind(i64::from(s.limits.per_sender))
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(unavailable)?
+    };
     let for_target: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (
              SELECT 1 FROM pending_requests
@@ -385,7 +394,7 @@ impl Store for PostgresStore {
             "UPDATE outbox SET next_attempt_at = $1
              WHERE seq IN (
                  SELECT seq FROM outbox WHERE next_attempt_at <= $2
-                 ORDER BY seq LIMIT $3
+                 ORDER BY next_attempt_at, seq LIMIT $3
                  FOR UPDATE SKIP LOCKED)
              RETURNING seq, id, source, recipient, kind, content, time_ms, expiry_ms, attempts",
         )

@@ -84,8 +84,14 @@ impl SqliteStore {
             Synchronous::Full => "FULL",
             Synchronous::Normal => "NORMAL",
         };
+        // An 8 MiB page cache (the default is 2 MiB) keeps more of a large database's
+        // index pages in memory. Not more: SQLite scans the cache's whole hash table at
+        // the end of every write transaction (pcache1TruncateUnsafe, 16% of the writer's
+        // time with a 32 MiB cache of 1 KiB pages). Checkpoints every 4000 pages instead
+        // of 1000 write each hot page to the database file less often.
         conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};"
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};
+             PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = 4000;"
         ))
         .map_err(unavailable)?;
         migrate(&conn).map_err(unavailable)?;
@@ -372,8 +378,11 @@ fn count_pending(
     replaces: Option<EndpointId>,
 ) -> rusqlite::Result<PendingCounts> {
     let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    let from_sender: i64 = conn
-        .prepare_cached(
+    // u32::MAX is no cap: nothing to count.
+    let from_sender: i64 = if s.limits.per_sender == u32::MAX {
+        0
+    } else {
+        conn.prepare_cached(
             "SELECT count(*) FROM (
                  SELECT 1 FROM pending_requests
                  WHERE endpoint_id = ?1 AND expires_at > ?2
@@ -389,7 +398,8 @@ fn count_pending(
                 s.limits.per_sender
             ],
             |r| r.get(0),
-        )?;
+        )?
+    };
     let for_target: i64 = conn
         .prepare_cached(
             "SELECT count(*) FROM (
@@ -440,7 +450,8 @@ fn claim(
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let mut stmt = conn.prepare_cached(
         "UPDATE outbox SET next_attempt_at = ?1
-         WHERE seq IN (SELECT seq FROM outbox WHERE next_attempt_at <= ?2 ORDER BY seq LIMIT ?3)
+         WHERE seq IN (SELECT seq FROM outbox WHERE next_attempt_at <= ?2
+                       ORDER BY next_attempt_at, seq LIMIT ?3)
          RETURNING seq, id, source, recipient, kind, content, time_ms, expiry_ms, attempts",
     )?;
     let mut rows = stmt

@@ -56,7 +56,7 @@ async fn migrate_on_postgresql_and_an_unreachable_server_is_a_clear_error() {
             .await
             .expect("schema version")
     };
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
     db.drop_database().await;
 
     let url = format!("postgres://letro:hunter2@127.0.0.1:{}/letro", closed_port());
