@@ -49,7 +49,7 @@ pub mod defaults {
     /// `--sink-timeout`.
     pub const SINK_TIMEOUT: Duration = Duration::from_secs(10);
     /// `--delivery-concurrency`.
-    pub const DELIVERY_CONCURRENCY: usize = 16;
+    pub const DELIVERY_CONCURRENCY: usize = 64;
     /// `--message-ttl`.
     pub const MESSAGE_TTL: Duration = Duration::from_secs(90 * 86_400);
     /// `--request-ttl`.

@@ -178,6 +178,10 @@ impl Dispatcher {
         tracing::info!(sink = %inner.sink.url(), "outbox dispatcher started");
         while !*shutdown.borrow() {
             let mut free = inner.concurrency.saturating_sub(in_flight.len());
+            if !in_flight.is_empty() && free < inner.concurrency.div_ceil(4) {
+                // Claim in batches: a claim is a write transaction, too dear per message.
+                free = 0;
+            }
             if inner.health().failures > 0 {
                 // The sink looked down: probe with one message until one gets through.
                 free = usize::from(in_flight.is_empty());

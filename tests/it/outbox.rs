@@ -187,6 +187,7 @@ async fn during_an_outage_the_dispatcher_probes_instead_of_storming() {
     let mut config = test_config(&db, None);
     config.retry_base_delay = Duration::from_millis(50);
     config.retry_max_delay = Duration::from_millis(400);
+    config.delivery_concurrency = 16;
     // Queue 40 messages before the dispatcher starts.
     let app = TestApp::spawn(config.clone()).await;
     for i in 0..20 {
