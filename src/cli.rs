@@ -126,6 +126,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LETRO_SHUTDOWN_TIMEOUT", default_value_t = HumanDuration(defaults::SHUTDOWN_TIMEOUT))]
     pub shutdown_timeout: HumanDuration,
     /// Most pairing requests one endpoint may have waiting; more are refused (204).
+    /// 4294967295 means no cap (and saves counting them).
     #[arg(long, env = "LETRO_MAX_PENDING_PER_SENDER", default_value_t = defaults::MAX_PENDING_PER_SENDER)]
     pub max_pending_per_sender: u32,
     /// Most pairing requests that may wait for one target VeraId; more are refused (204).

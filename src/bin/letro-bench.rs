@@ -32,7 +32,7 @@ struct Args {
     #[arg(long, default_value_t = 60_000)]
     requests: usize,
     /// Concurrent keep-alive connections.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 128)]
     connections: usize,
     /// Distinct endpoint keys (cached in target/bench-keys/).
     #[arg(long, default_value_t = 256)]
@@ -64,7 +64,8 @@ impl Server {
             .args(["--database", database])
             .args(["--sink", &format!("http://{sink}/")])
             .args(["--veraid-secret", SECRET_HEX, "--bench-noop-route"])
-            .args(["--max-pending-per-sender", "1000000000"])
+            // No per-sender cap: a few hundred keys stand for many users here.
+            .args(["--max-pending-per-sender", "4294967295"])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -290,7 +291,12 @@ async fn preload(path: &Path, keys: &[BenchKey], count: usize) -> anyhow::Result
             },
         };
         let store = store.clone();
-        tasks.spawn(async move { store.submit_pairing_request(submission).await.map(drop) });
+        tasks.spawn(async move {
+            match store.submit_pairing_request(submission).await? {
+                letro_server::store::PairingOutcome::Stored { .. } => Ok(()),
+                other => Err(anyhow::anyhow!("preload: {other:?}")),
+            }
+        });
     }
     while let Some(r) = tasks.join_next().await {
         r??;
@@ -299,14 +305,21 @@ async fn preload(path: &Path, keys: &[BenchKey], count: usize) -> anyhow::Result
     Ok(())
 }
 
+/// The commit measured, marked `-dirty` when the work tree has changes.
 fn git_commit() -> String {
-    Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|| "unknown".into())
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        Some(changes) if !changes.is_empty() => format!("{commit}-dirty"),
+        _ => commit,
+    }
 }
 
 #[tokio::main]
