@@ -102,9 +102,31 @@ pub fn connection_params(data: &[u8]) {
     );
 }
 
+/// xorshift64*: a tiny deterministic generator for mutation passes, so that a failure
+/// names a reproducible case. Not for anything that must be unpredictable.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next_u64() % (n.max(1) as u64)).unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
+
+    use super::Rng;
 
     /// Mutations tried per target in the bounded pass, spread over the corpus: small
     /// enough for every `cargo test`, large enough to walk off each decoder's happy path.
@@ -125,20 +147,6 @@ mod tests {
             .collect()
     }
 
-    /// xorshift64*: deterministic, so a failure here fails the same way every time.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            usize::try_from(self.next() % (n.max(1) as u64)).unwrap_or(0)
-        }
-    }
-
     fn mutate(rng: &mut Rng, seed: &[u8], other: &[u8]) -> Vec<u8> {
         let mut data = seed.to_vec();
         for _ in 0..=rng.below(4) {
@@ -148,7 +156,7 @@ mod tests {
                     let i = at.min(data.len() - 1);
                     data[i] ^= 1 << rng.below(8);
                 }
-                1 => data.insert(at, rng.next() as u8),
+                1 => data.insert(at, rng.next_u64() as u8),
                 2 if at < data.len() => {
                     data.remove(at);
                 }

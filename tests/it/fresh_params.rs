@@ -11,6 +11,7 @@ use letro_server::client::{
     issue_certificate, session_key,
 };
 use letro_server::codec::connparams::encode_connection_params;
+use letro_server::fuzz::Rng;
 use reqwest::StatusCode;
 
 use crate::support::*;
@@ -310,22 +311,6 @@ async fn a_redelivered_authorisation_is_forwarded_once() {
     app.stop().await;
 }
 
-/// xorshift64*: a tiny deterministic generator, so a failure names a reproducible case.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 #[tokio::test]
 async fn mangled_params_never_cause_a_5xx() {
     let (_dir, db) = temp_db();
@@ -361,7 +346,9 @@ async fn mangled_params_never_cause_a_5xx() {
             }
             _ => {
                 let at = rng.below(params.len());
-                let extra: Vec<u8> = (0..1 + rng.below(16)).map(|_| rng.next() as u8).collect();
+                let extra: Vec<u8> = (0..1 + rng.below(16))
+                    .map(|_| rng.next_u64() as u8)
+                    .collect();
                 params.splice(at..at, extra);
             }
         }

@@ -192,13 +192,10 @@ async fn a_postgresql_restart_mid_load_loses_nothing_acknowledged() {
             }
             1 if unavailable.len() >= 16 => {
                 // The readiness probe says so too.
-                let health = client
-                    .get(&server.url)
-                    .send()
-                    .await
-                    .expect("health")
-                    .status();
-                assert_eq!(health, StatusCode::SERVICE_UNAVAILABLE);
+                assert_eq!(
+                    health(&client, &server.url).await,
+                    StatusCode::SERVICE_UNAVAILABLE
+                );
                 pg.restart();
                 phase = 2;
             }
@@ -220,13 +217,7 @@ async fn a_postgresql_restart_mid_load_loses_nothing_acknowledged() {
         }
         acked.insert(i);
     }
-    let health = client
-        .get(&server.url)
-        .send()
-        .await
-        .expect("health")
-        .status();
-    assert_eq!(health, StatusCode::OK);
+    assert_eq!(health(&client, &server.url).await, StatusCode::OK);
     assert_eq!(server.terminate().await.code(), Some(0));
     let stored: i64 = {
         use sqlx::Connection;
@@ -248,4 +239,8 @@ async fn a_postgresql_restart_mid_load_loses_nothing_acknowledged() {
         unavailable.len(),
         stored
     );
+}
+
+async fn health(client: &reqwest::Client, url: &str) -> StatusCode {
+    client.get(url).send().await.expect("health").status()
 }
