@@ -151,107 +151,135 @@ fn pair_lock(a: &VeraIdDigest, b: &VeraIdDigest) -> i64 {
     i64::from_be_bytes(bytes)
 }
 
-/// Records the event key; false if it was already recorded (a redelivery). A racing
-/// transaction with the same key makes this wait for it to finish.
+/// Records the event key, after taking the advisory lock `lock` if given (in the same
+/// statement: one round trip); false if the key was already recorded (a redelivery). A
+/// racing transaction with the same key makes this wait for it to finish.
 async fn record_event(
     tx: &mut Transaction<'_, Postgres>,
     event: &EventKey,
     expiry: Timestamp,
+    lock: Option<i64>,
 ) -> Result<bool> {
-    let inserted = sqlx::query(
-        "INSERT INTO processed_events (source, id, expires_at) VALUES ($1, $2, $3)
-         ON CONFLICT (source, id) DO NOTHING",
-    )
-    .bind(&event.source)
-    .bind(&event.id)
-    .bind(expiry.0)
-    .execute(&mut **tx)
-    .await
+    let inserted = match lock {
+        Some(key) => {
+            // The lock is taken in FROM, so before the row is inserted.
+            sqlx::query(
+                "INSERT INTO processed_events (source, id, expires_at)
+                 SELECT $1, $2, $3 FROM (SELECT pg_advisory_xact_lock($4)) AS locked
+                 ON CONFLICT (source, id) DO NOTHING",
+            )
+            .bind(&event.source)
+            .bind(&event.id)
+            .bind(expiry.0)
+            .bind(key)
+            .execute(&mut **tx)
+            .await
+        }
+        None => {
+            sqlx::query(
+                "INSERT INTO processed_events (source, id, expires_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (source, id) DO NOTHING",
+            )
+            .bind(&event.source)
+            .bind(&event.id)
+            .bind(expiry.0)
+            .execute(&mut **tx)
+            .await
+        }
+    }
     .map_err(unavailable)?;
     Ok(inserted.rows_affected() == 1)
 }
 
-async fn insert_message(tx: &mut Transaction<'_, Postgres>, m: &OutgoingMessage) -> Result<()> {
-    // A stable id that is already queued is the same message: keep the first.
+/// Queues `messages` in one statement, in order. A stable id that is already queued is
+/// the same message: the first is kept.
+async fn insert_messages(
+    tx: &mut Transaction<'_, Postgres>,
+    messages: &[OutgoingMessage],
+) -> Result<()> {
+    let column = |f: fn(&OutgoingMessage) -> String| messages.iter().map(f).collect::<Vec<_>>();
     sqlx::query(
         "INSERT INTO outbox (id, source, recipient, kind, content, time_ms, expiry_ms, next_attempt_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $6)
+         SELECT id, source, recipient, kind, content, time_ms, expiry_ms, time_ms
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[],
+                     $6::int8[], $7::int8[])
+              AS m(id, source, recipient, kind, content, time_ms, expiry_ms)
          ON CONFLICT (id) DO NOTHING",
     )
-    .bind(m.id.as_str())
-    .bind(&m.source)
-    .bind(m.recipient.as_str())
-    .bind(m.kind.name())
-    .bind(&m.content)
-    .bind(m.time.0)
-    .bind(m.expiry.0)
+    .bind(column(|m| m.id.as_str().to_owned()))
+    .bind(column(|m| m.source.clone()))
+    .bind(column(|m| m.recipient.as_str().to_owned()))
+    .bind(column(|m| m.kind.name().to_owned()))
+    .bind(messages.iter().map(|m| m.content.clone()).collect::<Vec<_>>())
+    .bind(messages.iter().map(|m| m.time.0).collect::<Vec<_>>())
+    .bind(messages.iter().map(|m| m.expiry.0).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await
     .map_err(unavailable)?;
     Ok(())
 }
 
-async fn pending(
+/// The live reverse request (`target` asked for `requester`) and the live request this
+/// one would replace (`requester` asked for `target`), in one query.
+async fn pending_both_ways(
     tx: &mut Transaction<'_, Postgres>,
     requester: &VeraIdDigest,
     target: &VeraIdDigest,
     now: Timestamp,
-) -> Result<Option<PendingRequest>> {
-    let row: Option<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT endpoint_id, key_der FROM pending_requests
-         WHERE requester_digest = $1 AND target_digest = $2 AND expires_at > $3",
+) -> Result<(Option<PendingRequest>, Option<PendingRequest>)> {
+    let rows: Vec<(Vec<u8>, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT requester_digest, endpoint_id, key_der FROM pending_requests
+         WHERE ((requester_digest = $1 AND target_digest = $2)
+             OR (requester_digest = $2 AND target_digest = $1))
+           AND expires_at > $3",
     )
-    .bind(&requester.0[..])
     .bind(&target.0[..])
+    .bind(&requester.0[..])
     .bind(now.0)
-    .fetch_optional(&mut **tx)
+    .fetch_all(&mut **tx)
     .await
     .map_err(unavailable)?;
-    match row {
-        Some((id, key_der)) => Ok(Some(PendingRequest {
+    let (mut counterpart, mut previous) = (None, None);
+    for (from, id, key_der) in rows {
+        let request = PendingRequest {
             endpoint_id: EndpointId::parse(&id).map_err(|_| corrupt("pending endpoint id"))?,
             key_der,
-        })),
-        None => Ok(None),
+        };
+        if from == target.0 {
+            counterpart = Some(request);
+        } else {
+            previous = Some(request);
+        }
     }
+    Ok((counterpart, previous))
 }
 
-/// Counts what the caps look at, stopping at each cap.
+/// Counts what the caps look at, stopping at each cap, in one query. A cap of u32::MAX
+/// is no cap: its count is skipped.
 async fn count_pending(
     tx: &mut Transaction<'_, Postgres>,
     s: &PairingSubmission,
     replaces: Option<EndpointId>,
 ) -> Result<PendingCounts> {
     let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    // u32::MAX is no cap: nothing to count.
-    let from_sender: i64 = if s.limits.per_sender == u32::MAX {
-        0
-    } else {
-        sqlx::query_scalar(
-            "SELECT count(*) FROM (
-             SELECT 1 FROM pending_requests
-             WHERE endpoint_id = $1 AND expires_at > $2
-               AND NOT (requester_digest = $3 AND target_digest = $4)
-             LIMIT $5) AS capped",
-        )
-        .bind(s.request.endpoint_id.as_str())
-        .bind(s.now.0)
-        .bind(requester)
-        .bind(target)
-        .bind(i64::from(s.limits.per_sender))
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(unavailable)?
-    };
-    let for_target: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (
-             SELECT 1 FROM pending_requests
-             WHERE target_digest = $1 AND expires_at > $2 AND requester_digest <> $3
-             LIMIT $4) AS capped",
+    let (from_sender, for_target): (i64, i64) = sqlx::query_as(
+        "SELECT
+             CASE WHEN $6 THEN 0 ELSE (SELECT count(*) FROM (
+                 SELECT 1 FROM pending_requests
+                 WHERE endpoint_id = $1 AND expires_at > $2
+                   AND NOT (requester_digest = $3 AND target_digest = $4)
+                 LIMIT $5) AS capped) END,
+             (SELECT count(*) FROM (
+                 SELECT 1 FROM pending_requests
+                 WHERE target_digest = $4 AND expires_at > $2 AND requester_digest <> $3
+                 LIMIT $7) AS capped)",
     )
-    .bind(target)
+    .bind(s.request.endpoint_id.as_str())
     .bind(s.now.0)
     .bind(requester)
+    .bind(target)
+    .bind(i64::from(s.limits.per_sender))
+    .bind(s.limits.per_sender == u32::MAX)
     .bind(i64::from(s.limits.per_target))
     .fetch_one(&mut **tx)
     .await
@@ -308,19 +336,16 @@ impl Store for PostgresStore {
     }
 
     async fn submit_pairing_request(&self, s: PairingSubmission) -> Result<PairingOutcome> {
+        // Round trips are what a PostgreSQL transaction costs here: the lock rides with
+        // the event key, both pending rows come in one query, both counts in another.
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(pair_lock(&s.requester_digest, &s.target_digest))
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        if !record_event(&mut tx, &s.event, s.request_expiry).await? {
+        let lock = pair_lock(&s.requester_digest, &s.target_digest);
+        if !record_event(&mut tx, &s.event, s.request_expiry, Some(lock)).await? {
             return Ok(PairingOutcome::Duplicate);
         }
-        let counterpart = pending(&mut tx, &s.target_digest, &s.requester_digest, s.now).await?;
-        let previous = pending(&mut tx, &s.requester_digest, &s.target_digest, s.now)
-            .await?
-            .map(|p| p.endpoint_id);
+        let (counterpart, previous) =
+            pending_both_ways(&mut tx, &s.requester_digest, &s.target_digest, s.now).await?;
+        let previous = previous.map(|p| p.endpoint_id);
         let outcome = match decide(&s.request, counterpart) {
             Decision::Wait => {
                 let counts = count_pending(&mut tx, &s, previous.clone()).await?;
@@ -362,9 +387,7 @@ impl Store for PostgresStore {
                 .await
                 .map_err(unavailable)?;
                 let messages = match_messages(&s, [&for_requester, &for_counterpart]);
-                for m in &messages {
-                    insert_message(&mut tx, m).await?;
-                }
+                insert_messages(&mut tx, &messages).await?;
                 PairingOutcome::Matched {
                     messages: messages.into_iter().map(|m| m.id).collect(),
                 }
@@ -376,10 +399,10 @@ impl Store for PostgresStore {
 
     async fn submit_completion(&self, s: CompletionSubmission) -> Result<CompletionOutcome> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        if !record_event(&mut tx, &s.event, s.event_expiry).await? {
+        if !record_event(&mut tx, &s.event, s.event_expiry, None).await? {
             return Ok(CompletionOutcome::Duplicate);
         }
-        insert_message(&mut tx, &s.message).await?;
+        insert_messages(&mut tx, std::slice::from_ref(&s.message)).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(CompletionOutcome::Queued)
     }
