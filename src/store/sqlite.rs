@@ -8,10 +8,10 @@
 //! read-then-write, so two reverse requests can never both match or both miss.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
@@ -68,6 +68,11 @@ enum Msg {
 #[derive(Debug)]
 pub struct SqliteStore {
     jobs: mpsc::Sender<Msg>,
+    /// A second, read-only connection for reads that need no transaction with a write
+    /// (readiness, next due time, counts): WAL lets it read while the writer writes, so
+    /// a `/metrics` scrape counting a million rows does not stall every request. `None`
+    /// once closed.
+    reader: Arc<Mutex<Option<Connection>>>,
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -101,7 +106,35 @@ impl SqliteStore {
             .name("sqlite-writer".into())
             .spawn(move || writer(conn, rx))
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { jobs: tx })
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(unavailable)?;
+        reader
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
+        Ok(Self {
+            jobs: tx,
+            reader: Arc::new(Mutex::new(Some(reader))),
+        })
+    }
+
+    /// Runs the read `f` on the reader connection, off the async workers.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = reader.lock().unwrap_or_else(PoisonError::into_inner);
+            match guard.as_ref() {
+                Some(conn) => f(conn).map_err(unavailable),
+                None => Err(StoreError::Closed),
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
     }
 
     /// Runs `f` on the writer thread, inside the next transaction, and returns its result
@@ -486,6 +519,7 @@ fn claim(
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<()> {
+        // Through the writer: readiness must fail when writes cannot be queued.
         self.call(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
             .await
     }
@@ -532,7 +566,7 @@ impl Store for SqliteStore {
     }
 
     async fn next_due(&self) -> Result<Option<Timestamp>> {
-        self.call(|conn| {
+        self.read(|conn| {
             conn.prepare_cached("SELECT min(next_attempt_at) FROM outbox")?
                 .query_row([], |r| r.get::<_, Option<i64>>(0))
                 .map(|t| t.map(Timestamp))
@@ -568,7 +602,7 @@ impl Store for SqliteStore {
     }
 
     async fn stats(&self) -> Result<Stats> {
-        self.call(|conn| {
+        self.read(|conn| {
             let (depth, oldest): (i64, Option<i64>) =
                 conn.query_row("SELECT count(*), min(time_ms) FROM outbox", [], |r| {
                     Ok((r.get(0)?, r.get(1)?))
@@ -603,6 +637,10 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        self.reader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let (tx, rx) = oneshot::channel();
         if self.jobs.send(Msg::Close(tx)).is_ok() {
             let _ = rx.await;
