@@ -233,15 +233,7 @@ async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<
             if reason == Refusal::ReplacesOtherEndpoint {
                 state.metrics.replaced_other_endpoint();
             }
-            tracing::warn!(
-                parcel.id = %event.id,
-                sender = %event.source,
-                requester, target,
-                reason = reason.as_str(),
-                "refused pairing-request: {reason}"
-            );
-            state.metrics.refusal(reason.as_str());
-            state.metrics.event(KIND, "refused");
+            return refuse(state, event, KIND, reason);
         }
         PairingOutcome::Stored { replaced } => {
             state.metrics.event(KIND, "stored");
@@ -276,12 +268,7 @@ async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<
                 messages = messages.len(),
                 "pairing matched"
             );
-            match &state.dispatcher {
-                Some(dispatcher) => dispatcher.wake(),
-                None => {
-                    tracing::warn!("no sink configured (K_SINK): the matches wait in the outbox")
-                }
-            }
+            wake_dispatcher(state);
         }
     }
     Ok(())
