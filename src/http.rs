@@ -1,5 +1,6 @@
-//! HTTP: the CloudEvents ingress on `POST /`, readiness on `GET`/`HEAD /`, and
-//! `GET /metrics`. [`ApiError`] is the only place that knows status codes.
+//! HTTP: the CloudEvents ingress on `POST /`, readiness on `GET`/`HEAD /` and
+//! `/readyz`, liveness on `/livez`, and `GET /metrics`. [`ApiError`] is the only place
+//! that knows status codes.
 
 mod error;
 mod ingress;
@@ -50,6 +51,8 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(health).post(ingress::ingest))
+        .route("/readyz", get(health))
+        .route("/livez", get(live))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -67,6 +70,13 @@ async fn health(State(state): State<AppState>) -> Response {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
         Err(e) => ApiError::Unavailable(e).into_response(),
     }
+}
+
+/// Liveness: 200 while the process serves HTTP. It does not look at the database: a
+/// restart would not bring a database back, and restarting every replica during a
+/// database outage would only add cold starts to it.
+async fn live() -> &'static str {
+    "ok\n"
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
