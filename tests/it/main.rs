@@ -5,6 +5,7 @@
 mod abuse;
 mod authorisation;
 mod cli;
+mod deploy;
 mod faults;
 mod fresh_params;
 mod ingress;
