@@ -122,6 +122,59 @@ pub struct PurgeReport {
     pub events: u64,
 }
 
+/// One outbox message as an operator sees it. No content: a match carries a VeraId.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxSummary {
+    /// The CloudEvent id.
+    pub id: MessageId,
+    /// What it is.
+    pub kind: MessageKind,
+    /// The endpoint it goes to.
+    pub recipient: EndpointId,
+    /// When it was created.
+    pub created: Timestamp,
+    /// When it expires and is dropped undelivered.
+    pub expiry: Timestamp,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// When it is next tried (or, while a delivery is in flight, when its lease ends).
+    pub next_attempt: Timestamp,
+    /// What the last failed attempt said.
+    pub last_error: Option<String>,
+}
+
+/// The outbox at a glance.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OutboxStatus {
+    /// Messages waiting.
+    pub depth: u64,
+    /// Of those, due now.
+    pub due: u64,
+    /// Of those, having failed at least once.
+    pub retrying: u64,
+    /// Creation time of the oldest.
+    pub oldest: Option<Timestamp>,
+    /// The earliest next attempt.
+    pub next_attempt: Option<Timestamp>,
+    /// Waiting messages by kind, in [`MessageKind`] name order.
+    pub by_kind: Vec<(MessageKind, u64)>,
+}
+
+/// Pending pairing requests at a glance (counts only: no VeraIds, no digests).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestStats {
+    /// Requests still waiting for their reverse half.
+    pub live: u64,
+    /// Expired requests not yet purged.
+    pub expired: u64,
+    /// Distinct endpoints with a live request.
+    pub senders: u64,
+    /// Creation time of the oldest live request.
+    pub oldest: Option<Timestamp>,
+    /// Processed-event keys kept for redelivery detection.
+    pub processed_events: u64,
+}
+
 /// The broker's storage. Every method is one transaction.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -170,6 +223,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes pending requests and processed-event keys that expired before `now`.
     async fn purge_expired(&self, now: Timestamp) -> Result<PurgeReport>;
+
+    /// The outbox at `now`, for operators.
+    async fn outbox_status(&self, now: Timestamp) -> Result<OutboxStatus>;
+
+    /// Up to `limit` outbox messages, earliest next attempt first.
+    async fn outbox_list(&self, limit: usize) -> Result<Vec<OutboxSummary>>;
+
+    /// Makes messages that have failed at least once due at `now` instead of at the end
+    /// of their backoff: those in `ids`, or all of them. Returns how many were changed.
+    async fn retry_now(&self, ids: Option<Vec<MessageId>>, now: Timestamp) -> Result<u64>;
+
+    /// Counts of pending pairing requests at `now`, for operators.
+    async fn request_stats(&self, now: Timestamp) -> Result<RequestStats>;
 
     /// Finishes queued work and releases the database.
     async fn close(&self);

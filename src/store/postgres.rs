@@ -15,8 +15,9 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{
-    CompletionOutcome, CompletionSubmission, OutboxEntry, PairingOutcome, PairingSubmission,
-    PurgeReport, Result, Stats, Store, StoreError, match_messages,
+    CompletionOutcome, CompletionSubmission, OutboxEntry, OutboxStatus, OutboxSummary,
+    PairingOutcome, PairingSubmission, PurgeReport, RequestStats, Result, Stats, Store, StoreError,
+    match_messages,
 };
 use crate::domain::pairing::{admit, decide};
 use crate::domain::{
@@ -82,6 +83,10 @@ pub struct PostgresStore {
 
 fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -502,6 +507,115 @@ impl Store for PostgresStore {
             .rows_affected();
         tx.commit().await.map_err(unavailable)?;
         Ok(PurgeReport { requests, events })
+    }
+
+    async fn outbox_status(&self, now: Timestamp) -> Result<OutboxStatus> {
+        let (depth, due, retrying, oldest, next): (i64, i64, i64, Option<i64>, Option<i64>) =
+            sqlx::query_as(
+                "SELECT count(*), count(*) FILTER (WHERE next_attempt_at <= $1),
+                        count(*) FILTER (WHERE attempts > 0), min(time_ms), min(next_attempt_at)
+                 FROM outbox",
+            )
+            .bind(now.0)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let kinds: Vec<(String, i64)> =
+            sqlx::query_as("SELECT kind, count(*) FROM outbox GROUP BY kind ORDER BY kind")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        let mut by_kind = Vec::with_capacity(kinds.len());
+        for (kind, n) in kinds {
+            let kind = MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?;
+            by_kind.push((kind, count(n)));
+        }
+        Ok(OutboxStatus {
+            depth: count(depth),
+            due: count(due),
+            retrying: count(retrying),
+            oldest: oldest.map(Timestamp),
+            next_attempt: next.map(Timestamp),
+            by_kind,
+        })
+    }
+
+    async fn outbox_list(&self, limit: usize) -> Result<Vec<OutboxSummary>> {
+        let rows = sqlx::query(
+            "SELECT id, kind, recipient, time_ms, expiry_ms, attempts, next_attempt_at,
+                    last_error
+             FROM outbox ORDER BY next_attempt_at, seq LIMIT $1",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let get = |e: sqlx::Error| unavailable(e);
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let kind: String = row.try_get("kind").map_err(get)?;
+            let recipient: String = row.try_get("recipient").map_err(get)?;
+            let attempts: i32 = row.try_get("attempts").map_err(get)?;
+            out.push(OutboxSummary {
+                id: MessageId::from_stored(row.try_get("id").map_err(get)?),
+                kind: MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?,
+                recipient: EndpointId::parse(&recipient)
+                    .map_err(|_| corrupt("outbox recipient"))?,
+                created: Timestamp(row.try_get("time_ms").map_err(get)?),
+                expiry: Timestamp(row.try_get("expiry_ms").map_err(get)?),
+                attempts: u32::try_from(attempts).unwrap_or(0),
+                next_attempt: Timestamp(row.try_get("next_attempt_at").map_err(get)?),
+                last_error: row.try_get("last_error").map_err(get)?,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn retry_now(&self, ids: Option<Vec<MessageId>>, now: Timestamp) -> Result<u64> {
+        // Only messages that failed: one with no failure and a future next attempt is
+        // being delivered right now, and making it due would send it twice.
+        let query = match &ids {
+            None => sqlx::query(
+                "UPDATE outbox SET next_attempt_at = $1
+                 WHERE attempts > 0 AND next_attempt_at > $1",
+            )
+            .bind(now.0),
+            Some(ids) => sqlx::query(
+                "UPDATE outbox SET next_attempt_at = $1
+                 WHERE id = ANY($2) AND attempts > 0 AND next_attempt_at > $1",
+            )
+            .bind(now.0)
+            .bind(
+                ids.iter()
+                    .map(|id| id.as_str().to_owned())
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        let done = query.execute(&self.pool).await.map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn request_stats(&self, now: Timestamp) -> Result<RequestStats> {
+        let (live, expired, senders, oldest, events): (i64, i64, i64, Option<i64>, i64) =
+            sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE expires_at > $1),
+                        count(*) FILTER (WHERE expires_at <= $1),
+                        count(DISTINCT endpoint_id) FILTER (WHERE expires_at > $1),
+                        min(created_at) FILTER (WHERE expires_at > $1),
+                        (SELECT count(*) FROM processed_events)
+                 FROM pending_requests",
+            )
+            .bind(now.0)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(RequestStats {
+            live: count(live),
+            expired: count(expired),
+            senders: count(senders),
+            oldest: oldest.map(Timestamp),
+            processed_events: count(events),
+        })
     }
 
     async fn close(&self) {

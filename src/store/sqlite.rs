@@ -15,8 +15,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    CompletionOutcome, CompletionSubmission, OutboxEntry, PairingOutcome, PairingSubmission,
-    PurgeReport, Result, Stats, Store, StoreError, match_messages,
+    CompletionOutcome, CompletionSubmission, OutboxEntry, OutboxStatus, OutboxSummary,
+    PairingOutcome, PairingSubmission, PurgeReport, RequestStats, Result, Stats, Store, StoreError,
+    match_messages,
 };
 use crate::domain::pairing::{admit, decide};
 use crate::domain::{
@@ -81,7 +82,25 @@ fn unavailable(e: rusqlite::Error) -> StoreError {
 
 impl SqliteStore {
     /// Opens (creating if missing) and migrates the database, and starts its writer thread.
+    /// For the one server process that owns the file: outbox leases left by an earlier
+    /// process are released.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Self> {
+        Self::open_as(path, synchronous, true)
+    }
+
+    /// Opens an existing database for an admin command, which may run beside the server:
+    /// a missing file is an error (not a new empty database), and leases are left alone.
+    pub fn open_existing(path: &Path, synchronous: Synchronous) -> Result<Self> {
+        if !path.exists() {
+            return Err(StoreError::Unavailable(format!(
+                "no database at {}",
+                path.display()
+            )));
+        }
+        Self::open_as(path, synchronous, false)
+    }
+
+    fn open_as(path: &Path, synchronous: Synchronous, owner: bool) -> Result<Self> {
         let conn = Connection::open(path).map_err(unavailable)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
@@ -100,7 +119,9 @@ impl SqliteStore {
         ))
         .map_err(unavailable)?;
         migrate(&conn).map_err(unavailable)?;
-        release_leases(&conn, crate::clock::now()).map_err(unavailable)?;
+        if owner {
+            release_leases(&conn, crate::clock::now()).map_err(unavailable)?;
+        }
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -470,6 +491,10 @@ fn insert_message(conn: &Connection, m: &OutgoingMessage) -> rusqlite::Result<()
     Ok(())
 }
 
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
 fn corrupt(what: &str) -> rusqlite::Error {
     rusqlite::Error::InvalidParameterName(format!("corrupt row: {what}"))
 }
@@ -631,6 +656,125 @@ impl Store for SqliteStore {
             Ok(PurgeReport {
                 requests: requests as u64,
                 events: events as u64,
+            })
+        })
+        .await
+    }
+
+    async fn outbox_status(&self, now: Timestamp) -> Result<OutboxStatus> {
+        self.read(move |conn| {
+            let (depth, due, retrying, oldest, next): (
+                i64,
+                Option<i64>,
+                Option<i64>,
+                Option<i64>,
+                Option<i64>,
+            ) = conn.query_row(
+                "SELECT count(*), sum(next_attempt_at <= ?1), sum(attempts > 0),
+                            min(time_ms), min(next_attempt_at)
+                     FROM outbox",
+                params![now.0],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )?;
+            let mut by_kind = Vec::new();
+            let mut stmt =
+                conn.prepare("SELECT kind, count(*) FROM outbox GROUP BY kind ORDER BY kind")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let kind: String = row.get(0)?;
+                let kind = MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?;
+                by_kind.push((kind, count(row.get(1)?)));
+            }
+            Ok(OutboxStatus {
+                depth: count(depth),
+                due: count(due.unwrap_or(0)),
+                retrying: count(retrying.unwrap_or(0)),
+                oldest: oldest.map(Timestamp),
+                next_attempt: next.map(Timestamp),
+                by_kind,
+            })
+        })
+        .await
+    }
+
+    async fn outbox_list(&self, limit: usize) -> Result<Vec<OutboxSummary>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, kind, recipient, time_ms, expiry_ms, attempts, next_attempt_at,
+                        last_error
+                 FROM outbox ORDER BY next_attempt_at, seq LIMIT ?1",
+            )?;
+            stmt.query_map(params![limit], |r| {
+                let kind: String = r.get(1)?;
+                let recipient: String = r.get(2)?;
+                let attempts: i64 = r.get(5)?;
+                Ok(OutboxSummary {
+                    id: MessageId::from_stored(r.get(0)?),
+                    kind: MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?,
+                    recipient: EndpointId::parse(&recipient)
+                        .map_err(|_| corrupt("outbox recipient"))?,
+                    created: Timestamp(r.get(3)?),
+                    expiry: Timestamp(r.get(4)?),
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                    next_attempt: Timestamp(r.get(6)?),
+                    last_error: r.get(7)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn retry_now(&self, ids: Option<Vec<MessageId>>, now: Timestamp) -> Result<u64> {
+        self.call(move |conn| {
+            // Only messages that failed: one with no failure and a future next attempt is
+            // being delivered right now, and making it due would send it twice.
+            let changed = match ids {
+                None => conn.execute(
+                    "UPDATE outbox SET next_attempt_at = ?1
+                     WHERE attempts > 0 AND next_attempt_at > ?1",
+                    params![now.0],
+                )?,
+                Some(ids) => {
+                    let mut stmt = conn.prepare(
+                        "UPDATE outbox SET next_attempt_at = ?1
+                         WHERE id = ?2 AND attempts > 0 AND next_attempt_at > ?1",
+                    )?;
+                    let mut changed = 0;
+                    for id in &ids {
+                        changed += stmt.execute(params![now.0, id.as_str()])?;
+                    }
+                    changed
+                }
+            };
+            Ok(changed as u64)
+        })
+        .await
+    }
+
+    async fn request_stats(&self, now: Timestamp) -> Result<RequestStats> {
+        self.read(move |conn| {
+            let (live, expired, oldest): (Option<i64>, Option<i64>, Option<i64>) = conn.query_row(
+                "SELECT sum(expires_at > ?1), sum(expires_at <= ?1),
+                            min(CASE WHEN expires_at > ?1 THEN created_at END)
+                     FROM pending_requests",
+                params![now.0],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            let senders: i64 = conn.query_row(
+                "SELECT count(DISTINCT endpoint_id) FROM pending_requests WHERE expires_at > ?1",
+                params![now.0],
+                |r| r.get(0),
+            )?;
+            let events: i64 =
+                conn.query_row("SELECT count(*) FROM processed_events", [], |r| r.get(0))?;
+            Ok(RequestStats {
+                live: count(live.unwrap_or(0)),
+                expired: count(expired.unwrap_or(0)),
+                senders: count(senders),
+                oldest: oldest.map(Timestamp),
+                processed_events: count(events),
             })
         })
         .await

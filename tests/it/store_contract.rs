@@ -458,7 +458,105 @@ macro_rules! contract {
     };
 }
 
+/// What the admin commands read and change: counts and lists with no VeraIds, and a
+/// retry that only touches messages that failed.
+async fn operators_see_counts_and_can_retry_failed_messages(store: Arc<dyn Store>) {
+    let p = parties();
+    assert_eq!(
+        store.outbox_status(NOW).await.expect("status"),
+        Default::default()
+    );
+    assert!(store.outbox_list(10).await.expect("list").is_empty());
+    // One pair matched (two messages), one request waiting, one completion queued.
+    for s in [
+        submission(&p[0], "a", "a@x.io", "b@y.io"),
+        submission(&p[1], "b", "b@y.io", "a@x.io"),
+        submission(&p[2], "c", "c@z.io", "d@z.io"),
+    ] {
+        store.submit_pairing_request(s).await.expect("submit");
+    }
+    store
+        .submit_completion(completion("auth", &p[1]))
+        .await
+        .expect("queue");
+    // One match fails and waits an hour; the others are in flight (leased, first try).
+    let claimed = store
+        .claim_due_messages(NOW, NOW.plus(Duration::from_secs(60)), 10)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 3);
+    let failed = &claimed[0].message;
+    store
+        .schedule_retry(
+            &failed.id,
+            NOW.plus(Duration::from_secs(3600)),
+            "sink answered 503",
+        )
+        .await
+        .expect("retry later");
+    let status = store.outbox_status(NOW).await.expect("status");
+    assert_eq!((status.depth, status.due, status.retrying), (3, 0, 1));
+    assert_eq!(status.oldest, Some(NOW));
+    assert_eq!(status.next_attempt, Some(NOW.plus(Duration::from_secs(60))));
+    assert_eq!(
+        status.by_kind,
+        vec![
+            (MessageKind::PairingCompletion, 1),
+            (MessageKind::PairingMatch, 2)
+        ]
+    );
+    let list = store.outbox_list(10).await.expect("list");
+    assert_eq!(list.len(), 3);
+    // Next attempt first: the failed one, an hour away, comes last.
+    let last = &list[2];
+    assert_eq!(last.id, failed.id);
+    assert_eq!(
+        (last.attempts, last.last_error.as_deref()),
+        (1, Some("sink answered 503"))
+    );
+    assert_eq!(last.recipient, failed.recipient);
+    assert!(
+        list[..2]
+            .iter()
+            .all(|m| m.attempts == 0 && m.last_error.is_none())
+    );
+    assert_eq!(store.outbox_list(1).await.expect("list").len(), 1);
+    // Retrying by id or all: only the failed message changes; in-flight ones are left.
+    let unknown = letro_server::domain::MessageId::from_stored("nope".into());
+    let in_flight = list[0].id.clone();
+    assert_eq!(
+        store
+            .retry_now(Some(vec![unknown, in_flight]), NOW)
+            .await
+            .expect("retry"),
+        0
+    );
+    assert_eq!(
+        store
+            .retry_now(Some(vec![failed.id.clone()]), NOW)
+            .await
+            .expect("retry"),
+        1
+    );
+    assert_eq!(store.outbox_status(NOW).await.expect("status").due, 1);
+    assert_eq!(store.retry_now(None, NOW).await.expect("retry all"), 0);
+    let again = store
+        .claim_due_messages(NOW, NOW.plus(DAY), 10)
+        .await
+        .expect("claim");
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].message.id, failed.id);
+    // Requests: one waiting; after its expiry it counts as expired until purged.
+    let stats = store.request_stats(NOW).await.expect("stats");
+    assert_eq!((stats.live, stats.expired, stats.senders), (1, 0, 1));
+    assert_eq!((stats.oldest, stats.processed_events), (Some(NOW), 4));
+    let later = NOW.plus(DAY).plus(Duration::from_secs(1));
+    let stats = store.request_stats(later).await.expect("stats");
+    assert_eq!((stats.live, stats.expired, stats.oldest), (0, 1, None));
+}
+
 contract!(
+    operators_see_counts_and_can_retry_failed_messages,
     wait_then_match,
     a_redelivered_event_changes_nothing,
     replacement_and_caps,
