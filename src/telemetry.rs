@@ -11,8 +11,15 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, JsonFields, Writer};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::fmt::{FmtContext, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -25,24 +32,164 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global log subscriber. `RUST_LOG` filters (default `info`).
-pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Where log lines go: `serve` writes them to stdout, as container platforms expect; the
+/// admin commands print their reports on stdout, so their logs go to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// Installs the global log subscriber. `RUST_LOG` filters (default `default_filter`).
+pub fn init_logging(format: LogFormat, target: LogTarget, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
-        LogFormat::Auto => !std::io::stdout().is_terminal(),
+        LogFormat::Auto => match target {
+            LogTarget::Stdout => !std::io::stdout().is_terminal(),
+            LogTarget::Stderr => !std::io::stderr().is_terminal(),
+        },
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let writer = match target {
+        LogTarget::Stdout => BoxMakeWriter::new(std::io::stdout),
+        LogTarget::Stderr => BoxMakeWriter::new(std::io::stderr),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     // A second initialisation (as in tests) keeps the first subscriber.
     let _ = if json {
-        builder.json().flatten_event(true).try_init()
+        builder
+            .fmt_fields(JsonFields::new())
+            .event_format(JsonLine)
+            .try_init()
     } else {
         builder.try_init()
     };
 }
 
+/// One JSON object per line, with the names log platforms index: `timestamp`,
+/// `severity` (Cloud Logging's name; `level` too, for the others), `message`, `target`,
+/// then the event's fields and the fields of the spans it is in (such as `request_id`),
+/// all at the top level.
+struct JsonLine;
+
+impl<S, N> FormatEvent<S, N> for JsonLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let mut line = serde_json::Map::new();
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        line.insert("timestamp".into(), now.into());
+        let level = event.metadata().level();
+        let severity = match *level {
+            Level::ERROR => "ERROR",
+            Level::WARN => "WARNING",
+            Level::INFO => "INFO",
+            Level::DEBUG | Level::TRACE => "DEBUG",
+        };
+        line.insert("severity".into(), severity.into());
+        line.insert("level".into(), level.as_str().into());
+        let mut fields = FieldsToJson(serde_json::Map::new());
+        event.record(&mut fields);
+        if let Some(message) = fields.0.remove("message") {
+            line.insert("message".into(), message);
+        }
+        line.insert("target".into(), event.metadata().target().into());
+        // Outermost span first, so that an inner span's field wins.
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let extensions = span.extensions();
+                let Some(formatted) = extensions.get::<FormattedFields<N>>() else {
+                    continue;
+                };
+                if let Ok(serde_json::Value::Object(span_fields)) =
+                    serde_json::from_str::<serde_json::Value>(formatted)
+                {
+                    line.extend(span_fields);
+                }
+            }
+        }
+        line.extend(fields.0);
+        let text = serde_json::Value::Object(line).to_string();
+        writeln!(writer, "{text}")
+    }
+}
+
+/// Collects an event's fields as JSON values.
+struct FieldsToJson(serde_json::Map<String, serde_json::Value>);
+
+impl Visit for FieldsToJson {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+}
+
+/// The id that ties one request's log lines together: the caller's `X-Request-Id`, else
+/// the trace id of a W3C `traceparent`, else a fresh random one. Only printable ASCII
+/// without quotes or spaces, at most 64 characters, so a client cannot forge log lines.
+pub fn request_id(x_request_id: Option<&[u8]>, traceparent: Option<&[u8]>) -> String {
+    let clean = |v: &[u8]| -> Option<String> {
+        let ok = !v.is_empty()
+            && v.len() <= 64
+            && v.iter()
+                .all(|b| b.is_ascii_graphic() && *b != b'"' && *b != b'\\');
+        ok.then(|| String::from_utf8_lossy(v).into_owned())
+    };
+    if let Some(id) = x_request_id.and_then(clean) {
+        return id;
+    }
+    // traceparent: version "-" trace-id (32 hex) "-" parent-id "-" flags.
+    if let Some(trace_id) = traceparent
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.split('-').nth(1))
+        .filter(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+        .filter(|t| t.bytes().any(|b| b != b'0'))
+    {
+        return trace_id.to_ascii_lowercase();
+    }
+    let mut bytes = [0u8; 8];
+    rand::fill(&mut bytes[..]);
+    hex::encode(bytes)
+}
+
 type Labels = Vec<(String, String)>;
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// Buckets from 0.5 ms to 8 s, doubling: commits take about a millisecond, requests a few,
+/// and anything near the 10 s timeouts is an incident.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+}
 
 /// The broker's metrics.
 #[derive(Debug)]
@@ -57,6 +204,8 @@ pub struct Metrics {
     outbox_depth: Gauge,
     outbox_oldest_age: Gauge,
     pending_requests: Gauge,
+    request_duration: Histograms,
+    commit_duration: Histograms,
 }
 
 impl Default for Metrics {
@@ -123,7 +272,21 @@ impl Metrics {
             "Pairing requests waiting for their reverse half",
             pending_requests.clone(),
         );
+        let request_duration = Histograms::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer POST / (read, decode, commit), by HTTP status",
+            request_duration.clone(),
+        );
+        let commit_duration = Histograms::new_with_constructor(latency_histogram);
+        registry.register(
+            "commit_duration_seconds",
+            "Time from handing an incoming message to the store to its durable commit, by message type",
+            commit_duration.clone(),
+        );
         Self {
+            request_duration,
+            commit_duration,
             registry,
             events,
             refusals,
@@ -174,6 +337,20 @@ impl Metrics {
         self.deliveries
             .get_or_create(&vec![("result".into(), result.into())])
             .inc();
+    }
+
+    /// Records how long answering an incoming event took.
+    pub fn request_answered(&self, status: u16, took: std::time::Duration) {
+        self.request_duration
+            .get_or_create(&vec![("status".into(), status.to_string())])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records how long a store operation on an incoming message took to commit.
+    pub fn committed(&self, content_type: &str, took: std::time::Duration) {
+        self.commit_duration
+            .get_or_create(&vec![("content_type".into(), content_type.into())])
+            .observe(took.as_secs_f64());
     }
 
     /// Sets the gauges read from the store.

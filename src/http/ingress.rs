@@ -5,6 +5,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tracing::Instrument;
 
 use super::{ApiError, AppState};
 use crate::clock;
@@ -18,9 +19,23 @@ use crate::domain::{EventKey, MessageKind, OutgoingMessage, PairingRequest, Refu
 use crate::store::{
     CompletionOutcome, CompletionSubmission, PairingOutcome, PairingSubmission, StoreError,
 };
+use crate::telemetry::request_id;
 
 /// Reads, decodes and routes one event.
 pub(super) async fn ingest(State(state): State<AppState>, request: Request) -> Response {
+    let request_id = request_id(
+        request.headers().get("x-request-id").map(|v| v.as_bytes()),
+        request.headers().get("traceparent").map(|v| v.as_bytes()),
+    );
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let metrics = state.metrics.clone();
+    let started = std::time::Instant::now();
+    let response = ingest_event(state, request).instrument(span).await;
+    metrics.request_answered(response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn ingest_event(state: AppState, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let event = match read_event(&state, &parts.headers, body).await {
         Ok(event) => event,
@@ -218,11 +233,10 @@ async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<
         message_expiry: now.plus(state.message_ttl),
         limits: state.limits,
     };
-    let outcome = state
-        .store
-        .submit_pairing_request(submission)
-        .await
-        .map_err(|e| unavailable(state, KIND, e))?;
+    let started = std::time::Instant::now();
+    let outcome = state.store.submit_pairing_request(submission).await;
+    state.metrics.committed(KIND, started.elapsed());
+    let outcome = outcome.map_err(|e| unavailable(state, KIND, e))?;
     let (requester, target) = (requester_digest.short(), target_digest.short());
     match outcome {
         PairingOutcome::Duplicate => {
@@ -324,11 +338,10 @@ async fn handle_pairing_auth(state: &AppState, event: &CloudEvent) -> Result<(),
         message,
         event_expiry: now.plus(state.request_ttl),
     };
-    let outcome = state
-        .store
-        .submit_completion(submission)
-        .await
-        .map_err(|e| unavailable(state, KIND, e))?;
+    let started = std::time::Instant::now();
+    let outcome = state.store.submit_completion(submission).await;
+    state.metrics.committed(KIND, started.elapsed());
+    let outcome = outcome.map_err(|e| unavailable(state, KIND, e))?;
     match outcome {
         CompletionOutcome::Duplicate => {
             state.metrics.event(KIND, "duplicate");
