@@ -36,6 +36,25 @@ pub async fn open_store(database: &DatabaseConfig) -> anyhow::Result<Arc<dyn Sto
     }
 }
 
+/// Opens an existing database for an admin command that may run beside the server: a
+/// SQLite file must exist and keeps its outbox leases; PostgreSQL gets a small pool.
+/// Both are migrated, as the server would.
+pub async fn open_admin_store(database: &DatabaseConfig) -> anyhow::Result<Arc<dyn Store>> {
+    match database {
+        DatabaseConfig::Sqlite { path, synchronous } => {
+            let store = SqliteStore::open_existing(path, *synchronous)
+                .with_context(|| format!("opening SQLite database {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+        DatabaseConfig::Postgres { url, pool } => {
+            let store = PostgresStore::connect(&url.0, pool.max_connections.min(2), pool.timeout)
+                .await
+                .with_context(|| format!("opening PostgreSQL database {url}"))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
 /// A server ready to run: the listener is bound and the database open.
 pub struct App {
     listener: TcpListener,

@@ -31,6 +31,78 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Create or upgrade the database schema, then exit.
     Migrate(DatabaseArgs),
+    /// Check the settings `serve` would run with (flags and environment), print them with
+    /// secrets hidden, and exit: 0 if valid, 2 if not. Does not touch the database.
+    CheckConfig(Box<ServeArgs>),
+    /// Inspect the outbox of outgoing messages, or make failed ones due now.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+    /// Inspect pending pairing requests (counts only), or purge expired ones.
+    #[command(subcommand)]
+    Requests(RequestsCommand),
+    /// Play two Letro users pairing through a server on a temporary database, and print
+    /// every message exchanged.
+    Demo(DemoArgs),
+}
+
+/// `outbox` subcommands. They can run beside the server, on the same database.
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Counts: waiting, due now, failing; the oldest message and the next attempt.
+    Status(ReportArgs),
+    /// The waiting messages, next attempt first (ids, kinds, recipients, attempts,
+    /// last errors; never contents).
+    List {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        report: ReportArgs,
+        /// How many to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Make messages that failed at least once due now instead of at the end of their
+    /// backoff (for example once the sink is back). A running server picks them up
+    /// within 5 seconds, unless it is itself pausing after sink failures.
+    Retry {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        database: DatabaseArgs,
+        /// The message id to retry (repeatable).
+        #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Retry every failed message.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// `requests` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RequestsCommand {
+    /// Counts of waiting and expired pairing requests (no VeraIds, no digests).
+    Stats(ReportArgs),
+    /// Delete expired pairing requests and processed-event keys now (the server also
+    /// does it every --purge-interval).
+    PurgeExpired(DatabaseArgs),
+}
+
+/// A database and an output format.
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub database: DatabaseArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Settings of `demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Also print each message in full (CloudEvent headers and body).
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 /// Commit durability for SQLite.

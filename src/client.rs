@@ -327,3 +327,68 @@ pub fn connection_params(
         Some((&key_id, &session_spki)),
     )?)
 }
+
+/// What a pairing match tells its recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedMatch {
+    /// The contact's VeraId.
+    pub contact_veraid: String,
+    /// The recipient's own VeraId, as the server has it.
+    pub own_veraid: String,
+    /// The contact's Awala endpoint id.
+    pub contact_endpoint_id: EndpointId,
+    /// The contact's identity key, SPKI DER.
+    pub contact_key_der: Vec<u8>,
+}
+
+/// Why a message from the server could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Not the expected `a,b,…` text.
+    #[error("malformed message: {0}")]
+    Malformed(&'static str),
+    /// The contact's key does not match its endpoint id.
+    #[error("the contact's key does not belong to its endpoint id")]
+    KeyMismatch,
+}
+
+/// Reads a pairing match as a client does (`contactVeraId,ownVeraId,endpointId,base64 key`),
+/// checking that the key is the endpoint's.
+pub fn read_match(content: &[u8]) -> Result<ReceivedMatch, ReadError> {
+    use base64::Engine as _;
+    let text = std::str::from_utf8(content).map_err(|_| ReadError::Malformed("not UTF-8"))?;
+    let fields: Vec<&str> = text.split(',').collect();
+    let [contact, own, endpoint, key] = fields[..] else {
+        return Err(ReadError::Malformed("expected 4 fields"));
+    };
+    let contact_endpoint_id =
+        EndpointId::parse(endpoint).map_err(|_| ReadError::Malformed("endpoint id"))?;
+    let contact_key_der = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .map_err(|_| ReadError::Malformed("key is not base64"))?;
+    let canonical =
+        canonical_rsa_spki(&contact_key_der).map_err(|_| ReadError::Malformed("key"))?;
+    if EndpointId::from_spki_der(&canonical) != contact_endpoint_id {
+        return Err(ReadError::KeyMismatch);
+    }
+    Ok(ReceivedMatch {
+        contact_veraid: contact.to_owned(),
+        own_veraid: own.to_owned(),
+        contact_endpoint_id,
+        contact_key_der,
+    })
+}
+
+/// Reads a pairing completion (`granterEndpointId,base64 connection params`).
+pub fn read_completion(content: &[u8]) -> Result<(EndpointId, Vec<u8>), ReadError> {
+    use base64::Engine as _;
+    let text = std::str::from_utf8(content).map_err(|_| ReadError::Malformed("not UTF-8"))?;
+    let (granter, params) = text
+        .split_once(',')
+        .ok_or(ReadError::Malformed("expected 2 fields"))?;
+    let granter = EndpointId::parse(granter).map_err(|_| ReadError::Malformed("granter id"))?;
+    let params = base64::engine::general_purpose::STANDARD
+        .decode(params)
+        .map_err(|_| ReadError::Malformed("params are not base64"))?;
+    Ok((granter, params))
+}

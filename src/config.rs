@@ -20,7 +20,14 @@ pub struct HumanDuration(pub Duration);
 
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
+        // humantime writes 90 days as "2months 29days 2h 52m 48s" (its month is 30.44
+        // days): whole days are written as days.
+        let secs = self.0.as_secs();
+        if secs > 0 && secs.is_multiple_of(86_400) && self.0.subsec_nanos() == 0 {
+            write!(f, "{}days", secs / 86_400)
+        } else {
+            write!(f, "{}", humantime::format_duration(self.0))
+        }
     }
 }
 
@@ -432,6 +439,20 @@ pub fn parse_secret(hex_text: &str) -> Result<Secret, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_print_as_they_are_written_and_parse_back() {
+        for (d, text) in [
+            (defaults::REQUEST_TTL, "90days"),
+            (Duration::from_secs(10), "10s"),
+            (Duration::from_millis(100), "100ms"),
+            (Duration::from_secs(90_000), "1day 1h"),
+        ] {
+            let shown = HumanDuration(d).to_string();
+            assert_eq!(shown, text);
+            assert_eq!(shown.parse::<HumanDuration>().map(|h| h.0), Ok(d));
+        }
+    }
 
     fn config() -> Config {
         Config::new(

@@ -3,13 +3,14 @@
 //! Module map (ARCHITECTURE.md has the dependency rule and a walkthrough):
 //! - [`codec`]: wire formats (CloudEvents, pairing texts, Awala DER); pure.
 //! - [`domain`]: identifiers and the pairing rules; pure.
-//! - [`store`]: the [`store::Store`] trait and its SQLite implementation.
+//! - [`store`]: the [`store::Store`] trait and its SQLite and PostgreSQL implementations.
 //! - [`http`]: ingress, readiness, metrics, the status mapping.
 //! - [`outbox`]: the dispatcher, the HTTP sink, backoff.
 //! - [`cli`], [`config`], [`telemetry`], [`clock`]: the edges.
-//! - [`app`]: the wiring.
+//! - [`app`]: the wiring; [`admin`]: the operator's commands; [`demo`]: two users pairing.
 //! - [`fuzz`]: the properties the fuzz targets check.
 
+pub mod admin;
 pub mod app;
 pub mod bench;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod client;
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub mod demo;
 pub mod domain;
 pub mod fuzz;
 pub mod http;

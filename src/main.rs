@@ -4,12 +4,19 @@ use clap::Parser;
 
 use letro_server::app::{App, open_store};
 use letro_server::cli::{Cli, Command};
-use letro_server::telemetry::init_logging;
+use letro_server::telemetry::{LogTarget, init_logging};
+use letro_server::{admin, demo};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let (target, filter) = match cli.command {
+        Command::Serve(_) => (LogTarget::Stdout, "info"),
+        // The demo's story is on stdout; the server's routine logs would drown it.
+        Command::Demo(_) => (LogTarget::Stderr, "warn"),
+        _ => (LogTarget::Stderr, "info"),
+    };
+    init_logging(cli.log_format, target, filter);
     match cli.command {
         Command::Serve(args) => {
             let config = args.to_config()?;
@@ -22,6 +29,25 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("database is up to date");
             Ok(())
         }
+        Command::CheckConfig(args) => match args.to_config() {
+            Ok(config) => {
+                print!("{}", admin::describe(&config));
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("invalid configuration: {e}");
+                std::process::exit(2);
+            }
+        },
+        Command::Outbox(command) => {
+            print!("{}", admin::outbox(command).await?);
+            Ok(())
+        }
+        Command::Requests(command) => {
+            print!("{}", admin::requests(command).await?);
+            Ok(())
+        }
+        Command::Demo(args) => demo::run(args, &mut std::io::stdout()).await,
     }
 }
 

@@ -9,6 +9,7 @@ mod deploy;
 mod faults;
 mod fresh_params;
 mod ingress;
+mod ops;
 mod outbox;
 mod pairing;
 mod replicas;

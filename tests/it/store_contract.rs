@@ -17,7 +17,7 @@ use letro_server::store::{
 
 use crate::support::*;
 
-const NOW: Timestamp = Timestamp(1_800_000_000_000);
+pub(crate) const NOW: Timestamp = Timestamp(1_800_000_000_000);
 const DAY: Duration = Duration::from_secs(86_400);
 const LIMITS: PendingLimits = PendingLimits {
     per_sender: 1000,
@@ -70,7 +70,12 @@ fn digester() -> VeraIdDigester {
 }
 
 /// `requester` (holding `from`'s key) asks to pair with `target`, in event `parcel`.
-fn submission(from: &Party, parcel: &str, requester: &str, target: &str) -> PairingSubmission {
+pub(crate) fn submission(
+    from: &Party,
+    parcel: &str,
+    requester: &str,
+    target: &str,
+) -> PairingSubmission {
     let request = PairingRequest::new(
         VeraId::parse(requester).expect("requester"),
         VeraId::parse(target).expect("target"),
@@ -95,7 +100,7 @@ fn submission(from: &Party, parcel: &str, requester: &str, target: &str) -> Pair
     }
 }
 
-fn completion(parcel: &str, grantee: &Party) -> CompletionSubmission {
+pub(crate) fn completion(parcel: &str, grantee: &Party) -> CompletionSubmission {
     let event = EventKey {
         source: parties()[0].id.clone(),
         id: parcel.to_owned(),

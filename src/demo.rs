@@ -1,0 +1,401 @@
+//! `letro-server demo`: the whole contact-pairing exchange, played for real and printed.
+//!
+//! A server on a temporary SQLite file and a port of its own, a sink standing in for the
+//! Awala Internet Endpoint's broker, and two Letro users with fresh RSA keys who do what
+//! the app does: send pairing requests, read their matches, authorise each other with
+//! connection params holding a PDA, and read their completions. Everything goes over
+//! real HTTP, through the same code as in production.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::app::App;
+use crate::cli::DemoArgs;
+use crate::client::{CertificateOptions, Endpoint, connection_params, read_completion, read_match};
+use crate::codec::cloudevent::{CloudEvent, INCOMING_TYPE, decode_http};
+use crate::codec::connparams::decode_connection_params;
+use crate::codec::pairing::{PAIRING_AUTH_TYPE, PAIRING_REQUEST_TYPE};
+use crate::config::{Config, DatabaseConfig};
+use crate::domain::MessageKind;
+use crate::store::sqlite::Synchronous;
+
+/// The server's own endpoint id, as the Awala Internet Endpoint would give it.
+const SERVER_ID: &str = "0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0d";
+/// How long to wait for the server to deliver something.
+const WAIT: Duration = Duration::from_secs(20);
+
+struct User {
+    name: &'static str,
+    veraid: &'static str,
+    endpoint: Endpoint,
+}
+
+/// Plays the demo, writing the story to `out`.
+pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    crate::outbox::sink::install_crypto_provider();
+    let dir = tempfile::tempdir().context("creating a temporary directory")?;
+    let (sink_addr, mut delivered) = start_sink().await?;
+    let mut config = Config::new(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        DatabaseConfig::Sqlite {
+            path: dir.path().join("letro.db"),
+            synchronous: Synchronous::Full,
+        },
+    );
+    config.sink = Some(format!("http://{sink_addr}/").parse()?);
+    let app = App::build(config).await?;
+    let server = format!("http://{}/", app.local_addr()?);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving = tokio::spawn(app.run(async {
+        let _ = stopped.await;
+    }));
+    say(out, &format!("letro-server is listening on {server}"))?;
+    say(
+        out,
+        &format!(
+            "its outgoing messages go to a stand-in for the Awala broker on http://{sink_addr}/\n\
+             its database is {}\n",
+            dir.path().join("letro.db").display()
+        ),
+    )?;
+
+    say(out, "Generating two Awala endpoints with RSA-2048 keys…")?;
+    let alice = User {
+        name: "Alice",
+        veraid: "alice@example.com",
+        endpoint: Endpoint::generate(2048)?,
+    };
+    let bob = User {
+        name: "Bob",
+        veraid: "bob@example.org",
+        endpoint: Endpoint::generate(2048)?,
+    };
+    for u in [&alice, &bob] {
+        say(
+            out,
+            &format!(
+                "  {:<5} is {} on endpoint {}",
+                u.name,
+                u.veraid,
+                u.endpoint.id()
+            ),
+        )?;
+    }
+    let http = reqwest::Client::new();
+
+    step(out, 1, "Alice asks to pair with Bob")?;
+    let body = alice.endpoint.pairing_request(alice.veraid, bob.veraid);
+    show_request(out, &args, &alice, "request-1", PAIRING_REQUEST_TYPE, &body)?;
+    let status = post(
+        &http,
+        &server,
+        &alice,
+        "request-1",
+        PAIRING_REQUEST_TYPE,
+        body,
+    )
+    .await?;
+    say(
+        out,
+        &format!("  server answered {status}: stored, waiting for Bob's request"),
+    )?;
+
+    step(out, 2, "Bob asks to pair with Alice")?;
+    let body = bob.endpoint.pairing_request(bob.veraid, alice.veraid);
+    show_request(out, &args, &bob, "request-2", PAIRING_REQUEST_TYPE, &body)?;
+    let status = post(
+        &http,
+        &server,
+        &bob,
+        "request-2",
+        PAIRING_REQUEST_TYPE,
+        body,
+    )
+    .await?;
+    say(
+        out,
+        &format!("  server answered {status}: both halves are in, so it sends two matches"),
+    )?;
+
+    step(out, 3, "Each receives a pairing match about the other")?;
+    let matches = receive(&mut delivered, 2).await?;
+    for user in [&alice, &bob] {
+        let event = addressed_to(&matches, user)?;
+        show_delivery(out, &args, event)?;
+        expect_kind(event, MessageKind::PairingMatch)?;
+        let m = read_match(&event.data)?;
+        let other = if user.name == "Alice" { &bob } else { &alice };
+        if m.contact_endpoint_id != *other.endpoint.id() || m.contact_veraid != other.veraid {
+            bail!("{}'s match does not describe {}", user.name, other.name);
+        }
+        say(
+            out,
+            &format!(
+                "  {} learns: contact {} is endpoint {}, key of {} bytes (checked against the id)",
+                user.name,
+                m.contact_veraid,
+                m.contact_endpoint_id,
+                m.contact_key_der.len()
+            ),
+        )?;
+    }
+
+    step(
+        out,
+        4,
+        "Each authorises the other to send it parcels (connection params with a PDA)",
+    )?;
+    for (parcel, (granter, grantee)) in (3..).zip([(&alice, &bob), (&bob, &alice)]) {
+        let params = connection_params(
+            &granter.endpoint,
+            grantee.endpoint.spki_der(),
+            &CertificateOptions::pda(Duration::from_secs(30 * 86_400)),
+            &[],
+            "demo.relaycorp.tech",
+        )?;
+        say(
+            out,
+            &format!(
+                "  {} signs a 30-day PDA for {}'s key: {} bytes of DER",
+                granter.name,
+                grantee.name,
+                params.len()
+            ),
+        )?;
+        let id = format!("auth-{parcel}");
+        show_request(out, &args, granter, &id, PAIRING_AUTH_TYPE, &params)?;
+        let status = post(&http, &server, granter, &id, PAIRING_AUTH_TYPE, params).await?;
+        say(
+            out,
+            &format!(
+                "  server answered {status}: the PDA was issued by {}, so it goes to {}",
+                granter.name, grantee.name
+            ),
+        )?;
+    }
+
+    step(out, 5, "Each receives a pairing completion from the other")?;
+    let completions = receive(&mut delivered, 2).await?;
+    for user in [&alice, &bob] {
+        let event = addressed_to(&completions, user)?;
+        show_delivery(out, &args, event)?;
+        expect_kind(event, MessageKind::PairingCompletion)?;
+        let (granter, params_der) = read_completion(&event.data)?;
+        let params = decode_connection_params(&params_der)
+            .map_err(|e| anyhow::anyhow!("connection params: {e:?}"))?;
+        let other = if user.name == "Alice" { &bob } else { &alice };
+        if granter != *other.endpoint.id()
+            || params.pda.subject_rsa_key_der.as_deref() != Some(user.endpoint.spki_der())
+        {
+            bail!(
+                "{}'s completion is not {}'s PDA for it",
+                user.name,
+                other.name
+            );
+        }
+        say(
+            out,
+            &format!(
+                "  {} holds {}'s connection params: a PDA for its own key, issued by endpoint {}",
+                user.name, other.name, granter
+            ),
+        )?;
+    }
+    say(
+        out,
+        "\nPaired: Alice and Bob can now send each other parcels through Awala.",
+    )?;
+
+    let _ = stop.send(());
+    serving.await.context("server task")??;
+    Ok(())
+}
+
+fn say(out: &mut impl Write, text: &str) -> anyhow::Result<()> {
+    writeln!(out, "{text}")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn step(out: &mut impl Write, n: u32, title: &str) -> anyhow::Result<()> {
+    say(out, &format!("\n{n}. {title}"))
+}
+
+fn shorten(text: &str) -> String {
+    if text.len() <= 72 {
+        text.to_owned()
+    } else {
+        format!("{}…({} chars)", &text[..60], text.len())
+    }
+}
+
+/// Shows the body of a message, shortened unless `--verbose`.
+fn printable(args: &DemoArgs, kind: &str, body: &[u8]) -> String {
+    let text = if kind == PAIRING_AUTH_TYPE {
+        format!("<DER> {}", STANDARD.encode(body))
+    } else {
+        String::from_utf8_lossy(body).into_owned()
+    };
+    if args.verbose {
+        text
+    } else {
+        text.split(',').map(shorten).collect::<Vec<_>>().join(",")
+    }
+}
+
+fn show_request(
+    out: &mut impl Write,
+    args: &DemoArgs,
+    from: &User,
+    parcel: &str,
+    kind: &str,
+    body: &[u8],
+) -> anyhow::Result<()> {
+    say(
+        out,
+        &format!(
+            "  POST {} CloudEvent from the Awala Internet Endpoint: parcel {parcel} from {}",
+            "/", from.name
+        ),
+    )?;
+    if args.verbose {
+        for (name, value) in headers(from, parcel, kind) {
+            say(out, &format!("    {name}: {value}"))?;
+        }
+    } else {
+        say(out, &format!("    content-type: {kind}"))?;
+    }
+    say(out, &format!("    body: {}", printable(args, kind, body)))
+}
+
+fn show_delivery(out: &mut impl Write, args: &DemoArgs, event: &CloudEvent) -> anyhow::Result<()> {
+    let kind = event.data_content_type.as_deref().unwrap_or_default();
+    say(
+        out,
+        &format!(
+            "  the broker stand-in received event {}… for endpoint {}",
+            &event.id[..16.min(event.id.len())],
+            event.subject.as_deref().unwrap_or_default()
+        ),
+    )?;
+    say(out, &format!("    content-type: {kind}"))?;
+    if args.verbose {
+        say(out, &format!("    ce-source: {}", event.source))?;
+        say(out, &format!("    ce-type: {}", event.ty))?;
+        for (name, value) in &event.extensions {
+            say(out, &format!("    ce-{name}: {value}"))?;
+        }
+    }
+    say(
+        out,
+        &format!("    body: {}", printable(args, kind, &event.data)),
+    )
+}
+
+fn headers<'a>(from: &'a User, parcel: &'a str, kind: &'a str) -> Vec<(&'static str, &'a str)> {
+    vec![
+        ("ce-specversion", "1.0"),
+        ("ce-id", parcel),
+        ("ce-source", from.endpoint.id().as_str()),
+        ("ce-type", INCOMING_TYPE),
+        ("ce-subject", SERVER_ID),
+        ("content-type", kind),
+    ]
+}
+
+async fn post(
+    http: &reqwest::Client,
+    server: &str,
+    from: &User,
+    parcel: &str,
+    kind: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<StatusCode> {
+    let mut request = http.post(server).timeout(WAIT);
+    for (name, value) in headers(from, parcel, kind) {
+        request = request.header(name, value);
+    }
+    let response = request
+        .body(body)
+        .send()
+        .await
+        .context("posting to the server")?;
+    let status = response.status();
+    if status != StatusCode::NO_CONTENT {
+        bail!("the server answered {status}, not 204");
+    }
+    Ok(status)
+}
+
+fn addressed_to<'a>(events: &'a [CloudEvent], user: &User) -> anyhow::Result<&'a CloudEvent> {
+    events
+        .iter()
+        .find(|e| e.subject.as_deref() == Some(user.endpoint.id().as_str()))
+        .with_context(|| format!("nothing was delivered to {}", user.name))
+}
+
+fn expect_kind(event: &CloudEvent, kind: MessageKind) -> anyhow::Result<()> {
+    if event.data_content_type.as_deref() != Some(kind.content_type()) {
+        bail!(
+            "expected a {}, got {:?}",
+            kind.name(),
+            event.data_content_type
+        );
+    }
+    Ok(())
+}
+
+async fn receive(
+    delivered: &mut mpsc::UnboundedReceiver<CloudEvent>,
+    n: usize,
+) -> anyhow::Result<Vec<CloudEvent>> {
+    let mut events = Vec::with_capacity(n);
+    while events.len() < n {
+        match tokio::time::timeout(WAIT, delivered.recv()).await {
+            Ok(Some(event)) => events.push(event),
+            Ok(None) => bail!("the broker stand-in stopped"),
+            Err(_) => bail!("nothing delivered within {WAIT:?}"),
+        }
+    }
+    Ok(events)
+}
+
+/// A stand-in for the Knative broker: accepts every CloudEvent (202) and passes it on.
+async fn start_sink() -> anyhow::Result<(SocketAddr, mpsc::UnboundedReceiver<CloudEvent>)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let app = axum::Router::new()
+        .route("/", axum::routing::post(accept))
+        .with_state(tx);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .context("binding the broker stand-in")?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((addr, rx))
+}
+
+async fn accept(
+    State(tx): State<mpsc::UnboundedSender<CloudEvent>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let headers = headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
+    match decode_http(headers, body.to_vec()) {
+        Ok(event) => {
+            let _ = tx.send(event);
+            StatusCode::ACCEPTED
+        }
+        Err(_) => StatusCode::BAD_REQUEST,
+    }
+}

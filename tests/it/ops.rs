@@ -1,0 +1,401 @@
+//! What operators and newcomers touch: the admin commands, the demo, JSON logs, probes
+//! and the latency metrics.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use letro_server::store::Store;
+use letro_server::store::sqlite::{SqliteStore, Synchronous};
+
+use crate::store_contract::{NOW, completion, submission};
+use crate::support::*;
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .env_clear()
+        .args(args)
+        .output()
+        .expect("run letro-server")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("UTF-8")
+}
+
+/// A database with one matched pair (two matches), one waiting request, one completion,
+/// and one match that failed and waits an hour. Returns the failed message's id.
+async fn seeded(db: &std::path::Path) -> String {
+    let store = SqliteStore::open(db, Synchronous::Full).expect("open");
+    let p = parties();
+    for s in [
+        submission(&p[0], "a", "a@x.io", "b@y.io"),
+        submission(&p[1], "b", "b@y.io", "a@x.io"),
+        submission(&p[2], "c", "c@z.io", "d@z.io"),
+    ] {
+        store.submit_pairing_request(s).await.expect("submit");
+    }
+    store
+        .submit_completion(completion("auth", &p[1]))
+        .await
+        .expect("queue");
+    let claimed = store.claim_due_messages(NOW, NOW, 1).await.expect("claim");
+    let failed = claimed[0].message.id.clone();
+    store
+        .schedule_retry(
+            &failed,
+            NOW.plus(Duration::from_secs(3600)),
+            "sink answered 503",
+        )
+        .await
+        .expect("retry later");
+    store.close().await;
+    failed.as_str().to_owned()
+}
+
+#[tokio::test]
+async fn admin_commands_report_and_change_the_outbox_and_requests() {
+    let (_dir, db) = temp_db();
+    let failed = seeded(&db).await;
+    let url = format!("sqlite://{}", db.display());
+    let database = ["--database", url.as_str()];
+
+    let status = stdout(&run(&[&["outbox", "status"][..], &database].concat()));
+    assert!(status.contains("messages waiting      3"), "{status}");
+    assert!(status.contains("pairing-match       2"), "{status}");
+    assert!(status.contains("pairing-completion  1"), "{status}");
+    assert!(status.contains("failed at least once  1"), "{status}");
+
+    let json = stdout(&run(
+        &[&["outbox", "status", "--json"][..], &database].concat()
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(v["depth"], 3);
+    assert_eq!(v["retrying"], 1);
+    assert_eq!(v["by_kind"]["pairing-match"], 2);
+
+    let list = stdout(&run(
+        &[&["outbox", "list", "--json"][..], &database].concat()
+    ));
+    let rows: Vec<serde_json::Value> = list
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(rows.len(), 3);
+    let failing = rows
+        .iter()
+        .find(|r| r["id"] == failed.as_str())
+        .expect("listed");
+    assert_eq!(failing["attempts"], 1);
+    assert_eq!(failing["last_error"], "sink answered 503");
+    let text = stdout(&run(
+        &[&["outbox", "list", "--limit", "1"][..], &database].concat()
+    ));
+    assert_eq!(text.matches(" to 0").count(), 1, "{text}");
+    // Nothing that identifies a person: no VeraId, no key, no message content.
+    let everything = format!("{status}{json}{list}{text}");
+    for secret in ["a@x.io", "b@y.io", "c@z.io", &parties()[0].key_b64()[..40]] {
+        assert!(!everything.contains(secret), "{secret} printed");
+    }
+
+    // Retry: an unknown id changes nothing and says so; the failed one is made due.
+    let out = stdout(&run(
+        &[&["outbox", "retry", "--id", "nope"][..], &database].concat()
+    ));
+    assert!(out.starts_with("0 message(s) made due now"), "{out}");
+    assert!(out.contains("1 id(s) not retried"), "{out}");
+    let out = stdout(&run(
+        &[&["outbox", "retry", "--all"][..], &database].concat()
+    ));
+    assert!(out.starts_with("1 message(s) made due now"), "{out}");
+    let store = SqliteStore::open_existing(&db, Synchronous::Full).expect("open");
+    let status = store
+        .outbox_status(letro_server::clock::now())
+        .await
+        .expect("status");
+    assert_eq!(status.due, 1, "the failed message is due now");
+    store.close().await;
+
+    let stats = stdout(&run(
+        &[&["requests", "stats", "--json"][..], &database].concat()
+    ));
+    let v: serde_json::Value = serde_json::from_str(&stats).expect("JSON");
+    // The seeded requests expire a day after NOW, which is later than today.
+    assert_eq!(
+        (v["waiting"].as_u64(), v["senders"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(v["processed_event_keys"], 4);
+    let out = stdout(&run(
+        &[&["requests", "purge-expired"][..], &database].concat()
+    ));
+    assert!(out.contains("purged 0 expired pairing request(s)"), "{out}");
+}
+
+#[test]
+fn admin_commands_refuse_bad_databases_clearly() {
+    let (dir, _) = temp_db();
+    let missing = format!("sqlite://{}", dir.path().join("missing.db").display());
+    for args in [
+        vec!["outbox", "status"],
+        vec!["outbox", "list"],
+        vec!["outbox", "retry", "--all"],
+        vec!["requests", "stats"],
+        vec!["requests", "purge-expired"],
+    ] {
+        let out = run(&[&args[..], &["--database", &missing]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains("no database at"), "{args:?}: {err}");
+        assert!(
+            !dir.path().join("missing.db").exists(),
+            "an admin command created a database"
+        );
+        let out = run(&[&args[..], &["--database", "mysql://root:hunter2@db/x"]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("DATABASE_URL"), "{args:?}: {err}");
+        assert!(!err.contains("hunter2"), "password printed: {err}");
+        let out = run(&[
+            &args[..],
+            &[
+                "--database",
+                "postgres://letro:hunter2@127.0.0.1:1/letro",
+                "--db-timeout",
+                "1s",
+            ],
+        ]
+        .concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("opening PostgreSQL database"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("hunter2"), "password printed: {err}");
+    }
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["migrate", "--help"],
+        vec!["check-config", "--help"],
+        vec!["outbox", "--help"],
+        vec!["outbox", "status", "--help"],
+        vec!["outbox", "list", "--help"],
+        vec!["outbox", "retry", "--help"],
+        vec!["requests", "--help"],
+        vec!["requests", "stats", "--help"],
+        vec!["requests", "purge-expired", "--help"],
+        vec!["demo", "--help"],
+    ] {
+        let help = stdout(&run(&args));
+        assert!(help.contains("Usage: letro-server"), "{args:?}: {help}");
+    }
+}
+
+#[test]
+fn check_config_prints_settings_without_secrets_and_exits_2_when_invalid() {
+    let out = run(&[
+        "check-config",
+        "--database",
+        "postgres://letro:hunter2@db.internal/letro",
+        "--sink",
+        "http://broker-ingress.knative-eventing.svc/letro/default",
+        "--veraid-secret",
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+        "--max-pending-per-target",
+        "4294967295",
+    ]);
+    let text = stdout(&out);
+    assert!(text.starts_with("configuration is valid"), "{text}");
+    assert!(text.contains("db.internal"), "{text}");
+    assert!(text.contains("broker-ingress"), "{text}");
+    assert!(text.contains("no cap"), "{text}");
+    assert!(text.contains("90days"), "{text}");
+    for secret in ["hunter2", "00112233445566778899"] {
+        assert!(!text.contains(secret), "{secret} printed: {text}");
+    }
+    // Valid but risky: said, not refused.
+    let text = stdout(&run(&[
+        "check-config",
+        "--database",
+        "sqlite://x.db",
+        "--sqlite-synchronous",
+        "normal",
+    ]));
+    assert!(text.contains("warning: no sink"), "{text}");
+    assert!(
+        text.contains("warning: SQLite synchronous=normal"),
+        "{text}"
+    );
+    let out = run(&["check-config", "--message-ttl", "200days"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("LETRO_MESSAGE_TTL"), "{err}");
+    let out = run(&["check-config", "--database", "mysql://x"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn the_demo_pairs_two_users_end_to_end() {
+    let text = stdout(&run(&["demo"]));
+    for line in [
+        "1. Alice asks to pair with Bob",
+        "server answered 204 No Content: stored, waiting for Bob's request",
+        "Alice learns: contact bob@example.org is endpoint 0",
+        "Bob learns: contact alice@example.com is endpoint 0",
+        "the PDA was issued by Alice, so it goes to Bob",
+        "Alice holds Bob's connection params",
+        "Bob holds Alice's connection params",
+        "Paired: Alice and Bob can now send each other parcels through Awala.",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    let verbose = stdout(&run(&["demo", "--verbose"]));
+    assert!(
+        verbose
+            .contains("ce-type: tech.relaycorp.awala.endpoint-internet.outgoing-service-message")
+    );
+    assert!(verbose.contains("ce-expiry: "));
+}
+
+#[tokio::test]
+async fn json_logs_carry_request_ids_and_never_veraids_keys_or_bodies() {
+    let (_dir, db) = temp_db();
+    let mut sink = FakeSink::start().await;
+    let server = ServerProcess::start(&db, Some(&sink.url), &[]);
+    let http = client();
+    let p = parties();
+    let (alice, bob) = ("alice.logs@example.com", "bob.logs@example.net");
+    let post = |from: &Party, parcel: &str, body: String, extra: Option<(&str, &str)>| {
+        let mut request = http.post(&server.url);
+        for (name, value) in event_headers(&from.id, parcel, REQUEST_TYPE) {
+            request = request.header(name, value);
+        }
+        if let Some((name, value)) = extra {
+            request = request.header(name, value);
+        }
+        request.body(body).send()
+    };
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let answers = [
+        post(
+            &p[0],
+            "l-1",
+            p[0].request(alice, bob),
+            Some(("x-request-id", "req-42")),
+        )
+        .await,
+        post(
+            &p[1],
+            "l-2",
+            p[1].request(bob, alice),
+            Some(("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))),
+        )
+        .await,
+        // Refused content, with an id that tries to break out of its JSON string.
+        post(
+            &p[2],
+            "l-3",
+            "secret-body-text".into(),
+            Some(("x-request-id", "a\"b")),
+        )
+        .await,
+    ];
+    for a in answers {
+        assert_eq!(a.expect("answer").status(), 204);
+    }
+    sink.take(2).await;
+    let log = server.recent_log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for line in &lines {
+        for field in ["timestamp", "severity", "message"] {
+            assert!(line.get(field).is_some(), "no {field}: {line}");
+        }
+    }
+    fn with_id<'a>(
+        lines: &'a [serde_json::Value],
+        id: &'a str,
+    ) -> impl Iterator<Item = &'a serde_json::Value> {
+        lines.iter().filter(move |l| l["request_id"] == id)
+    }
+    let mine: Vec<_> = with_id(&lines, "req-42").collect();
+    assert!(!mine.is_empty(), "no line for req-42:\n{log}");
+    assert!(
+        mine.iter()
+            .any(|l| l["parcel.id"] == "l-1" && l["sender"] == p[0].id.as_str())
+    );
+    assert!(
+        with_id(&lines, trace).any(|l| l["parcel.id"] == "l-2"),
+        "{log}"
+    );
+    let refused = lines
+        .iter()
+        .find(|l| l["parcel.id"] == "l-3")
+        .expect("the refusal is logged");
+    assert_eq!(refused["severity"], "WARNING");
+    let id = refused["request_id"].as_str().expect("an id");
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    for secret in [alice, bob, "secret-body-text", &p[0].key_b64()[40..80]] {
+        assert!(!log.contains(secret), "{secret} logged:\n{log}");
+    }
+    server.terminate().await;
+}
+
+#[tokio::test]
+async fn probes_and_latency_histograms() {
+    let (_dir, db) = temp_db();
+    let app = TestApp::spawn(test_config(&db, None)).await;
+    for path in ["livez", "readyz"] {
+        let r = app
+            .client
+            .get(format!("{}{path}", app.url))
+            .send()
+            .await
+            .expect("probe");
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let p = parties();
+    assert_eq!(
+        app.post_request(&p[0], "h-1", "a@x.io", "b@y.io").await,
+        204
+    );
+    assert_eq!(
+        app.post_message(&p[0].id, "h-2", REQUEST_TYPE, "").await,
+        204
+    );
+    assert_eq!(app.post(&[("ce-id", "x")], "").await, 400);
+    assert_eq!(
+        app.metric("letro_request_duration_seconds_count{status=\"204\"}")
+            .await,
+        2
+    );
+    assert_eq!(
+        app.metric("letro_request_duration_seconds_count{status=\"400\"}")
+            .await,
+        1
+    );
+    // Only what reached the store is a commit.
+    assert_eq!(
+        app.metric("letro_commit_duration_seconds_count{content_type=\"pairing-request\"}")
+            .await,
+        1
+    );
+    app.stop().await;
+}
