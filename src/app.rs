@@ -10,13 +10,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::clock;
-use crate::config::{Config, DatabaseConfig};
+use crate::config::{Config, DatabaseConfig, Secret};
 use crate::domain::VeraIdDigester;
 use crate::http::{AppState, ServeOptions, router, serve};
 use crate::outbox::{Backoff, Dispatcher, HttpSink};
-use crate::store::Store;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, settings};
 use crate::telemetry::Metrics;
 
 /// Opens the configured database, creating and migrating it as needed.
@@ -55,6 +55,68 @@ pub async fn open_admin_store(database: &DatabaseConfig) -> anyhow::Result<Arc<d
     }
 }
 
+/// The secret that keys VeraId digests: the configured one, or the one generated on the
+/// first start and kept in the database. Either way its fingerprint is recorded, and a
+/// server whose secret differs from the recorded one refuses to start: its digests would
+/// never match the requests already waiting, which would silently never pair.
+async fn veraid_secret(store: &dyn Store, configured: Option<&Secret>) -> anyhow::Result<Vec<u8>> {
+    const WHY: &str = "pairing requests already waiting would never match; keep the \
+                       secret the database was first started with";
+    let secret = match configured {
+        Some(secret) => {
+            let generated = store
+                .setting(settings::VERAID_SECRET)
+                .await
+                .context("loading the VeraId digest secret")?;
+            if generated.is_some_and(|g| g != secret.0) {
+                anyhow::bail!(
+                    "--veraid-secret (LETRO_VERAID_SECRET) is set, but this database was \
+                     started without it and generated its own secret: {WHY}"
+                );
+            }
+            secret.0.clone()
+        }
+        None => {
+            let read = |name| async move {
+                store
+                    .setting(name)
+                    .await
+                    .context("loading the VeraId digest secret")
+            };
+            match read(settings::VERAID_SECRET).await? {
+                Some(generated) => generated,
+                // Checked before generating one: a refused start must leave nothing behind.
+                None if read(settings::VERAID_SECRET_FINGERPRINT).await?.is_some() => {
+                    anyhow::bail!(
+                        "this database was started with --veraid-secret \
+                         (LETRO_VERAID_SECRET), which is not set now: {WHY}"
+                    );
+                }
+                None => {
+                    let mut candidate = vec![0u8; 32];
+                    rand::fill(&mut candidate[..]);
+                    store
+                        .setting_or_insert(settings::VERAID_SECRET, candidate)
+                        .await
+                        .context("storing the VeraId digest secret")?
+                }
+            }
+        }
+    };
+    let fingerprint = VeraIdDigester::new(&secret).fingerprint();
+    let recorded = store
+        .setting_or_insert(settings::VERAID_SECRET_FINGERPRINT, fingerprint.clone())
+        .await
+        .context("checking the VeraId digest secret")?;
+    if recorded != fingerprint {
+        anyhow::bail!(
+            "the VeraId digest secret is not the one this database was started with \
+             (--veraid-secret / LETRO_VERAID_SECRET changed, or was removed): {WHY}"
+        );
+    }
+    Ok(secret)
+}
+
 /// A server ready to run: the listener is bound and the database open.
 pub struct App {
     listener: TcpListener,
@@ -67,17 +129,7 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         let store = open_store(&config.database).await?;
-        let secret = match &config.veraid_secret {
-            Some(secret) => secret.0.clone(),
-            None => {
-                let mut candidate = vec![0u8; 32];
-                rand::fill(&mut candidate[..]);
-                store
-                    .veraid_secret(candidate)
-                    .await
-                    .context("loading the VeraId digest secret")?
-            }
-        };
+        let secret = veraid_secret(store.as_ref(), config.veraid_secret.as_ref()).await?;
         let metrics = Arc::new(Metrics::new());
         let dispatcher = match &config.sink {
             Some(url) => {

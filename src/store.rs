@@ -175,15 +175,28 @@ pub struct RequestStats {
     pub processed_events: u64,
 }
 
+/// Names of the values kept in the `settings` table.
+pub mod settings {
+    /// The generated secret that keys VeraId digests, when none is configured.
+    pub const VERAID_SECRET: &str = "veraid_secret";
+    /// A fingerprint of the secret the stored digests were made with, configured or
+    /// generated: a server started with another secret would never match the requests
+    /// already waiting, so it refuses to start instead.
+    pub const VERAID_SECRET_FINGERPRINT: &str = "veraid_secret_fingerprint";
+}
+
 /// The broker's storage. Every method is one transaction.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Succeeds when the database answers.
     async fn ping(&self) -> Result<()>;
 
-    /// The secret that keys VeraId digests: the stored one, or `candidate`, which is then
-    /// stored, if there is none yet.
-    async fn veraid_secret(&self, candidate: Vec<u8>) -> Result<Vec<u8>>;
+    /// The value of setting `name` (see [`settings`]): the stored one, or `candidate`,
+    /// which is then stored, if there is none yet.
+    async fn setting_or_insert(&self, name: &'static str, candidate: Vec<u8>) -> Result<Vec<u8>>;
+
+    /// The value of setting `name`, if there is one.
+    async fn setting(&self, name: &'static str) -> Result<Option<Vec<u8>>>;
 
     /// Records a pairing request: stores it, or matches it with the stored reverse
     /// request and queues both matches, or does nothing for a redelivered event.

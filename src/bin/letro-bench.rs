@@ -17,7 +17,7 @@ use letro_server::bench::sink::CountingSink;
 use letro_server::clock;
 use letro_server::domain::{EventKey, PairingRequest, PendingLimits, VeraId, VeraIdDigester};
 use letro_server::store::sqlite::{SqliteStore, Synchronous};
-use letro_server::store::{PairingSubmission, Store};
+use letro_server::store::{PairingSubmission, Store, settings};
 
 const SERVER_ID: &str = "0bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 const SECRET_HEX: &str = "62656e63686d61726b2d7365637265742d6b6579";
@@ -245,7 +245,9 @@ async fn measure_backend(
 async fn preload(path: &Path, keys: &[BenchKey], count: usize) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path, Synchronous::Normal)?);
     let secret = hex::decode(SECRET_HEX)?;
-    store.veraid_secret(secret.clone()).await?;
+    store
+        .setting_or_insert(settings::VERAID_SECRET, secret.clone())
+        .await?;
     let digester = VeraIdDigester::new(&secret);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();

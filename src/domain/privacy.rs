@@ -38,6 +38,15 @@ impl VeraIdDigester {
         }
     }
 
+    /// A fingerprint of the secret, stored to recognise it on the next start without
+    /// storing it. Keyed over a label with a NUL byte, which no VeraId contains, so it is
+    /// never the digest of a VeraId.
+    pub fn fingerprint(&self) -> Vec<u8> {
+        let mut mac = self.mac.clone();
+        mac.update(b"\0letro-server VeraId secret fingerprint");
+        mac.finalize().into_bytes().to_vec()
+    }
+
     /// The digest of `id`.
     pub fn digest(&self, id: &VeraId) -> VeraIdDigest {
         let mut mac = self.mac.clone();

@@ -325,17 +325,27 @@ impl Store for PostgresStore {
             .map_err(unavailable)
     }
 
-    async fn veraid_secret(&self, candidate: Vec<u8>) -> Result<Vec<u8>> {
+    async fn setting_or_insert(&self, name: &'static str, candidate: Vec<u8>) -> Result<Vec<u8>> {
         sqlx::query(
-            "INSERT INTO settings (name, value) VALUES ('veraid_secret', $1)
+            "INSERT INTO settings (name, value) VALUES ($1, $2)
              ON CONFLICT (name) DO NOTHING",
         )
+        .bind(name)
         .bind(candidate)
         .execute(&self.pool)
         .await
         .map_err(unavailable)?;
-        sqlx::query_scalar("SELECT value FROM settings WHERE name = 'veraid_secret'")
+        sqlx::query_scalar("SELECT value FROM settings WHERE name = $1")
+            .bind(name)
             .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn setting(&self, name: &'static str) -> Result<Option<Vec<u8>>> {
+        sqlx::query_scalar("SELECT value FROM settings WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)
     }

@@ -549,18 +549,30 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn veraid_secret(&self, candidate: Vec<u8>) -> Result<Vec<u8>> {
+    async fn setting_or_insert(&self, name: &'static str, candidate: Vec<u8>) -> Result<Vec<u8>> {
         self.call(move |conn| {
             conn.execute(
-                "INSERT INTO settings (name, value) VALUES ('veraid_secret', ?1)
+                "INSERT INTO settings (name, value) VALUES (?1, ?2)
                  ON CONFLICT (name) DO NOTHING",
-                params![candidate],
+                params![name, candidate],
             )?;
             conn.query_row(
-                "SELECT value FROM settings WHERE name = 'veraid_secret'",
-                [],
+                "SELECT value FROM settings WHERE name = ?1",
+                params![name],
                 |r| r.get(0),
             )
+        })
+        .await
+    }
+
+    async fn setting(&self, name: &'static str) -> Result<Option<Vec<u8>>> {
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT value FROM settings WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()
         })
         .await
     }

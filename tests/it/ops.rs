@@ -399,3 +399,65 @@ async fn probes_and_latency_histograms() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_server_with_another_veraid_secret_than_its_database_refuses_to_start() {
+    use letro_server::app::App;
+    use letro_server::config::parse_secret;
+    let (_dir, db) = temp_db();
+    let with = |secret: Option<&str>| {
+        let mut config = test_config(&db, None);
+        config.veraid_secret = secret.map(|s| parse_secret(s).expect("hex"));
+        config
+    };
+    let (x, y) = ("11".repeat(32), "22".repeat(32));
+    let refusal = |result: anyhow::Result<App>| match result {
+        Ok(_) => panic!("started with the wrong secret"),
+        Err(e) => format!("{e:#}"),
+    };
+    // A database first started without a configured secret generated its own.
+    drop(App::build(with(None)).await.expect("generated"));
+    drop(
+        App::build(with(None))
+            .await
+            .expect("the same generated secret"),
+    );
+    let e = refusal(App::build(with(Some(&x))).await);
+    assert!(
+        e.contains("LETRO_VERAID_SECRET") && e.contains("never match"),
+        "{e}"
+    );
+
+    let (_dir2, db2) = temp_db();
+    let with2 = |secret: Option<&str>| {
+        let mut config = test_config(&db2, None);
+        config.veraid_secret = secret.map(|s| parse_secret(s).expect("hex"));
+        config
+    };
+    drop(App::build(with2(Some(&x))).await.expect("first start"));
+    drop(App::build(with2(Some(&x))).await.expect("same secret"));
+    let e = refusal(App::build(with2(Some(&y))).await);
+    assert!(
+        e.contains("not the one this database was started with"),
+        "{e}"
+    );
+    let e = refusal(App::build(with2(None)).await);
+    assert!(e.contains("which is not set now"), "{e}");
+    // A refused start left nothing behind: the right secret still starts.
+    drop(
+        App::build(with2(Some(&x)))
+            .await
+            .expect("the right secret again"),
+    );
+    // The configured secret itself is never stored, only its fingerprint.
+    let store = SqliteStore::open_existing(&db2, Synchronous::Full).expect("open");
+    use letro_server::store::settings::{VERAID_SECRET, VERAID_SECRET_FINGERPRINT};
+    assert_eq!(store.setting(VERAID_SECRET).await.expect("read"), None);
+    let fingerprint = store
+        .setting(VERAID_SECRET_FINGERPRINT)
+        .await
+        .expect("read")
+        .expect("recorded");
+    assert_ne!(fingerprint, hex::decode(&x).expect("hex"));
+    store.close().await;
+}

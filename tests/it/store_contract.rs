@@ -361,10 +361,30 @@ async fn expiry_and_purge(store: Arc<dyn Store>) {
 }
 
 async fn the_secret_is_chosen_once(store: Arc<dyn Store>) {
-    let first = store.veraid_secret(vec![1; 32]).await.expect("secret");
+    use letro_server::store::settings::{VERAID_SECRET, VERAID_SECRET_FINGERPRINT};
+    assert_eq!(store.setting(VERAID_SECRET).await.expect("read"), None);
+    let first = store
+        .setting_or_insert(VERAID_SECRET, vec![1; 32])
+        .await
+        .expect("secret");
     assert_eq!(first, vec![1; 32]);
-    let second = store.veraid_secret(vec![2; 32]).await.expect("secret");
+    let second = store
+        .setting_or_insert(VERAID_SECRET, vec![2; 32])
+        .await
+        .expect("secret");
     assert_eq!(second, vec![1; 32]);
+    assert_eq!(
+        store.setting(VERAID_SECRET).await.expect("read"),
+        Some(vec![1; 32])
+    );
+    // Settings are independent of each other.
+    assert_eq!(
+        store
+            .setting(VERAID_SECRET_FINGERPRINT)
+            .await
+            .expect("read"),
+        None
+    );
     store.ping().await.expect("ping");
 }
 
