@@ -6,6 +6,7 @@ mod abuse;
 mod authorisation;
 mod cli;
 mod deploy;
+mod docs;
 mod faults;
 mod fresh_params;
 mod ingress;

@@ -1,0 +1,214 @@
+//! `docs/operations.md` checked against the binary: every setting `serve --help` lists,
+//! every command `--help` lists, and every metric family and label `GET /metrics`
+//! exposes must be mentioned in it.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use crate::support::*;
+
+/// The operator's guide, read at run time so that editing it needs no rebuild.
+fn operations_md() -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md");
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+}
+
+/// Whether `name` occurs in `doc` as a whole word: not inside a longer identifier,
+/// environment variable, flag or command (`PORT` is not found in `LETRO_PORTS`).
+fn mentions(doc: &str, name: &str) -> bool {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    doc.match_indices(name).any(|(at, _)| {
+        let before = doc[..at].chars().next_back();
+        let after = doc[at + name.len()..].chars().next();
+        !before.is_some_and(word) && !after.is_some_and(word)
+    })
+}
+
+/// `letro-server ARGS`, in an empty environment, which must succeed; its stdout.
+fn run(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .env_clear()
+        .args(args)
+        .output()
+        .expect("run letro-server");
+    assert!(
+        out.status.success(),
+        "letro-server {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 help")
+}
+
+/// The names of the "Commands:" section of a clap help text.
+fn commands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Fails listing everything in `missing`.
+fn assert_none_missing(missing: &[String], what: &str) {
+    assert!(
+        missing.is_empty(),
+        "docs/operations.md does not mention these {what}: {missing:?}"
+    );
+}
+
+#[test]
+fn every_setting_of_serve_is_documented() {
+    let help = run(&["serve", "--help"]);
+    // `[env: NAME=]`, or `[env: NAME]` for the values clap hides.
+    let env: BTreeSet<String> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .map(|name| name.trim().to_owned())
+        .collect();
+    let flags: BTreeSet<String> = help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .filter_map(|l| l.split([' ', '<']).next())
+        .filter(|flag| *flag != "help")
+        .map(|flag| format!("--{flag}"))
+        .collect();
+    assert!(
+        env.contains("DATABASE_URL") && env.contains("K_SINK"),
+        "{help}"
+    );
+    assert!(env.len() >= 20 && flags.len() >= 20, "{env:?}\n{flags:?}");
+    let doc = operations_md();
+    let missing: Vec<String> = env
+        .iter()
+        .chain(&flags)
+        .filter(|name| !mentions(&doc, name))
+        .cloned()
+        .collect();
+    assert_none_missing(&missing, "settings of `letro-server serve --help`");
+}
+
+#[test]
+fn every_command_is_documented() {
+    let top = commands(&run(&["--help"]));
+    assert!(top.iter().any(|c| c == "serve"), "{top:?}");
+    let mut all = Vec::new();
+    for command in &top {
+        all.push(format!("letro-server {command}"));
+        if command == "help" {
+            continue;
+        }
+        // `outbox` and `requests` have their own commands (clap adds `help` to each).
+        for sub in commands(&run(&[command, "--help"])) {
+            if sub != "help" {
+                all.push(format!("letro-server {command} {sub}"));
+            }
+        }
+    }
+    assert!(all.len() >= 12, "{all:?}");
+    let doc = operations_md();
+    let missing: Vec<String> = all.into_iter().filter(|c| !mentions(&doc, c)).collect();
+    assert_none_missing(&missing, "commands of `letro-server --help`");
+}
+
+#[tokio::test]
+async fn every_metric_and_label_is_documented() {
+    let (_dir, db) = temp_db();
+    let mut sink = FakeSink::start().await;
+    let app = TestApp::spawn(test_config(&db, Some(&sink.url))).await;
+    // Traffic that gives every labelled family samples: a pair matched and delivered
+    // (`result`), a refusal (`reason`), answers (`status`) and commits.
+    let p = parties();
+    assert_eq!(
+        app.post_request(&p[0], "docs-1", "a@x.io", "b@y.io").await,
+        204
+    );
+    assert_eq!(
+        app.post_request(&p[1], "docs-2", "b@y.io", "a@x.io").await,
+        204
+    );
+    assert_eq!(
+        app.post_message(&p[2].id, "docs-3", REQUEST_TYPE, "junk")
+            .await,
+        204
+    );
+    sink.take(2).await;
+    // The sink has the matches; the delivery is counted once its 2xx is recorded.
+    let delivered = "letro_outbox_deliveries_total{result=\"delivered\"}";
+    for _ in 0..100 {
+        if app.metric(delivered).await == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let text = app
+        .client
+        .get(format!("{}metrics", app.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    app.stop().await;
+
+    // `# TYPE <family> <type>`: a counter's samples are `<family>_total`, a histogram's
+    // `<family>_bucket`, `_sum` and `_count`.
+    let families: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, ty)| (name.to_owned(), ty.trim().to_owned()))
+        .collect();
+    assert!(
+        families
+            .iter()
+            .any(|(n, t)| n == "letro_events" && t == "counter"),
+        "{text}"
+    );
+    let mut names = Vec::new();
+    for (family, ty) in &families {
+        match ty.as_str() {
+            "counter" => names.push(format!("{family}_total")),
+            "histogram" => {
+                names.push(family.clone());
+                names.push(format!("{family}_bucket"));
+            }
+            _ => names.push(family.clone()),
+        }
+    }
+    // Every label name on a sample line: `name{label="value",…} value`.
+    let labels: BTreeSet<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('{').map(|(_, rest)| rest))
+        .filter_map(|rest| rest.split_once('}').map(|(labels, _)| labels))
+        .flat_map(|labels| labels.split(','))
+        .filter_map(|pair| pair.split_once('=').map(|(name, _)| name.to_owned()))
+        .collect();
+    for label in [
+        "content_type",
+        "outcome",
+        "reason",
+        "result",
+        "status",
+        "le",
+    ] {
+        assert!(labels.contains(label), "no {label} label in:\n{text}");
+    }
+
+    let doc = operations_md();
+    let missing: Vec<String> = names
+        .iter()
+        .filter(|name| !mentions(&doc, name))
+        .chain(
+            labels
+                .iter()
+                .filter(|label| !mentions(&doc, &format!("`{label}`"))),
+        )
+        .cloned()
+        .collect();
+    assert_none_missing(&missing, "metrics or labels of `GET /metrics`");
+}
