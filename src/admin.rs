@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::app::open_admin_store;
 use crate::cli::{OutboxCommand, ReportArgs, RequestsCommand};
 use crate::clock;
-use crate::config::{Config, DatabaseConfig, HumanDuration, defaults};
+use crate::config::{Config, DatabaseConfig, HumanDuration, defaults, redacted_url};
 use crate::domain::{MessageId, Timestamp};
 use crate::store::sqlite::Synchronous;
 
@@ -221,7 +221,7 @@ pub fn describe(config: &Config) -> String {
                 .sink
                 .as_ref()
                 .map_or("none: outgoing messages wait in the outbox".into(), |u| {
-                    redact_url(u)
+                    redacted_url(u)
                 }),
         ),
         (
@@ -316,14 +316,6 @@ pub fn describe(config: &Config) -> String {
         }
     }
     out
-}
-
-fn redact_url(url: &reqwest::Url) -> String {
-    let mut url = url.clone();
-    if url.password().is_some() {
-        let _ = url.set_password(Some("<redacted>"));
-    }
-    url.to_string()
 }
 
 fn json_line(value: &serde_json::Value) -> String {

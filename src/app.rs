@@ -38,7 +38,7 @@ pub async fn open_store(database: &DatabaseConfig) -> anyhow::Result<Arc<dyn Sto
 
 /// Opens an existing database for an admin command that may run beside the server: a
 /// SQLite file must exist and keeps its outbox leases; PostgreSQL gets a small pool.
-/// Both are migrated, as the server would.
+/// Neither is migrated: the schema must already be this binary's.
 pub async fn open_admin_store(database: &DatabaseConfig) -> anyhow::Result<Arc<dyn Store>> {
     match database {
         DatabaseConfig::Sqlite { path, synchronous } => {
@@ -47,9 +47,10 @@ pub async fn open_admin_store(database: &DatabaseConfig) -> anyhow::Result<Arc<d
             Ok(Arc::new(store))
         }
         DatabaseConfig::Postgres { url, pool } => {
-            let store = PostgresStore::connect(&url.0, pool.max_connections.min(2), pool.timeout)
-                .await
-                .with_context(|| format!("opening PostgreSQL database {url}"))?;
+            let store =
+                PostgresStore::connect_existing(&url.0, pool.max_connections.min(2), pool.timeout)
+                    .await
+                    .with_context(|| format!("opening PostgreSQL database {url}"))?;
             Ok(Arc::new(store))
         }
     }

@@ -62,7 +62,9 @@ pub enum OutboxCommand {
     },
     /// Make messages that failed at least once due now instead of at the end of their
     /// backoff (for example once the sink is back). A running server picks them up
-    /// within 5 seconds, unless it is itself pausing after sink failures.
+    /// within 5 seconds, unless it is itself pausing after sink failures. Messages on
+    /// their first attempt are left alone; one being retried at that very moment may be
+    /// sent twice, with the same id.
     Retry {
         #[command(flatten)]
         #[allow(missing_docs)]
@@ -117,8 +119,9 @@ pub enum SynchronousArg {
 /// Where the database is.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
-    /// Database URL: sqlite://PATH (relative) or sqlite:///ABSOLUTE/PATH (the file is
-    /// created if missing), or postgres://USER:PASSWORD@HOST:PORT/DATABASE.
+    /// Database URL: sqlite://PATH (relative) or sqlite:///ABSOLUTE/PATH, or
+    /// postgres://USER:PASSWORD@HOST:PORT/DATABASE. `serve` and `migrate` create a
+    /// missing SQLite file and upgrade the schema; the other commands need both done.
     #[arg(long = "database", env = "DATABASE_URL", default_value = defaults::DATABASE, hide_env_values = true)]
     pub url: String,
     /// SQLite commit durability.
@@ -227,7 +230,13 @@ impl ServeArgs {
             .bind
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], self.port)));
         let mut config = Config::new(bind, self.database.to_config()?);
-        config.sink = self.sink.as_deref().map(parse_sink).transpose()?;
+        // An empty K_SINK (a template left blank) means no sink, not a bad URL.
+        config.sink = self
+            .sink
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .map(parse_sink)
+            .transpose()?;
         config.ce_overrides = match &self.ce_overrides {
             Some(json) => parse_ce_overrides(json)?,
             None => Vec::new(),

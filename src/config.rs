@@ -129,15 +129,19 @@ impl DatabaseUrl {
     /// The URL without its password, for logs and errors.
     pub fn redacted(&self) -> String {
         match reqwest::Url::parse(&self.0) {
-            Ok(mut url) => {
-                if url.password().is_some() {
-                    let _ = url.set_password(Some("***"));
-                }
-                url.to_string()
-            }
+            Ok(url) => redacted_url(&url),
             Err(_) => "<unparseable URL>".to_owned(),
         }
     }
+}
+
+/// `url` without its password (as `***`), for logs, errors and reports.
+pub fn redacted_url(url: &reqwest::Url) -> String {
+    let mut url = url.clone();
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
+    }
+    url.to_string()
 }
 
 impl fmt::Debug for DatabaseUrl {

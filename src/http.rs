@@ -68,7 +68,10 @@ pub async fn noop(body: axum::body::Bytes) -> StatusCode {
 async fn health(State(state): State<AppState>) -> Response {
     match state.store.ping().await {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
-        Err(e) => ApiError::Unavailable(e).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready: the database does not answer");
+            ApiError::Unavailable(e).into_response()
+        }
     }
 }
 

@@ -254,6 +254,25 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
+/// Checks a database's schema version `found` against the `known` migrations of this
+/// binary: a newer schema is always refused (this binary would misread it); an older one
+/// is refused when `exact`, for commands that must not migrate.
+fn check_schema_version(found: usize, known: usize, exact: bool) -> Result<()> {
+    if found > known {
+        return Err(StoreError::Unavailable(format!(
+            "the database schema is at version {found}, newer than this letro-server knows \
+             ({known}): use a newer letro-server"
+        )));
+    }
+    if exact && found < known {
+        return Err(StoreError::Unavailable(format!(
+            "the database schema is at version {found}, this letro-server needs {known}: \
+             run `letro-server migrate` (or start the server) first"
+        )));
+    }
+    Ok(())
+}
+
 /// The two outbox messages of a match, as every backend writes them.
 fn match_messages(
     submission: &PairingSubmission,

@@ -46,13 +46,14 @@ pub enum LogTarget {
 pub fn init_logging(format: LogFormat, target: LogTarget, default_filter: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let terminal = match target {
+        LogTarget::Stdout => std::io::stdout().is_terminal(),
+        LogTarget::Stderr => std::io::stderr().is_terminal(),
+    };
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
-        LogFormat::Auto => match target {
-            LogTarget::Stdout => !std::io::stdout().is_terminal(),
-            LogTarget::Stderr => !std::io::stderr().is_terminal(),
-        },
+        LogFormat::Auto => !terminal,
     };
     let writer = match target {
         LogTarget::Stdout => BoxMakeWriter::new(std::io::stdout),
@@ -60,7 +61,9 @@ pub fn init_logging(format: LogFormat, target: LogTarget, default_filter: &str) 
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(writer)
+        // Colour codes only where a terminal renders them, not in files or pipes.
+        .with_ansi(terminal);
     // A second initialisation (as in tests) keeps the first subscriber.
     let _ = if json {
         builder
@@ -73,7 +76,7 @@ pub fn init_logging(format: LogFormat, target: LogTarget, default_filter: &str) 
 }
 
 /// One JSON object per line, with the names log platforms index: `timestamp`,
-/// `severity` (Cloud Logging's name; `level` too, for the others), `message`, `target`,
+/// `severity` (Cloud Logging's name; `level` too, for the others), `message`, `module`,
 /// then the event's fields and the fields of the spans it is in (such as `request_id`),
 /// all at the top level.
 struct JsonLine;
@@ -108,7 +111,9 @@ where
         if let Some(message) = fields.0.remove("message") {
             line.insert("message".into(), message);
         }
-        line.insert("target".into(), event.metadata().target().into());
+        // `module`, not tracing's usual `target`: events have a `target` field of their
+        // own (a pairing request's target digest), which must not overwrite it.
+        line.insert("module".into(), event.metadata().target().into());
         // Outermost span first, so that an inner span's field wins.
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {

@@ -55,8 +55,8 @@ impl IntoResponse for ApiError {
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 response
             }
-            Self::Unavailable(e) => {
-                tracing::error!(error = %e, "answering 503");
+            // Logged where the context is (the parcel, or the probe), not here.
+            Self::Unavailable(_) => {
                 let mut response =
                     (StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable\n").into_response();
                 response

@@ -66,7 +66,16 @@ async fn read_event(
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
             return Err(too_large(state));
         }
-        Ok(Err(e)) => return Err(ApiError::BadRequest(format!("could not read body: {e}"))),
+        Ok(Err(e)) => {
+            tracing::info!(
+                parcel.id = %raw_header(headers, "ce-id"),
+                sender = %raw_header(headers, "ce-source"),
+                error = %e,
+                "could not read the body; answering 400"
+            );
+            state.metrics.event("unknown", "unreadable_body");
+            return Err(ApiError::BadRequest(format!("could not read body: {e}")));
+        }
         Err(_) => {
             tracing::info!(
                 parcel.id = %raw_header(headers, "ce-id"),
@@ -234,9 +243,12 @@ async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<
         limits: state.limits,
     };
     let started = std::time::Instant::now();
-    let outcome = state.store.submit_pairing_request(submission).await;
+    let outcome = state
+        .store
+        .submit_pairing_request(submission)
+        .await
+        .map_err(|e| unavailable(state, event, KIND, e))?;
     state.metrics.committed(KIND, started.elapsed());
-    let outcome = outcome.map_err(|e| unavailable(state, KIND, e))?;
     let (requester, target) = (requester_digest.short(), target_digest.short());
     match outcome {
         PairingOutcome::Duplicate => {
@@ -289,7 +301,13 @@ async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<
 }
 
 /// A store failure: counted, and answered 503 so the event is redelivered.
-fn unavailable(state: &AppState, kind: &str, e: StoreError) -> ApiError {
+fn unavailable(state: &AppState, event: &CloudEvent, kind: &str, e: StoreError) -> ApiError {
+    tracing::error!(
+        parcel.id = %event.id,
+        sender = %event.source,
+        error = %e,
+        "could not store the {kind}; answering 503 (the broker will redeliver)"
+    );
     state.metrics.event(kind, "unavailable");
     ApiError::Unavailable(e)
 }
@@ -339,9 +357,12 @@ async fn handle_pairing_auth(state: &AppState, event: &CloudEvent) -> Result<(),
         event_expiry: now.plus(state.request_ttl),
     };
     let started = std::time::Instant::now();
-    let outcome = state.store.submit_completion(submission).await;
+    let outcome = state
+        .store
+        .submit_completion(submission)
+        .await
+        .map_err(|e| unavailable(state, event, KIND, e))?;
     state.metrics.committed(KIND, started.elapsed());
-    let outcome = outcome.map_err(|e| unavailable(state, KIND, e))?;
     match outcome {
         CompletionOutcome::Duplicate => {
             state.metrics.event(KIND, "duplicate");

@@ -175,7 +175,10 @@ impl Dispatcher {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let inner = &self.inner;
         let mut in_flight = JoinSet::new();
-        tracing::info!(sink = %inner.sink.url(), "outbox dispatcher started");
+        tracing::info!(
+            sink = %crate::config::redacted_url(inner.sink.url()),
+            "outbox dispatcher started"
+        );
         while !*shutdown.borrow() {
             let mut free = inner.concurrency.saturating_sub(in_flight.len());
             if !in_flight.is_empty() && free < inner.concurrency.div_ceil(4) {

@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{
     CompletionOutcome, CompletionSubmission, OutboxEntry, OutboxStatus, OutboxSummary,
     PairingOutcome, PairingSubmission, PurgeReport, RequestStats, Result, Stats, Store, StoreError,
-    match_messages,
+    check_schema_version, match_messages,
 };
 use crate::domain::pairing::{admit, decide};
 use crate::domain::{
@@ -96,15 +96,49 @@ fn corrupt(what: &str) -> StoreError {
 impl PostgresStore {
     /// Connects, and migrates the schema.
     pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self> {
+        let store = Self::pool(url, max_connections, timeout).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connects to a database whose schema must already be this binary's, as admin
+    /// commands need: they run beside servers and must not upgrade a database under them.
+    pub async fn connect_existing(
+        url: &str,
+        max_connections: u32,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let store = Self::pool(url, max_connections, timeout).await?;
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('letro_schema') IS NOT NULL")
+            .fetch_one(&store.pool)
+            .await
+            .map_err(unavailable)?;
+        let version: i32 = if exists {
+            sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM letro_schema")
+                .fetch_one(&store.pool)
+                .await
+                .map_err(unavailable)?
+        } else {
+            0
+        };
+        let version = usize::try_from(version).unwrap_or(0);
+        check_schema_version(version, MIGRATIONS.len(), true)?;
+        Ok(store)
+    }
+
+    async fn pool(url: &str, max_connections: u32, timeout: Duration) -> Result<Self> {
+        // PostgreSQL's NOTICEs ("relation already exists, skipping") are not news.
+        let options = url
+            .parse::<PgConnectOptions>()
+            .map_err(unavailable)?
+            .options([("client_min_messages", "warning")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(timeout)
-            .connect(url)
+            .connect_with(options)
             .await
             .map_err(unavailable)?;
-        let store = Self { pool };
-        store.migrate().await?;
-        Ok(store)
+        Ok(Self { pool })
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -128,6 +162,7 @@ impl PostgresStore {
             .await
             .map_err(unavailable)?;
         let applied = usize::try_from(applied).unwrap_or(0);
+        check_schema_version(applied, MIGRATIONS.len(), false)?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
             sqlx::raw_sql(*sql)
                 .execute(&mut *tx)

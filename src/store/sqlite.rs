@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use super::{
     CompletionOutcome, CompletionSubmission, OutboxEntry, OutboxStatus, OutboxSummary,
     PairingOutcome, PairingSubmission, PurgeReport, RequestStats, Result, Stats, Store, StoreError,
-    match_messages,
+    check_schema_version, match_messages,
 };
 use crate::domain::pairing::{admit, decide};
 use crate::domain::{
@@ -89,7 +89,8 @@ impl SqliteStore {
     }
 
     /// Opens an existing database for an admin command, which may run beside the server:
-    /// a missing file is an error (not a new empty database), and leases are left alone.
+    /// a missing file is an error (not a new empty database), the schema must already be
+    /// this binary's (an admin command never migrates), and leases are left alone.
     pub fn open_existing(path: &Path, synchronous: Synchronous) -> Result<Self> {
         if !path.exists() {
             return Err(StoreError::Unavailable(format!(
@@ -118,7 +119,11 @@ impl SqliteStore {
              PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = 4000;"
         ))
         .map_err(unavailable)?;
-        migrate(&conn).map_err(unavailable)?;
+        if owner {
+            migrate(&conn)?;
+        } else {
+            check_schema_version(schema_version(&conn)?, MIGRATIONS.len(), true)?;
+        }
         if owner {
             release_leases(&conn, crate::clock::now()).map_err(unavailable)?;
         }
@@ -225,9 +230,20 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX pending_requests_target ON pending_requests (target_digest, expires_at);",
 ];
 
-fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let applied = usize::try_from(version).unwrap_or(0);
+fn schema_version(conn: &Connection) -> Result<usize> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(unavailable)?;
+    Ok(usize::try_from(version).unwrap_or(0))
+}
+
+fn migrate(conn: &Connection) -> Result<()> {
+    let applied = schema_version(conn)?;
+    check_schema_version(applied, MIGRATIONS.len(), false)?;
+    apply_migrations(conn, applied).map_err(unavailable)
+}
+
+fn apply_migrations(conn: &Connection, applied: usize) -> rusqlite::Result<()> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
         let tx = conn.unchecked_transaction()?;
         tx.execute_batch(sql)?;

@@ -35,19 +35,36 @@ async fn migrate_on_postgresql_and_an_unreachable_server_is_a_clear_error() {
     let Some(db) = PgDatabase::create().await else {
         return;
     };
-    for _ in 0..2 {
-        // Twice: the second run finds the schema up to date.
-        let out = Command::new(BIN)
+    let letro = |args: &[&str]| {
+        Command::new(BIN)
             .env_clear()
-            .args(["migrate", "--database", &db.url])
+            .args(args)
+            .args(["--database", &db.url])
             .output()
-            .expect("run");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .expect("run")
+    };
+    // Admin commands do not migrate a database under a running server.
+    let out = letro(&["outbox", "status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("run `letro-server migrate`"),
+        "{err}"
+    );
+    for _ in 0..2 {
+        // Twice: the second run finds the schema up to date, and says nothing about
+        // PostgreSQL's "already exists, skipping" notices.
+        let out = letro(&["migrate"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(!err.contains("already exists"), "{err}");
     }
+    let out = letro(&["outbox", "status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"depth\":0"));
     let version: i32 = {
         use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
@@ -57,6 +74,23 @@ async fn migrate_on_postgresql_and_an_unreachable_server_is_a_clear_error() {
             .expect("schema version")
     };
     assert_eq!(version, 2);
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+        sqlx::query("INSERT INTO letro_schema (version) VALUES (99)")
+            .execute(&mut conn)
+            .await
+            .expect("a future version");
+    }
+    for args in [&["migrate"][..], &["requests", "stats"][..]] {
+        let out = letro(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains("newer than this letro-server knows"),
+            "{args:?}: {err}"
+        );
+    }
     db.drop_database().await;
 
     let url = format!("postgres://letro:hunter2@127.0.0.1:{}/letro", closed_port());

@@ -342,6 +342,13 @@ async fn json_logs_carry_request_ids_and_never_veraids_keys_or_bodies() {
         with_id(&lines, trace).any(|l| l["parcel.id"] == "l-2"),
         "{log}"
     );
+    // The module and a pairing request's `target` digest are two different fields.
+    let stored = mine
+        .iter()
+        .find(|l| l["message"] == "pairing request stored")
+        .expect("stored line");
+    assert_eq!(stored["module"], "letro_server::http::ingress");
+    assert_eq!(stored["target"].as_str().map(str::len), Some(8), "{stored}");
     let refused = lines
         .iter()
         .find(|l| l["parcel.id"] == "l-3")
@@ -460,4 +467,68 @@ async fn a_server_with_another_veraid_secret_than_its_database_refuses_to_start(
         .expect("recorded");
     assert_ne!(fingerprint, hex::decode(&x).expect("hex"));
     store.close().await;
+}
+
+#[test]
+fn admin_commands_need_the_current_schema_and_no_command_runs_on_a_newer_one() {
+    let (_dir, db) = temp_db();
+    let url = format!("sqlite://{}", db.display());
+    let set_version = |v: i64| {
+        let conn = rusqlite::Connection::open(&db).expect("open");
+        conn.pragma_update(None, "user_version", v).expect("set");
+    };
+    stdout(&run(&["migrate", "--database", &url]));
+    // An older schema (version 1: without migration 2's indexes): admin commands ask
+    // for `migrate` instead of upgrading it.
+    {
+        let conn = rusqlite::Connection::open(&db).expect("open");
+        conn.execute_batch(
+            "DROP INDEX pending_requests_sender; DROP INDEX pending_requests_target;",
+        )
+        .expect("undo migration 2");
+    }
+    set_version(1);
+    let out = run(&["outbox", "status", "--database", &url]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("run `letro-server migrate`"),
+        "{err}"
+    );
+    stdout(&run(&["migrate", "--database", &url]));
+    stdout(&run(&["outbox", "status", "--database", &url]));
+    // A newer schema than this binary knows: nothing touches it.
+    set_version(99);
+    for args in [
+        vec!["migrate"],
+        vec!["outbox", "status"],
+        vec!["requests", "purge-expired"],
+    ] {
+        let out = run(&[&args[..], &["--database", &url]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains("newer than this letro-server knows"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = Command::new(BIN)
+        .env_clear()
+        .args(["serve", "--bind", "127.0.0.1:0", "--database", &url])
+        .output()
+        .expect("serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("newer than this letro-server knows"), "{err}");
+}
+
+#[test]
+fn an_empty_k_sink_means_no_sink() {
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("K_SINK", "")
+        .args(["check-config", "--database", "sqlite://x.db"])
+        .output()
+        .expect("run");
+    let text = stdout(&out);
+    assert!(text.contains("warning: no sink"), "{text}");
 }
