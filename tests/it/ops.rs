@@ -532,3 +532,55 @@ fn an_empty_k_sink_means_no_sink() {
     let text = stdout(&out);
     assert!(text.contains("warning: no sink"), "{text}");
 }
+
+#[tokio::test]
+async fn shutdown_takes_at_most_one_shutdown_timeout_in_all() {
+    use tokio::io::AsyncWriteExt;
+    let (_dir, db) = temp_db();
+    let sink = FakeSink::start().await;
+    // Deliveries hang, and a client is slow to send its body: both drains take as
+    // long as they are allowed to.
+    sink.set_delay(Duration::from_secs(20));
+    let mut config = test_config(&db, Some(&sink.url));
+    config.sink_timeout = Duration::from_secs(30);
+    config.body_read_timeout = Duration::from_secs(30);
+    config.shutdown_timeout = Duration::from_secs(2);
+    let app = TestApp::spawn(config).await;
+    let p = parties();
+    assert_eq!(
+        app.post_request(&p[0], "s-1", "a@x.io", "b@y.io").await,
+        204
+    );
+    assert_eq!(
+        app.post_request(&p[1], "s-2", "b@y.io", "a@x.io").await,
+        204
+    );
+    let mut slow = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    slow.write_all(
+        format!(
+            "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\nce-specversion: 1.0\r\n\
+             ce-id: s-3\r\nce-source: {}\r\nce-type: {INCOMING_TYPE}\r\n\
+             ce-subject: {SERVER_ID}\r\ncontent-type: {REQUEST_TYPE}\r\n\r\nab",
+            p[2].id
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    // Both matches are out at the sink, hanging.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    app.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(3500),
+        "shutdown took {took:?}, with a 2 s shutdown timeout"
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "did not wait at all: {took:?}"
+    );
+    drop(slow);
+}
