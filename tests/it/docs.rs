@@ -143,15 +143,7 @@ async fn every_metric_and_label_is_documented() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let text = app
-        .client
-        .get(format!("{}metrics", app.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
+    let text = app.metrics_text().await;
     app.stop().await;
 
     // `# TYPE <family> <type>`: a counter's samples are `<family>_total`, a histogram's

@@ -7,7 +7,7 @@ use std::time::Duration;
 use letro_server::store::Store;
 use letro_server::store::sqlite::{SqliteStore, Synchronous};
 
-use crate::store_contract::{NOW, completion, submission};
+use crate::store_contract::{NOW, seed_for_operators};
 use crate::support::*;
 
 fn run(args: &[&str]) -> Output {
@@ -33,18 +33,7 @@ fn stdout(out: &Output) -> String {
 /// and one match that failed and waits an hour. Returns the failed message's id.
 async fn seeded(db: &std::path::Path) -> String {
     let store = SqliteStore::open(db, Synchronous::Full).expect("open");
-    let p = parties();
-    for s in [
-        submission(&p[0], "a", "a@x.io", "b@y.io"),
-        submission(&p[1], "b", "b@y.io", "a@x.io"),
-        submission(&p[2], "c", "c@z.io", "d@z.io"),
-    ] {
-        store.submit_pairing_request(s).await.expect("submit");
-    }
-    store
-        .submit_completion(completion("auth", &p[1]))
-        .await
-        .expect("queue");
+    seed_for_operators(&store).await;
     let claimed = store.claim_due_messages(NOW, NOW, 1).await.expect("claim");
     let failed = claimed[0].message.id.clone();
     store

@@ -483,16 +483,10 @@ macro_rules! contract {
     };
 }
 
-/// What the admin commands read and change: counts and lists with no VeraIds, and a
-/// retry that only touches messages that failed.
-async fn operators_see_counts_and_can_retry_failed_messages(store: Arc<dyn Store>) {
+/// One pair matched (two messages), one request waiting, one completion queued: what
+/// the operator tests look at.
+pub(crate) async fn seed_for_operators(store: &dyn Store) {
     let p = parties();
-    assert_eq!(
-        store.outbox_status(NOW).await.expect("status"),
-        Default::default()
-    );
-    assert!(store.outbox_list(10).await.expect("list").is_empty());
-    // One pair matched (two messages), one request waiting, one completion queued.
     for s in [
         submission(&p[0], "a", "a@x.io", "b@y.io"),
         submission(&p[1], "b", "b@y.io", "a@x.io"),
@@ -504,6 +498,17 @@ async fn operators_see_counts_and_can_retry_failed_messages(store: Arc<dyn Store
         .submit_completion(completion("auth", &p[1]))
         .await
         .expect("queue");
+}
+
+/// What the admin commands read and change: counts and lists with no VeraIds, and a
+/// retry that only touches messages that failed.
+async fn operators_see_counts_and_can_retry_failed_messages(store: Arc<dyn Store>) {
+    assert_eq!(
+        store.outbox_status(NOW).await.expect("status"),
+        Default::default()
+    );
+    assert!(store.outbox_list(10).await.expect("list").is_empty());
+    seed_for_operators(store.as_ref()).await;
     // One match fails and waits an hour; the others are in flight (leased, first try).
     let claimed = store
         .claim_due_messages(NOW, NOW.plus(Duration::from_secs(60)), 10)

@@ -320,17 +320,21 @@ impl TestApp {
         self.state.store.stats().await.expect("stats")
     }
 
-    /// The value of a metric sample line, e.g. `letro_refusals_total{reason="x"}`.
-    pub async fn metric(&self, sample: &str) -> u64 {
-        let text = self
-            .client
+    /// The whole `/metrics` exposition.
+    pub async fn metrics_text(&self) -> String {
+        self.client
             .get(format!("{}metrics", self.url))
             .send()
             .await
             .expect("metrics")
             .text()
             .await
-            .expect("metrics body");
+            .expect("metrics body")
+    }
+
+    /// The value of a metric sample line, e.g. `letro_refusals_total{reason="x"}`.
+    pub async fn metric(&self, sample: &str) -> u64 {
+        let text = self.metrics_text().await;
         text.lines()
             .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
             .unwrap_or(0)
