@@ -62,7 +62,7 @@ pub async fn outbox(command: OutboxCommand) -> anyhow::Result<String> {
         }
         OutboxCommand::List { report, limit } => {
             let store = open(&report).await?;
-            let list = store.outbox_list(limit).await;
+            let list = store.outbox_list(limit as usize).await;
             store.close().await;
             let list = list.context("reading the outbox")?;
             if report.json {
@@ -107,7 +107,9 @@ pub async fn outbox(command: OutboxCommand) -> anyhow::Result<String> {
             let config = database.to_config()?;
             let store = open_admin_store(&config).await?;
             let wanted = (!all).then(|| {
-                ids.iter()
+                let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+                distinct
+                    .into_iter()
                     .map(|id| MessageId::from_stored(id.clone()))
                     .collect::<Vec<_>>()
             });

@@ -36,6 +36,19 @@ pub async fn open_store(database: &DatabaseConfig) -> anyhow::Result<Arc<dyn Sto
     }
 }
 
+/// Opens the database for `migrate`, creating and migrating it as needed; unlike
+/// [`open_store`] it leaves a running SQLite server's outbox leases alone.
+pub async fn open_store_to_migrate(database: &DatabaseConfig) -> anyhow::Result<Arc<dyn Store>> {
+    match database {
+        DatabaseConfig::Sqlite { path, synchronous } => {
+            let store = SqliteStore::open_to_migrate(path, *synchronous)
+                .with_context(|| format!("opening SQLite database {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+        DatabaseConfig::Postgres { .. } => open_store(database).await,
+    }
+}
+
 /// Opens an existing database for an admin command that may run beside the server: a
 /// SQLite file must exist and keeps its outbox leases; PostgreSQL gets a small pool.
 /// Neither is migrated: the schema must already be this binary's.
@@ -57,65 +70,79 @@ pub async fn open_admin_store(database: &DatabaseConfig) -> anyhow::Result<Arc<d
 }
 
 /// The secret that keys VeraId digests: the configured one, or the one generated on the
-/// first start and kept in the database. Either way its fingerprint is recorded, and a
-/// server whose secret differs from the recorded one refuses to start: its digests would
-/// never match the requests already waiting, which would silently never pair.
+/// first start and kept in the database. Either way its fingerprint is recorded, and the
+/// recorded fingerprint is the authority: a server whose secret differs refuses to
+/// start, since its digests would never match the requests already waiting. The first
+/// secret to record its fingerprint wins, whichever replica it came from; a generated
+/// secret that lost that race stays behind unused (only a fingerprint says which secret
+/// the database uses).
 async fn veraid_secret(store: &dyn Store, configured: Option<&Secret>) -> anyhow::Result<Vec<u8>> {
     const WHY: &str = "pairing requests already waiting would never match; keep the \
                        secret the database was first started with";
-    let secret = match configured {
-        Some(secret) => {
-            let generated = store
-                .setting(settings::VERAID_SECRET)
-                .await
-                .context("loading the VeraId digest secret")?;
-            if generated.is_some_and(|g| g != secret.0) {
-                anyhow::bail!(
-                    "--veraid-secret (LETRO_VERAID_SECRET) is set, but this database was \
-                     started without it and generated its own secret: {WHY}"
-                );
-            }
-            secret.0.clone()
-        }
-        None => {
-            let read = |name| async move {
-                store
-                    .setting(name)
-                    .await
-                    .context("loading the VeraId digest secret")
-            };
-            match read(settings::VERAID_SECRET).await? {
-                Some(generated) => generated,
-                // Checked before generating one: a refused start must leave nothing behind.
-                None if read(settings::VERAID_SECRET_FINGERPRINT).await?.is_some() => {
-                    anyhow::bail!(
-                        "this database was started with --veraid-secret \
-                         (LETRO_VERAID_SECRET), which is not set now: {WHY}"
-                    );
-                }
-                None => {
-                    let mut candidate = vec![0u8; 32];
-                    rand::fill(&mut candidate[..]);
-                    store
-                        .setting_or_insert(settings::VERAID_SECRET, candidate)
-                        .await
-                        .context("storing the VeraId digest secret")?
-                }
-            }
-        }
+    let read = |name| async move {
+        store
+            .setting(name)
+            .await
+            .context("loading the VeraId digest secret")
     };
-    let fingerprint = VeraIdDigester::new(&secret).fingerprint();
+    let recorded = read(settings::VERAID_SECRET_FINGERPRINT).await?;
+    let generated = read(settings::VERAID_SECRET).await?;
+    let secret = match (configured, &recorded) {
+        (Some(secret), _) => secret.0.clone(),
+        (None, None) => match generated.clone() {
+            Some(generated) => generated,
+            None => {
+                let mut candidate = vec![0u8; 32];
+                rand::fill(&mut candidate[..]);
+                store
+                    .setting_or_insert(settings::VERAID_SECRET, candidate)
+                    .await
+                    .context("storing the VeraId digest secret")?
+            }
+        },
+        (None, Some(recorded)) => match generated.clone() {
+            Some(generated) if fingerprint(&generated) == *recorded => generated,
+            // Checked before generating one: a refused start leaves nothing behind.
+            _ => anyhow::bail!(
+                "this database was started with --veraid-secret (LETRO_VERAID_SECRET), \
+                 which is not set now: {WHY}"
+            ),
+        },
+    };
+    let mine = fingerprint(&secret);
     let recorded = store
-        .setting_or_insert(settings::VERAID_SECRET_FINGERPRINT, fingerprint.clone())
+        .setting_or_insert(settings::VERAID_SECRET_FINGERPRINT, mine.clone())
         .await
         .context("checking the VeraId digest secret")?;
-    if recorded != fingerprint {
+    if recorded != mine {
+        if configured.is_some()
+            && read(settings::VERAID_SECRET)
+                .await?
+                .is_some_and(|g| fingerprint(&g) == recorded)
+        {
+            anyhow::bail!(
+                "--veraid-secret (LETRO_VERAID_SECRET) is set, but this database was \
+                 started without it and uses the secret it generated: {WHY}"
+            );
+        }
         anyhow::bail!(
             "the VeraId digest secret is not the one this database was started with \
              (--veraid-secret / LETRO_VERAID_SECRET changed, or was removed): {WHY}"
         );
     }
+    if configured.is_some() && generated.is_some_and(|g| g != secret) {
+        // A database from before fingerprints that was started without a secret and
+        // given one later: the configured secret is the one in use.
+        tracing::warn!(
+            "the database also holds a generated VeraId secret, unused while \
+             LETRO_VERAID_SECRET is set"
+        );
+    }
     Ok(secret)
+}
+
+fn fingerprint(secret: &[u8]) -> Vec<u8> {
+    VeraIdDigester::new(secret).fingerprint()
 }
 
 /// A server ready to run: the listener is bound and the database open.
@@ -243,16 +270,24 @@ impl App {
             .get()
             .map_or_else(tokio::time::Instant::now, |at| *at)
             + timeout;
-        if let Some(task) = dispatcher
-            && tokio::time::timeout_at(deadline, task).await.is_err()
+        // Past the deadline, tasks are aborted, not just left behind: a dropped store
+        // call gives its connection back, so closing the store does not wait for it.
+        if let Some(mut task) = dispatcher
+            && tokio::time::timeout_at(deadline, &mut task).await.is_err()
         {
+            task.abort();
             tracing::warn!(
                 "shutdown timeout: deliveries still in flight will be retried after restart"
             );
         }
-        // A purge is one transaction; one cut short is simply done again next time.
-        if tokio::time::timeout_at(deadline, purger).await.is_err() {
-            tracing::warn!("shutdown timeout: a purge was still running");
+        // A purge is one transaction; one cut short is rolled back and done next time.
+        let mut purger = purger;
+        if tokio::time::timeout_at(deadline, &mut purger)
+            .await
+            .is_err()
+        {
+            purger.abort();
+            tracing::warn!("shutdown timeout: a purge was cut short");
         }
         store.close().await;
         tracing::info!("stopped");

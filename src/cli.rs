@@ -56,9 +56,9 @@ pub enum OutboxCommand {
         #[command(flatten)]
         #[allow(missing_docs)]
         report: ReportArgs,
-        /// How many to show.
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
+        /// How many to show (at least 1).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
     },
     /// Make messages that failed at least once due now instead of at the end of their
     /// backoff (for example once the sink is back). A running server picks them up

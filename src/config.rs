@@ -135,11 +135,28 @@ impl DatabaseUrl {
     }
 }
 
-/// `url` without its password (as `***`), for logs, errors and reports.
+/// `url` without its password (as `***`), for logs, errors and reports: the one in the
+/// authority, and `password` or `sslpassword` in the query, which PostgreSQL URLs allow.
 pub fn redacted_url(url: &reqwest::Url) -> String {
     let mut url = url.clone();
     if url.password().is_some() {
         let _ = url.set_password(Some("***"));
+    }
+    let secret =
+        |k: &str| k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword");
+    if url.query_pairs().any(|(k, _)| secret(&k)) {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if secret(&k) {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
     }
     url.to_string()
 }
@@ -443,6 +460,22 @@ pub fn parse_secret(hex_text: &str) -> Result<Secret, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_never_show_in_urls() {
+        let show = |u: &str| redacted_url(&reqwest::Url::parse(u).expect("url"));
+        assert_eq!(
+            show("postgres://letro:hunter2@db/letro?sslmode=require"),
+            "postgres://letro:***@db/letro?sslmode=require"
+        );
+        let shown = show("postgres://letro@db/letro?Password=hunter2&sslpassword=x2&a=b");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("x2"),
+            "{shown}"
+        );
+        assert!(shown.contains("a=b"), "{shown}");
+        assert_eq!(show("http://broker/ns/default"), "http://broker/ns/default");
+    }
 
     #[test]
     fn durations_print_as_they_are_written_and_parse_back() {

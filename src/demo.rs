@@ -90,7 +90,11 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
             ),
         )?;
     }
-    let http = reqwest::Client::new();
+    // Everything is on loopback: an HTTP_PROXY in the environment must not apply.
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .context("building the HTTP client")?;
 
     step(out, 1, "Alice asks to pair with Bob")?;
     let body = alice.endpoint.pairing_request(alice.veraid, bob.veraid);

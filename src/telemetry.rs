@@ -93,28 +93,8 @@ where
         event: &Event<'_>,
     ) -> std::fmt::Result {
         let mut line = serde_json::Map::new();
-        let now = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        line.insert("timestamp".into(), now.into());
-        let level = event.metadata().level();
-        let severity = match *level {
-            Level::ERROR => "ERROR",
-            Level::WARN => "WARNING",
-            Level::INFO => "INFO",
-            Level::DEBUG | Level::TRACE => "DEBUG",
-        };
-        line.insert("severity".into(), severity.into());
-        line.insert("level".into(), level.as_str().into());
-        let mut fields = FieldsToJson(serde_json::Map::new());
-        event.record(&mut fields);
-        if let Some(message) = fields.0.remove("message") {
-            line.insert("message".into(), message);
-        }
-        // `module`, not tracing's usual `target`: events have a `target` field of their
-        // own (a pairing request's target digest), which must not overwrite it.
-        line.insert("module".into(), event.metadata().target().into());
-        // Outermost span first, so that an inner span's field wins.
+        // Outermost span first, so that an inner span's field wins; then the event's
+        // fields; then the fixed keys, which nothing may overwrite.
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 let extensions = span.extensions();
@@ -128,7 +108,29 @@ where
                 }
             }
         }
+        let mut fields = FieldsToJson(serde_json::Map::new());
+        event.record(&mut fields);
+        let message = fields.0.remove("message");
         line.extend(fields.0);
+        if let Some(message) = message {
+            line.insert("message".into(), message);
+        }
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        line.insert("timestamp".into(), now.into());
+        let level = event.metadata().level();
+        let severity = match *level {
+            Level::ERROR => "ERROR",
+            Level::WARN => "WARNING",
+            Level::INFO => "INFO",
+            Level::DEBUG | Level::TRACE => "DEBUG",
+        };
+        line.insert("severity".into(), severity.into());
+        line.insert("level".into(), level.as_str().into());
+        // `module`, not tracing's usual `target`: events have a `target` field of their
+        // own (a pairing request's target digest).
+        line.insert("module".into(), event.metadata().target().into());
         let text = serde_json::Value::Object(line).to_string();
         writeln!(writer, "{text}")
     }

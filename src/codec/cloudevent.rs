@@ -157,6 +157,21 @@ fn from_attributes(
     let ty = required("type")?;
     let subject = attrs.remove("subject").filter(|v| !v.is_empty());
     let time = attrs.remove("time");
+    // Control characters (a percent-encoded or JSON-escaped newline) have no business in
+    // these attributes, and would let a sender forge lines in text logs, which quote them.
+    let named = [
+        ("id", Some(&id)),
+        ("source", Some(&source)),
+        ("type", Some(&ty)),
+        ("subject", subject.as_ref()),
+        ("time", time.as_ref()),
+        ("datacontenttype", content_type.as_ref()),
+    ];
+    for (name, value) in named {
+        if value.is_some_and(|v| v.chars().any(char::is_control)) {
+            return Err(DecodeError::Invalid(name.to_owned()));
+        }
+    }
     Ok(CloudEvent {
         id,
         source,
@@ -346,6 +361,24 @@ mod tests {
         h.push(("ce-foo", "1"));
         h.push(("ce-foo", "2"));
         assert_eq!(binary(&h, b"").expect("valid").extensions["foo"], "1");
+    }
+
+    #[test]
+    fn control_characters_in_attributes_are_refused() {
+        let mut h = BASE.to_vec();
+        h[1] = ("ce-id", "p-1%0A2026-11-28T00:00:00Z  INFO forged");
+        assert_eq!(binary(&h, b""), Err(DecodeError::Invalid("id".into())));
+        let mut h = BASE.to_vec();
+        h[2] = ("ce-source", "0abc%09");
+        assert_eq!(binary(&h, b""), Err(DecodeError::Invalid("source".into())));
+        let structured = format!(
+            r#"{{"specversion":"1.0","id":"a\nb","source":"0abc","type":"{INCOMING_TYPE}"}}"#
+        );
+        let e = decode_http(
+            [("content-type", &b"application/cloudevents+json"[..])],
+            structured.into_bytes(),
+        );
+        assert_eq!(e, Err(DecodeError::Invalid("id".into())));
     }
 
     #[test]

@@ -44,10 +44,15 @@ impl HttpSink {
         overrides: Vec<(String, String)>,
     ) -> reqwest::Result<Self> {
         install_crypto_provider();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .build()?;
+            .connect_timeout(timeout.min(Duration::from_secs(5)));
+        // HTTP_PROXY and friends are for leaving the machine; a sink on loopback (a
+        // sidecar, the demo, tests) is never meant to go through one.
+        if is_loopback(&url) {
+            builder = builder.no_proxy();
+        }
+        let client = builder.build()?;
         Ok(Self {
             client,
             url,
@@ -103,5 +108,30 @@ fn describe(e: &reqwest::Error) -> String {
         "could not connect to sink".into()
     } else {
         format!("sink request failed: {e}")
+    }
+}
+
+/// Whether `url` names this machine.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_sinks_are_recognised() {
+        let at = |u: &str| is_loopback(&reqwest::Url::parse(u).expect("url"));
+        assert!(at("http://127.0.0.1:8080/") && at("http://[::1]/") && at("http://LOCALHOST/"));
+        assert!(!at("http://broker-ingress.knative-eventing.svc/ns/default"));
+        assert!(!at("http://10.0.0.1/"));
     }
 }

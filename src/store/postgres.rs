@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{
@@ -127,15 +127,10 @@ impl PostgresStore {
     }
 
     async fn pool(url: &str, max_connections: u32, timeout: Duration) -> Result<Self> {
-        // PostgreSQL's NOTICEs ("relation already exists, skipping") are not news.
-        let options = url
-            .parse::<PgConnectOptions>()
-            .map_err(unavailable)?
-            .options([("client_min_messages", "warning")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(timeout)
-            .connect_with(options)
+            .connect(url)
             .await
             .map_err(unavailable)?;
         Ok(Self { pool })
@@ -143,6 +138,12 @@ impl PostgresStore {
 
     async fn migrate(&self) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        // PostgreSQL's NOTICEs ("relation already exists, skipping") are not news. SET
+        // LOCAL, not a connection option: poolers such as PgBouncer refuse `options`.
+        sqlx::query("SET LOCAL client_min_messages = warning")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(MIGRATION_LOCK)
             .execute(&mut *tx)

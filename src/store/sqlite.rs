@@ -65,6 +65,17 @@ enum Msg {
     Close(oneshot::Sender<()>),
 }
 
+/// Who opens the database, which decides what opening it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The one server process: migrates, and releases a dead process's leases.
+    Server,
+    /// `migrate`: migrates only.
+    Migrator,
+    /// An admin command beside the server: needs the current schema, changes nothing.
+    Admin,
+}
+
 /// The SQLite implementation of [`Store`].
 #[derive(Debug)]
 pub struct SqliteStore {
@@ -85,7 +96,13 @@ impl SqliteStore {
     /// For the one server process that owns the file: outbox leases left by an earlier
     /// process are released.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Self> {
-        Self::open_as(path, synchronous, true)
+        Self::open_as(path, synchronous, Role::Server)
+    }
+
+    /// Opens (creating if missing) and migrates the database, for `migrate`, which may
+    /// run beside a server: leases are left alone.
+    pub fn open_to_migrate(path: &Path, synchronous: Synchronous) -> Result<Self> {
+        Self::open_as(path, synchronous, Role::Migrator)
     }
 
     /// Opens an existing database for an admin command, which may run beside the server:
@@ -98,10 +115,10 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        Self::open_as(path, synchronous, false)
+        Self::open_as(path, synchronous, Role::Admin)
     }
 
-    fn open_as(path: &Path, synchronous: Synchronous, owner: bool) -> Result<Self> {
+    fn open_as(path: &Path, synchronous: Synchronous, role: Role) -> Result<Self> {
         let conn = Connection::open(path).map_err(unavailable)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
@@ -119,12 +136,11 @@ impl SqliteStore {
              PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = 4000;"
         ))
         .map_err(unavailable)?;
-        if owner {
-            migrate(&conn)?;
-        } else {
-            check_schema_version(schema_version(&conn)?, MIGRATIONS.len(), true)?;
+        match role {
+            Role::Server | Role::Migrator => migrate(&conn)?,
+            Role::Admin => check_schema_version(schema_version(&conn)?, MIGRATIONS.len(), true)?,
         }
-        if owner {
+        if role == Role::Server {
             release_leases(&conn, crate::clock::now()).map_err(unavailable)?;
         }
         let (tx, rx) = mpsc::channel();

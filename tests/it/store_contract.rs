@@ -76,6 +76,17 @@ pub(crate) fn submission(
     requester: &str,
     target: &str,
 ) -> PairingSubmission {
+    submission_at(from, parcel, requester, target, NOW)
+}
+
+/// The same, arriving at `now`.
+fn submission_at(
+    from: &Party,
+    parcel: &str,
+    requester: &str,
+    target: &str,
+    now: Timestamp,
+) -> PairingSubmission {
     let request = PairingRequest::new(
         VeraId::parse(requester).expect("requester"),
         VeraId::parse(target).expect("target"),
@@ -93,14 +104,18 @@ pub(crate) fn submission(
         requester_digest: d.digest(&request.requester),
         target_digest: d.digest(&request.target),
         request,
-        now: NOW,
-        request_expiry: NOW.plus(DAY),
-        message_expiry: NOW.plus(DAY),
+        now,
+        request_expiry: now.plus(DAY),
+        message_expiry: now.plus(DAY),
         limits: LIMITS,
     }
 }
 
 pub(crate) fn completion(parcel: &str, grantee: &Party) -> CompletionSubmission {
+    completion_at(parcel, grantee, NOW)
+}
+
+fn completion_at(parcel: &str, grantee: &Party, now: Timestamp) -> CompletionSubmission {
     let event = EventKey {
         source: parties()[0].id.clone(),
         id: parcel.to_owned(),
@@ -112,11 +127,11 @@ pub(crate) fn completion(parcel: &str, grantee: &Party) -> CompletionSubmission 
             SERVER_ID,
             EndpointId::parse(&grantee.id).expect("id"),
             b"granter,params".to_vec(),
-            NOW,
-            NOW.plus(DAY),
+            now,
+            now.plus(DAY),
         ),
         event,
-        event_expiry: NOW.plus(DAY),
+        event_expiry: now.plus(DAY),
     }
 }
 
@@ -483,19 +498,19 @@ macro_rules! contract {
     };
 }
 
-/// One pair matched (two messages), one request waiting, one completion queued: what
-/// the operator tests look at.
-pub(crate) async fn seed_for_operators(store: &dyn Store) {
+/// One pair matched (two messages), one request waiting, one completion queued, all
+/// arriving at `now`: what the operator tests look at.
+pub(crate) async fn seed_for_operators(store: &dyn Store, now: Timestamp) {
     let p = parties();
     for s in [
-        submission(&p[0], "a", "a@x.io", "b@y.io"),
-        submission(&p[1], "b", "b@y.io", "a@x.io"),
-        submission(&p[2], "c", "c@z.io", "d@z.io"),
+        submission_at(&p[0], "a", "a@x.io", "b@y.io", now),
+        submission_at(&p[1], "b", "b@y.io", "a@x.io", now),
+        submission_at(&p[2], "c", "c@z.io", "d@z.io", now),
     ] {
         store.submit_pairing_request(s).await.expect("submit");
     }
     store
-        .submit_completion(completion("auth", &p[1]))
+        .submit_completion(completion_at("auth", &p[1], now))
         .await
         .expect("queue");
 }
@@ -508,7 +523,7 @@ async fn operators_see_counts_and_can_retry_failed_messages(store: Arc<dyn Store
         Default::default()
     );
     assert!(store.outbox_list(10).await.expect("list").is_empty());
-    seed_for_operators(store.as_ref()).await;
+    seed_for_operators(store.as_ref(), NOW).await;
     // One match fails and waits an hour; the others are in flight (leased, first try).
     let claimed = store
         .claim_due_messages(NOW, NOW.plus(Duration::from_secs(60)), 10)
