@@ -321,7 +321,15 @@ async fn json_logs_carry_request_ids_and_never_veraids_keys_or_bodies() {
         assert_eq!(a.expect("answer").status(), 204);
     }
     sink.take(2).await;
-    let log = server.recent_log();
+    // The log pipe is read by another thread: wait until the last line is in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = server.recent_log();
+        if log.contains("\"l-3\"") || std::time::Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let lines: Vec<serde_json::Value> = log
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
