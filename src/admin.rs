@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::json;
 
-use crate::app::open_admin_store;
+use crate::app::{Opening, open_store};
 use crate::cli::{OutboxCommand, ReportArgs, RequestsCommand};
 use crate::clock;
 use crate::config::{Config, DatabaseConfig, HumanDuration, defaults, redacted_url};
@@ -105,7 +105,7 @@ pub async fn outbox(command: OutboxCommand) -> anyhow::Result<String> {
         }
         OutboxCommand::Retry { database, ids, all } => {
             let config = database.to_config()?;
-            let store = open_admin_store(&config).await?;
+            let store = open_store(&config, Opening::Admin).await?;
             let wanted = (!all).then(|| {
                 let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
                 distinct
@@ -171,7 +171,7 @@ pub async fn requests(command: RequestsCommand) -> anyhow::Result<String> {
             Ok(out)
         }
         RequestsCommand::PurgeExpired(database) => {
-            let store = open_admin_store(&database.to_config()?).await?;
+            let store = open_store(&database.to_config()?, Opening::Admin).await?;
             let report = store.purge_expired(now).await;
             store.close().await;
             let report = report.context("purging")?;
@@ -184,7 +184,7 @@ pub async fn requests(command: RequestsCommand) -> anyhow::Result<String> {
 }
 
 async fn open(report: &ReportArgs) -> anyhow::Result<std::sync::Arc<dyn crate::store::Store>> {
-    open_admin_store(&report.database.to_config()?).await
+    open_store(&report.database.to_config()?, Opening::Admin).await
 }
 
 /// What `check-config` prints for a valid configuration: every setting, secrets hidden,

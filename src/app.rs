@@ -19,51 +19,45 @@ use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, settings};
 use crate::telemetry::Metrics;
 
-/// Opens the configured database, creating and migrating it as needed.
-pub async fn open_store(database: &DatabaseConfig) -> anyhow::Result<Arc<dyn Store>> {
+/// Who opens the database, which decides what opening it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// `serve`: create and migrate as needed; on SQLite, release a dead process's leases.
+    Serve,
+    /// `migrate`: create and migrate as needed, leaving a running server's leases alone.
+    Migrate,
+    /// An admin command beside the server: the database must exist with this binary's
+    /// schema; nothing is created, migrated or released; PostgreSQL gets a small pool.
+    Admin,
+}
+
+/// Opens the configured database for `opening`.
+pub async fn open_store(
+    database: &DatabaseConfig,
+    opening: Opening,
+) -> anyhow::Result<Arc<dyn Store>> {
     match database {
         DatabaseConfig::Sqlite { path, synchronous } => {
-            let store = SqliteStore::open(path, *synchronous)
+            let open = match opening {
+                Opening::Serve => SqliteStore::open,
+                Opening::Migrate => SqliteStore::open_to_migrate,
+                Opening::Admin => SqliteStore::open_existing,
+            };
+            let store = open(path, *synchronous)
                 .with_context(|| format!("opening SQLite database {}", path.display()))?;
             Ok(Arc::new(store))
         }
         DatabaseConfig::Postgres { url, pool } => {
-            let store = PostgresStore::connect(&url.0, pool.max_connections, pool.timeout)
-                .await
-                .with_context(|| format!("opening PostgreSQL database {url}"))?;
-            Ok(Arc::new(store))
-        }
-    }
-}
-
-/// Opens the database for `migrate`, creating and migrating it as needed; unlike
-/// [`open_store`] it leaves a running SQLite server's outbox leases alone.
-pub async fn open_store_to_migrate(database: &DatabaseConfig) -> anyhow::Result<Arc<dyn Store>> {
-    match database {
-        DatabaseConfig::Sqlite { path, synchronous } => {
-            let store = SqliteStore::open_to_migrate(path, *synchronous)
-                .with_context(|| format!("opening SQLite database {}", path.display()))?;
-            Ok(Arc::new(store))
-        }
-        DatabaseConfig::Postgres { .. } => open_store(database).await,
-    }
-}
-
-/// Opens an existing database for an admin command that may run beside the server: a
-/// SQLite file must exist and keeps its outbox leases; PostgreSQL gets a small pool.
-/// Neither is migrated: the schema must already be this binary's.
-pub async fn open_admin_store(database: &DatabaseConfig) -> anyhow::Result<Arc<dyn Store>> {
-    match database {
-        DatabaseConfig::Sqlite { path, synchronous } => {
-            let store = SqliteStore::open_existing(path, *synchronous)
-                .with_context(|| format!("opening SQLite database {}", path.display()))?;
-            Ok(Arc::new(store))
-        }
-        DatabaseConfig::Postgres { url, pool } => {
-            let store =
-                PostgresStore::connect_existing(&url.0, pool.max_connections.min(2), pool.timeout)
-                    .await
-                    .with_context(|| format!("opening PostgreSQL database {url}"))?;
+            let store = match opening {
+                Opening::Serve | Opening::Migrate => {
+                    PostgresStore::connect(&url.0, pool.max_connections, pool.timeout).await
+                }
+                Opening::Admin => {
+                    let connections = pool.max_connections.min(2);
+                    PostgresStore::connect_existing(&url.0, connections, pool.timeout).await
+                }
+            }
+            .with_context(|| format!("opening PostgreSQL database {url}"))?;
             Ok(Arc::new(store))
         }
     }
@@ -156,7 +150,7 @@ impl App {
     /// Opens the database, loads or creates the VeraId secret and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
-        let store = open_store(&config.database).await?;
+        let store = open_store(&config.database, Opening::Serve).await?;
         let secret = veraid_secret(store.as_ref(), config.veraid_secret.as_ref()).await?;
         let metrics = Arc::new(Metrics::new());
         let dispatcher = match &config.sink {

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 
-use letro_server::app::{App, open_store_to_migrate};
+use letro_server::app::{App, Opening, open_store};
 use letro_server::cli::{Cli, Command};
 use letro_server::telemetry::{LogTarget, init_logging};
 use letro_server::{admin, demo};
@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
             app.run(shutdown_signal()).await
         }
         Command::Migrate(args) => {
-            let store = open_store_to_migrate(&args.to_config()?).await?;
+            let store = open_store(&args.to_config()?, Opening::Migrate).await?;
             store.close().await;
             tracing::info!("database is up to date");
             Ok(())
