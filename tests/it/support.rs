@@ -462,9 +462,19 @@ impl ServerProcess {
         command
             .env_clear()
             .args(["--log-format", "json", "serve", "--bind", "127.0.0.1:0"])
-            .args(["--database", database])
-            .args(["--retry-base-delay", "10ms", "--retry-max-delay", "200ms"])
-            .args(["--sink-timeout", "1s", "--shutdown-timeout", "10s"])
+            .args(["--database", database]);
+        // Test defaults, unless `extra` sets them (clap refuses a flag given twice).
+        for (flag, value) in [
+            ("--retry-base-delay", "10ms"),
+            ("--retry-max-delay", "200ms"),
+            ("--sink-timeout", "1s"),
+            ("--shutdown-timeout", "10s"),
+        ] {
+            if !extra.contains(&flag) {
+                command.args([flag, value]);
+            }
+        }
+        command
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
