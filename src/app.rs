@@ -109,11 +109,8 @@ async fn veraid_secret(store: &dyn Store, configured: Option<&Secret>) -> anyhow
         .await
         .context("checking the VeraId digest secret")?;
     if recorded != mine {
-        if configured.is_some()
-            && read(settings::VERAID_SECRET)
-                .await?
-                .is_some_and(|g| fingerprint(&g) == recorded)
-        {
+        // `generated` is still what was read above: a configured secret stores nothing.
+        if configured.is_some() && generated.is_some_and(|g| fingerprint(&g) == recorded) {
             anyhow::bail!(
                 "--veraid-secret (LETRO_VERAID_SECRET) is set, but this database was \
                  started without it and uses the secret it generated: {WHY}"
