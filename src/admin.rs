@@ -3,16 +3,19 @@
 //! binary to print; none prints a VeraId, a digest, a key or a message body.
 
 use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::json;
 
 use crate::app::{Opening, open_store};
-use crate::cli::{OutboxCommand, ReportArgs, RequestsCommand};
+use crate::cli::{DatabaseArgs, OutboxCommand, RequestsCommand};
 use crate::clock;
 use crate::config::{Config, DatabaseConfig, HumanDuration, defaults, redacted_url};
 use crate::domain::{MessageId, Timestamp};
+use crate::store::Store;
 use crate::store::sqlite::Synchronous;
 
 /// Runs an `outbox` subcommand and returns what to print.
@@ -20,10 +23,10 @@ pub async fn outbox(command: OutboxCommand) -> anyhow::Result<String> {
     let now = clock::now();
     match command {
         OutboxCommand::Status(report) => {
-            let store = open(&report).await?;
-            let status = store.outbox_status(now).await;
-            store.close().await;
-            let s = status.context("reading the outbox")?;
+            let s = with_store(&report.database, "reading the outbox", |store| async move {
+                store.outbox_status(now).await
+            })
+            .await?;
             if report.json {
                 let by_kind: serde_json::Map<_, _> = s
                     .by_kind
@@ -61,10 +64,10 @@ pub async fn outbox(command: OutboxCommand) -> anyhow::Result<String> {
             Ok(out)
         }
         OutboxCommand::List { report, limit } => {
-            let store = open(&report).await?;
-            let list = store.outbox_list(limit as usize).await;
-            store.close().await;
-            let list = list.context("reading the outbox")?;
+            let list = with_store(&report.database, "reading the outbox", |store| async move {
+                store.outbox_list(limit as usize).await
+            })
+            .await?;
             if report.json {
                 let mut out = String::new();
                 for m in &list {
@@ -104,8 +107,6 @@ pub async fn outbox(command: OutboxCommand) -> anyhow::Result<String> {
             Ok(out)
         }
         OutboxCommand::Retry { database, ids, all } => {
-            let config = database.to_config()?;
-            let store = open_store(&config, Opening::Admin).await?;
             let wanted = (!all).then(|| {
                 let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
                 distinct
@@ -114,9 +115,10 @@ pub async fn outbox(command: OutboxCommand) -> anyhow::Result<String> {
                     .collect::<Vec<_>>()
             });
             let named = wanted.as_ref().map(Vec::len);
-            let changed = store.retry_now(wanted, now).await;
-            store.close().await;
-            let changed = changed.context("updating the outbox")?;
+            let changed = with_store(&database, "updating the outbox", |store| async move {
+                store.retry_now(wanted, now).await
+            })
+            .await?;
             let mut out = format!("{changed} message(s) made due now\n");
             if let Some(named) = named
                 && (changed as usize) < named
@@ -138,10 +140,12 @@ pub async fn requests(command: RequestsCommand) -> anyhow::Result<String> {
     let now = clock::now();
     match command {
         RequestsCommand::Stats(report) => {
-            let store = open(&report).await?;
-            let stats = store.request_stats(now).await;
-            store.close().await;
-            let s = stats.context("reading pending requests")?;
+            let s = with_store(
+                &report.database,
+                "reading pending requests",
+                |store| async move { store.request_stats(now).await },
+            )
+            .await?;
             if report.json {
                 return Ok(json_line(&json!({
                     "waiting": s.live,
@@ -171,10 +175,10 @@ pub async fn requests(command: RequestsCommand) -> anyhow::Result<String> {
             Ok(out)
         }
         RequestsCommand::PurgeExpired(database) => {
-            let store = open_store(&database.to_config()?, Opening::Admin).await?;
-            let report = store.purge_expired(now).await;
-            store.close().await;
-            let report = report.context("purging")?;
+            let report = with_store(&database, "purging", |store| async move {
+                store.purge_expired(now).await
+            })
+            .await?;
             Ok(format!(
                 "purged {} expired pairing request(s) and {} processed-event key(s)\n",
                 report.requests, report.events
@@ -183,8 +187,21 @@ pub async fn requests(command: RequestsCommand) -> anyhow::Result<String> {
     }
 }
 
-async fn open(report: &ReportArgs) -> anyhow::Result<std::sync::Arc<dyn crate::store::Store>> {
-    open_store(&report.database.to_config()?, Opening::Admin).await
+/// Opens the database as an admin command does, runs `f` on it, and closes it whatever
+/// `f` came to; `what` names the work in an error.
+async fn with_store<T, F, Fut>(
+    database: &DatabaseArgs,
+    what: &'static str,
+    f: F,
+) -> anyhow::Result<T>
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = crate::store::Result<T>>,
+{
+    let store = open_store(&database.to_config()?, Opening::Admin).await?;
+    let result = f(store.clone()).await;
+    store.close().await;
+    result.context(what)
 }
 
 /// What `check-config` prints for a valid configuration: every setting, secrets hidden,
