@@ -96,39 +96,24 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
         .build()
         .context("building the HTTP client")?;
 
-    step(out, 1, "Alice asks to pair with Bob")?;
-    let body = alice.endpoint.pairing_request(alice.veraid, bob.veraid);
-    show_request(out, &args, &alice, "request-1", PAIRING_REQUEST_TYPE, &body)?;
-    let status = post(
-        &http,
-        &server,
-        &alice,
-        "request-1",
-        PAIRING_REQUEST_TYPE,
-        body,
-    )
-    .await?;
-    say(
-        out,
-        &format!("  server answered {status}: stored, waiting for Bob's request"),
-    )?;
-
-    step(out, 2, "Bob asks to pair with Alice")?;
-    let body = bob.endpoint.pairing_request(bob.veraid, alice.veraid);
-    show_request(out, &args, &bob, "request-2", PAIRING_REQUEST_TYPE, &body)?;
-    let status = post(
-        &http,
-        &server,
-        &bob,
-        "request-2",
-        PAIRING_REQUEST_TYPE,
-        body,
-    )
-    .await?;
-    say(
-        out,
-        &format!("  server answered {status}: both halves are in, so it sends two matches"),
-    )?;
+    let outcomes = [
+        "stored, waiting for Bob's request",
+        "both halves are in, so it sends two matches",
+    ];
+    for (n, ((user, other), outcome)) in
+        (1..).zip([(&alice, &bob), (&bob, &alice)].into_iter().zip(outcomes))
+    {
+        step(
+            out,
+            n,
+            &format!("{} asks to pair with {}", user.name, other.name),
+        )?;
+        let parcel = format!("request-{n}");
+        let body = user.endpoint.pairing_request(user.veraid, other.veraid);
+        show_request(out, &args, user, &parcel, PAIRING_REQUEST_TYPE, &body)?;
+        let status = post(&http, &server, user, &parcel, PAIRING_REQUEST_TYPE, body).await?;
+        say(out, &format!("  server answered {status}: {outcome}"))?;
+    }
 
     step(out, 3, "Each receives a pairing match about the other")?;
     let matches = receive(&mut delivered, 2).await?;
