@@ -48,6 +48,24 @@ struct Args {
     server: Option<PathBuf>,
 }
 
+/// Server CPU time, all threads and the SQLite writer's share.
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuTime {
+    total: Duration,
+    writer: Duration,
+}
+
+impl CpuTime {
+    /// Microseconds per request between `self` and `later`: (all threads, writer).
+    fn per_request(self, later: CpuTime, requests: usize) -> (f64, f64) {
+        let n = requests.max(1) as f64;
+        (
+            later.total.saturating_sub(self.total).as_secs_f64() * 1e6 / n,
+            later.writer.saturating_sub(self.writer).as_secs_f64() * 1e6 / n,
+        )
+    }
+}
+
 /// The server under test, as a child process.
 struct Server {
     child: Child,
@@ -109,6 +127,30 @@ impl Server {
         (field("VmRSS:"), field("VmHWM:"))
     }
 
+    /// CPU time the server has used so far, from the scheduler's per-thread counters
+    /// (nanoseconds, no tick rounding): (all live threads, the SQLite writer thread).
+    /// Less at the mercy of a noisy machine than throughput, so optimisations are
+    /// compared by it.
+    fn cpu(&self) -> CpuTime {
+        let mut cpu = CpuTime::default();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
+            return cpu;
+        };
+        for task in tasks.flatten() {
+            let path = task.path();
+            let ns = std::fs::read_to_string(path.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            cpu.total += Duration::from_nanos(ns);
+            if name.trim() == "sqlite-writer" {
+                cpu.writer += Duration::from_nanos(ns);
+            }
+        }
+        cpu
+    }
+
     fn stop(mut self) -> anyhow::Result<()> {
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -161,6 +203,14 @@ fn all_matched(sink: &CountingSink, tag: &str, pairs: std::ops::Range<usize>) ->
     })
 }
 
+fn cpu_cell((total, writer): (f64, f64)) -> String {
+    if writer > 0.0 {
+        format!("{total:.0} µs (SQLite writer {writer:.0} µs)")
+    } else {
+        format!("{total:.0} µs")
+    }
+}
+
 fn ok_share(report: &LoadReport) -> String {
     let answered: u64 = report.statuses.values().sum();
     let ok = report.statuses.get(&204).copied().unwrap_or(0);
@@ -181,6 +231,9 @@ struct BackendFigures {
     delivery_rate: f64,
     exact: bool,
     rss: (f64, f64),
+    /// Server CPU µs per request over the closed loop and the outbox drain that follows
+    /// (so it includes delivering the matches): (all threads, SQLite writer).
+    cpu: (f64, f64),
 }
 
 async fn measure_backend(
@@ -196,6 +249,7 @@ async fn measure_backend(
     let requests = Arc::new(pair_requests(keys, tag, 0..pairs, "/"));
     eprintln!("{name}: closed loop, {} requests", requests.len());
     let load_start = Instant::now();
+    let cpu_before = server.cpu();
     let closed = run(server.addr, requests, args.connections, Pace::Closed, name).await;
     let delivered_within_load = sink.counts().distinct - before;
     // Wait for the outbox to drain.
@@ -205,6 +259,7 @@ async fn measure_backend(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let drained_at = sink.last_delivery().unwrap_or_else(Instant::now);
+    let cpu = cpu_before.per_request(server.cpu(), 2 * pairs);
     let delivery_rate = (2 * pairs) as f64
         / drained_at
             .duration_since(load_start)
@@ -237,6 +292,7 @@ async fn measure_backend(
         delivery_rate,
         exact,
         rss: server.rss_mib(),
+        cpu,
     })
 }
 
@@ -355,6 +411,7 @@ async fn main() -> anyhow::Result<()> {
         "ceiling: closed loop on POST /noop, {} requests",
         noop_requests.len()
     );
+    let cpu_before = server.cpu();
     let ceiling = run(
         server.addr,
         noop_requests,
@@ -363,6 +420,7 @@ async fn main() -> anyhow::Result<()> {
         "no-op",
     )
     .await;
+    let (noop_cpu, _) = cpu_before.per_request(server.cpu(), args.requests / 2 * 2);
     let noop_open_rate = ceiling.throughput() / 2.0;
     let noop_open = run(
         server.addr,
@@ -393,12 +451,13 @@ async fn main() -> anyhow::Result<()> {
     let _ = db_size;
 
     table.push(format!(
-        "| no-op route (ceiling) | {:.0} req/s | 100% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | — | {} |",
+        "| no-op route (ceiling) | {:.0} req/s | 100% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | — | {:.0} µs | {} |",
         ceiling.throughput(),
         noop_open.latency_ms(0.5),
         noop_open.latency_ms(0.99),
         noop_open.latency_ms(0.999),
         noop_open_rate,
+        noop_cpu,
         ok_share(&ceiling),
     ));
     let mut backends = vec![sqlite];
@@ -436,7 +495,7 @@ async fn main() -> anyhow::Result<()> {
 
     for b in &backends {
         table.push(format!(
-            "| {} | {:.0} req/s | {:.0}% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | {:.0} msg/s ({} of {} delivered during the load) | {}; matches exact: {}; server RSS {:.0} MiB (peak {:.0}) |",
+            "| {} | {:.0} req/s | {:.0}% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | {:.0} msg/s ({} of {} delivered during the load) | {} | {}; matches exact: {}; server RSS {:.0} MiB (peak {:.0}) |",
             b.name,
             b.closed.throughput(),
             100.0 * b.closed.throughput() / ceiling.throughput(),
@@ -447,6 +506,7 @@ async fn main() -> anyhow::Result<()> {
             b.delivery_rate,
             b.delivered_within_load,
             args.requests / 2 * 2,
+            cpu_cell(b.cpu),
             ok_share(&b.closed),
             if b.exact { "yes" } else { "NO" },
             b.rss.0,
@@ -514,8 +574,10 @@ async fn main() -> anyhow::Result<()> {
          Written by `bench/run` ({}, commit {}, {} cores; generator, sink and server share the machine).\n\
          {} requests per closed-loop run over {} keep-alive connections, {} distinct RSA-2048 endpoint keys.\n\
          Latency is measured in an open loop at half the closed-loop throughput, from when each request was due.\n\n\
-         | Route / database | Closed-loop throughput | vs no-op | Latency p50 / p99 / p99.9 | Outbox delivery | Notes |\n\
-         | --- | --- | --- | --- | --- | --- |\n{}\n\n{}\n",
+         Server CPU is the server process's CPU time per request over the closed loop and, for a database, the outbox drain after it \
+         (so it includes delivering the matches; PostgreSQL's own processes are not counted).\n\n\
+         | Route / database | Closed-loop throughput | vs no-op | Latency p50 / p99 / p99.9 | Outbox delivery | Server CPU per request | Notes |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n{}\n\n{}\n",
         date,
         git_commit(),
         cores,
