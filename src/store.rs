@@ -96,6 +96,9 @@ pub enum CompletionOutcome {
 /// A message claimed from the outbox for delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEntry {
+    /// Where the store keeps it: a delivery's result is recorded against this row, not
+    /// looked up by message id (an index on random ids costs a page write per message).
+    pub seq: i64,
     /// The message, byte for byte as it was committed.
     pub message: OutgoingMessage,
     /// Delivery attempts already made.
@@ -222,14 +225,14 @@ pub trait Store: Send + Sync + 'static {
     /// When the next outbox message becomes due, if there is one.
     async fn next_due(&self) -> Result<Option<Timestamp>>;
 
-    /// Removes a message the sink accepted.
-    async fn mark_delivered(&self, id: &MessageId) -> Result<()>;
+    /// Removes a claimed message the sink accepted.
+    async fn mark_delivered(&self, entry: &OutboxEntry) -> Result<()>;
 
-    /// Counts a failed attempt and schedules the next one.
-    async fn schedule_retry(&self, id: &MessageId, at: Timestamp, error: &str) -> Result<()>;
+    /// Counts a failed attempt at a claimed message and schedules the next one.
+    async fn schedule_retry(&self, entry: &OutboxEntry, at: Timestamp, error: &str) -> Result<()>;
 
-    /// Removes a message whose expiry has passed.
-    async fn drop_message(&self, id: &MessageId) -> Result<()>;
+    /// Removes a claimed message whose expiry has passed.
+    async fn drop_message(&self, entry: &OutboxEntry) -> Result<()>;
 
     /// Current counts.
     async fn stats(&self) -> Result<Stats>;

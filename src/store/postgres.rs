@@ -338,6 +338,7 @@ fn outbox_entry(row: &PgRow) -> Result<OutboxEntry> {
     let kind: String = row.try_get("kind").map_err(get)?;
     let attempts: i32 = row.try_get("attempts").map_err(get)?;
     Ok(OutboxEntry {
+        seq: row.try_get("seq").map_err(get)?,
         message: OutgoingMessage {
             id: MessageId::from_stored(row.try_get("id").map_err(get)?),
             source: row.try_get("source").map_err(get)?,
@@ -495,21 +496,21 @@ impl Store for PostgresStore {
         Ok(next.map(Timestamp))
     }
 
-    async fn mark_delivered(&self, id: &MessageId) -> Result<()> {
-        sqlx::query("DELETE FROM outbox WHERE id = $1")
-            .bind(id.as_str())
+    async fn mark_delivered(&self, entry: &OutboxEntry) -> Result<()> {
+        sqlx::query("DELETE FROM outbox WHERE seq = $1")
+            .bind(entry.seq)
             .execute(&self.pool)
             .await
             .map(drop)
             .map_err(unavailable)
     }
 
-    async fn schedule_retry(&self, id: &MessageId, at: Timestamp, error: &str) -> Result<()> {
+    async fn schedule_retry(&self, entry: &OutboxEntry, at: Timestamp, error: &str) -> Result<()> {
         sqlx::query(
             "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3
-             WHERE id = $1",
+             WHERE seq = $1",
         )
-        .bind(id.as_str())
+        .bind(entry.seq)
         .bind(at.0)
         .bind(error)
         .execute(&self.pool)
@@ -518,8 +519,8 @@ impl Store for PostgresStore {
         .map_err(unavailable)
     }
 
-    async fn drop_message(&self, id: &MessageId) -> Result<()> {
-        self.mark_delivered(id).await
+    async fn drop_message(&self, entry: &OutboxEntry) -> Result<()> {
+        self.mark_delivered(entry).await
     }
 
     async fn stats(&self) -> Result<Stats> {

@@ -289,6 +289,27 @@ const MIGRATIONS: &[&str] = &[
     // 2: the per-sender and per-target caps count live requests by these.
     "CREATE INDEX pending_requests_sender ON pending_requests (endpoint_id, expires_at);
      CREATE INDEX pending_requests_target ON pending_requests (target_digest, expires_at);",
+    // 3: no unique index on outbox ids. Ids are random, so each message's insert and
+    // delete wrote a page of that index somewhere new (two of the ~4.5 pages each request
+    // wrote). Results are recorded by `seq`; the admin's lookups by id scan.
+    "CREATE TABLE outbox_v3 (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT,
+         id TEXT NOT NULL,
+         source TEXT NOT NULL,
+         recipient TEXT NOT NULL,
+         kind TEXT NOT NULL,
+         content BLOB NOT NULL,
+         time_ms INTEGER NOT NULL,
+         expiry_ms INTEGER NOT NULL,
+         attempts INTEGER NOT NULL DEFAULT 0,
+         next_attempt_at INTEGER NOT NULL,
+         last_error TEXT
+     );
+     INSERT INTO outbox_v3 SELECT seq, id, source, recipient, kind, content, time_ms,
+         expiry_ms, attempts, next_attempt_at, last_error FROM outbox;
+     DROP TABLE outbox;
+     ALTER TABLE outbox_v3 RENAME TO outbox;
+     CREATE INDEX outbox_due ON outbox (next_attempt_at);",
 ];
 
 fn schema_version(conn: &Connection) -> Result<usize> {
@@ -557,11 +578,12 @@ fn count_pending(
 }
 
 fn insert_message(conn: &Connection, m: &OutgoingMessage) -> rusqlite::Result<()> {
-    // A stable id that is already queued is the same message: keep the first.
+    // No unique index on `id` (see migration 3): an id derives from the event that
+    // caused the message, and that event is recorded as processed in this same
+    // transaction, so no id can be queued twice.
     conn.prepare_cached(
         "INSERT INTO outbox (id, source, recipient, kind, content, time_ms, expiry_ms, next_attempt_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)
-         ON CONFLICT (id) DO NOTHING",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)",
     )?
     .execute(params![
         m.id.as_str(),
@@ -605,6 +627,7 @@ fn claim(
             Ok((
                 seq,
                 OutboxEntry {
+                    seq,
                     message: OutgoingMessage {
                         id: MessageId::from_stored(r.get(1)?),
                         source: r.get(2)?,
@@ -695,31 +718,31 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn mark_delivered(&self, id: &MessageId) -> Result<()> {
-        let id = id.as_str().to_owned();
+    async fn mark_delivered(&self, entry: &OutboxEntry) -> Result<()> {
+        let seq = entry.seq;
         self.call(move |conn| {
-            conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
-                .execute(params![id])
+            conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
+                .execute(params![seq])
                 .map(drop)
         })
         .await
     }
 
-    async fn schedule_retry(&self, id: &MessageId, at: Timestamp, error: &str) -> Result<()> {
-        let (id, error) = (id.as_str().to_owned(), error.to_owned());
+    async fn schedule_retry(&self, entry: &OutboxEntry, at: Timestamp, error: &str) -> Result<()> {
+        let (seq, error) = (entry.seq, error.to_owned());
         self.call(move |conn| {
             conn.prepare_cached(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
-                 WHERE id = ?1",
+                 WHERE seq = ?1",
             )?
-            .execute(params![id, at.0, error])
+            .execute(params![seq, at.0, error])
             .map(drop)
         })
         .await
     }
 
-    async fn drop_message(&self, id: &MessageId) -> Result<()> {
-        self.mark_delivered(id).await
+    async fn drop_message(&self, entry: &OutboxEntry) -> Result<()> {
+        self.mark_delivered(entry).await
     }
 
     async fn stats(&self) -> Result<Stats> {
@@ -832,16 +855,23 @@ impl Store for SqliteStore {
                      WHERE attempts > 0 AND next_attempt_at > ?1",
                     params![now.0],
                 )?,
+                // One pass over the outbox for all of them: ids are not indexed.
+                Some(ids) if ids.is_empty() => 0,
                 Some(ids) => {
-                    let mut stmt = conn.prepare(
+                    let list = (2..ids.len() + 2)
+                        .map(|i| format!("?{i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let sql = format!(
                         "UPDATE outbox SET next_attempt_at = ?1
-                         WHERE id = ?2 AND attempts > 0 AND next_attempt_at > ?1",
-                    )?;
-                    let mut changed = 0;
-                    for id in ids {
-                        changed += stmt.execute(params![now.0, id.as_str()])?;
-                    }
-                    changed
+                         WHERE attempts > 0 AND next_attempt_at > ?1 AND id IN ({list})"
+                    );
+                    let mut values = vec![rusqlite::types::Value::Integer(now.0)];
+                    values.extend(
+                        ids.iter()
+                            .map(|id| rusqlite::types::Value::Text(id.as_str().to_owned())),
+                    );
+                    conn.execute(&sql, rusqlite::params_from_iter(values))?
                 }
             };
             Ok(changed as u64)
@@ -950,6 +980,69 @@ mod tests {
         assert_eq!(count_rx.blocking_recv().expect("answer").expect("count"), 2);
         assert_eq!(names(&conn), ["a", "c"]);
         assert!(conn.is_autocommit(), "no transaction left open");
+    }
+
+    #[test]
+    fn migration_3_keeps_queued_messages_and_drops_the_id_index() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conn = Connection::open(dir.path().join("v2.db")).expect("open");
+        for (i, sql) in MIGRATIONS[..2].iter().enumerate() {
+            conn.execute_batch(sql).expect("old schema");
+            conn.pragma_update(None, "user_version", i64::try_from(i + 1).expect("small"))
+                .expect("version");
+        }
+        conn.execute_batch(
+            "INSERT INTO outbox (seq, id, source, recipient, kind, content, time_ms,
+                                 expiry_ms, attempts, next_attempt_at, last_error)
+             VALUES (41, 'm41', 's', 'r', 'match', x'01', 5, 9, 2, 7, 'sink answered 503');",
+        )
+        .expect("queued message");
+        migrate(&conn).expect("migrate");
+
+        assert_eq!(schema_version(&conn).expect("version"), MIGRATIONS.len());
+        let row: (i64, String, Vec<u8>, i64, i64, Option<String>) = conn
+            .query_row(
+                "SELECT seq, id, content, attempts, next_attempt_at, last_error FROM outbox",
+                [],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
+            )
+            .expect("row");
+        assert_eq!(
+            row,
+            (
+                41,
+                "m41".into(),
+                vec![1],
+                2,
+                7,
+                Some("sink answered 503".into())
+            )
+        );
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_index_list('outbox') ORDER BY name")
+            .expect("query")
+            .query_map([], |r| r.get(0))
+            .expect("rows")
+            .collect::<rusqlite::Result<_>>()
+            .expect("names");
+        assert_eq!(indexes, ["outbox_due"]);
+        // Sequence numbers carry on after the migrated ones.
+        conn.execute_batch(
+            "INSERT INTO outbox (id, source, recipient, kind, content, time_ms, expiry_ms,
+                                 next_attempt_at)
+             VALUES ('m', 's', 'r', 'match', x'02', 6, 9, 6)",
+        )
+        .expect("insert");
+        assert_eq!(conn.last_insert_rowid(), 42);
     }
 
     #[test]

@@ -40,7 +40,7 @@ async fn seeded(db: &std::path::Path) -> String {
     let failed = claimed[0].message.id.clone();
     store
         .schedule_retry(
-            &failed,
+            &claimed[0],
             now.plus(Duration::from_secs(3600)),
             "sink answered 503",
         )

@@ -323,7 +323,7 @@ async fn leases_retries_and_delivery(store: Arc<dyn Store>) {
     // A failed attempt: counted, and due again at its time.
     let retry_at = NOW.plus(Duration::from_secs(5));
     store
-        .schedule_retry(&first[0].message.id, retry_at, "sink answered 503")
+        .schedule_retry(&first[0], retry_at, "sink answered 503")
         .await
         .expect("retry");
     let again = store
@@ -337,18 +337,9 @@ async fn leases_retries_and_delivery(store: Arc<dyn Store>) {
     );
     assert_eq!(again[0].attempts, 1);
     // Delivered and dropped messages leave the outbox.
-    store
-        .mark_delivered(&first[0].message.id)
-        .await
-        .expect("delivered");
-    store
-        .mark_delivered(&first[1].message.id)
-        .await
-        .expect("delivered");
-    store
-        .drop_message(&rest[0].message.id)
-        .await
-        .expect("dropped");
+    store.mark_delivered(&first[0]).await.expect("delivered");
+    store.mark_delivered(&first[1]).await.expect("delivered");
+    store.drop_message(&rest[0]).await.expect("dropped");
     let stats = store.stats().await.expect("stats");
     assert_eq!((stats.outbox_depth, stats.outbox_oldest), (0, None));
     assert_eq!(store.next_due().await.expect("next"), None);
@@ -533,7 +524,7 @@ async fn operators_see_counts_and_can_retry_failed_messages(store: Arc<dyn Store
     let failed = &claimed[0].message;
     store
         .schedule_retry(
-            &failed.id,
+            &claimed[0],
             NOW.plus(Duration::from_secs(3600)),
             "sink answered 503",
         )
