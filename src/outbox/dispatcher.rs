@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::backoff::Backoff;
 use super::sink::HttpSink;
 use crate::clock;
+use crate::domain::Timestamp;
 use crate::store::{OutboxEntry, Store};
 use crate::telemetry::Metrics;
 
@@ -157,7 +158,8 @@ impl Dispatcher {
             .await?;
         let mut set = JoinSet::new();
         for entry in entries {
-            set.spawn(deliver(self.inner.clone(), entry));
+            let inner = self.inner.clone();
+            set.spawn(async move { attempt(inner, entry).await.record().await });
         }
         let mut report = DispatchReport::default();
         while let Some(result) = set.join_next().await {
@@ -172,14 +174,23 @@ impl Dispatcher {
     }
 
     /// Delivers until `shutdown` turns true, then lets deliveries in flight finish.
+    ///
+    /// A delivery holds one of the `concurrency` slots while it talks to the sink, not
+    /// while its result is committed: waiting for that fsync in the slot capped delivery
+    /// below the rate requests came in.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let inner = &self.inner;
         let mut in_flight = JoinSet::new();
+        let mut recording = JoinSet::new();
         tracing::info!(
             sink = %crate::config::redacted_url(inner.sink.url()),
             "outbox dispatcher started"
         );
         while !*shutdown.borrow() {
+            while let Some(done) = in_flight.try_join_next() {
+                start_recording(&mut recording, done);
+            }
+            while recording.try_join_next().is_some() {}
             let mut free = inner.concurrency.saturating_sub(in_flight.len());
             if !in_flight.is_empty() && free < inner.concurrency.div_ceil(4) {
                 // Claim in batches: a claim is a write transaction, too dear per message.
@@ -202,7 +213,7 @@ impl Dispatcher {
                     Ok(entries) => {
                         let full = entries.len() == free;
                         for entry in entries {
-                            in_flight.spawn(deliver(inner.clone(), entry));
+                            in_flight.spawn(attempt(inner.clone(), entry));
                         }
                         if full {
                             // More may be due: claim again as soon as a slot frees up.
@@ -221,14 +232,32 @@ impl Dispatcher {
                 continue;
             }
             tokio::select! {
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    start_recording(&mut recording, done);
+                }
+                Some(_) = recording.join_next(), if !recording.is_empty() => {}
                 () = inner.wake.notified() => {}
                 () = tokio::time::sleep(pause), if !pause.is_zero() => {}
                 _ = shutdown.changed() => {}
             }
         }
-        while in_flight.join_next().await.is_some() {}
+        while let Some(done) = in_flight.join_next().await {
+            start_recording(&mut recording, done);
+        }
+        while recording.join_next().await.is_some() {}
         tracing::info!("outbox dispatcher stopped");
+    }
+}
+
+fn start_recording(
+    recording: &mut JoinSet<Outcome>,
+    done: Result<Attempted, tokio::task::JoinError>,
+) {
+    match done {
+        Ok(attempted) => {
+            recording.spawn(attempted.record());
+        }
+        Err(e) => tracing::error!(error = %e, "delivery task failed"),
     }
 }
 
@@ -245,29 +274,39 @@ async fn until_next_due(store: &dyn Store) -> Duration {
     }
 }
 
-async fn deliver(inner: Arc<Inner>, entry: OutboxEntry) -> Outcome {
+/// What became of one attempt at the sink, still to be recorded in the store.
+struct Attempted {
+    inner: Arc<Inner>,
+    entry: OutboxEntry,
+    result: AttemptResult,
+}
+
+enum AttemptResult {
+    Delivered,
+    /// Failed; try again at this time.
+    Retry(Timestamp, String),
+    /// Expired before it could be delivered.
+    Expired,
+}
+
+/// Sends `entry` to the sink (unless it has expired) and judges the answer.
+async fn attempt(inner: Arc<Inner>, entry: OutboxEntry) -> Attempted {
     let message = &entry.message;
     let now = clock::now();
-    let (outcome, recorded) = if message.expiry <= now {
+    let result = if message.expiry <= now {
         tracing::warn!(
             message.id = message.id.as_str(),
             recipient = message.recipient.as_str(),
             attempts = entry.attempts,
             "outbox message expired undelivered; dropped"
         );
-        (
-            Outcome::Dropped,
-            inner.store.drop_message(&message.id).await,
-        )
+        AttemptResult::Expired
     } else {
         match inner.sink.deliver(message).await {
             Ok(()) => {
                 tracing::debug!(message.id = message.id.as_str(), "delivered");
                 inner.sink_up();
-                (
-                    Outcome::Delivered,
-                    inner.store.mark_delivered(&message.id).await,
-                )
+                AttemptResult::Delivered
             }
             Err(e) => {
                 if e.sink_down {
@@ -289,29 +328,52 @@ async fn deliver(inner: Arc<Inner>, entry: OutboxEntry) -> Outcome {
                     error = %e,
                     "delivery failed; will retry"
                 );
-                (
-                    Outcome::Retry,
-                    inner.store.schedule_retry(&message.id, at, &e.reason).await,
-                )
+                AttemptResult::Retry(at, e.reason)
             }
         }
     };
-    match recorded {
-        Ok(()) => {
-            inner.metrics.delivery(match outcome {
-                Outcome::Delivered => "delivered",
-                Outcome::Dropped => "dropped",
-                Outcome::Retry | Outcome::Unrecorded => "retry",
-            });
-            outcome
-        }
-        Err(e) => {
-            tracing::warn!(
-                message.id = message.id.as_str(),
-                error = %e,
-                "could not record delivery result; the message will be sent again"
-            );
-            Outcome::Unrecorded
+    Attempted {
+        inner,
+        entry,
+        result,
+    }
+}
+
+impl Attempted {
+    /// Commits the attempt's result; until then the claim's lease hides the message.
+    async fn record(self) -> Outcome {
+        let Self {
+            inner,
+            entry,
+            result,
+        } = self;
+        let (outcome, recorded) = match &result {
+            AttemptResult::Delivered => {
+                (Outcome::Delivered, inner.store.mark_delivered(&entry).await)
+            }
+            AttemptResult::Expired => (Outcome::Dropped, inner.store.drop_message(&entry).await),
+            AttemptResult::Retry(at, reason) => (
+                Outcome::Retry,
+                inner.store.schedule_retry(&entry, *at, reason).await,
+            ),
+        };
+        match recorded {
+            Ok(()) => {
+                inner.metrics.delivery(match outcome {
+                    Outcome::Delivered => "delivered",
+                    Outcome::Dropped => "dropped",
+                    Outcome::Retry | Outcome::Unrecorded => "retry",
+                });
+                outcome
+            }
+            Err(e) => {
+                tracing::warn!(
+                    message.id = entry.message.id.as_str(),
+                    error = %e,
+                    "could not record delivery result; the message will be sent again"
+                );
+                Outcome::Unrecorded
+            }
         }
     }
 }
