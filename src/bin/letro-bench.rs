@@ -545,7 +545,7 @@ async fn main() -> anyhow::Result<()> {
         notes.push(format!(
             "Large database: {} pending requests preloaded in {:.0} s; database {:.1} MiB, {:.0} bytes per pending request; \
              startup {:.0} ms (empty database: {:.0} ms); server RSS {:.0} MiB after start, {:.0} MiB after the run (peak {:.0}); \
-             closed-loop throughput {:.0} req/s = {:.0}% of the empty-database figure; p99 at half load {:.2} ms; \
+             closed-loop throughput {:.0} req/s = {:.0}% of the empty-database figure; server CPU per request {} (empty: {}); p99 at half load {:.2} ms; \
              one GET /metrics (counts every row) {:.0} ms.",
             args.preload,
             preload_time.as_secs_f64(),
@@ -558,6 +558,8 @@ async fn main() -> anyhow::Result<()> {
             rss_peak,
             figures.closed.throughput(),
             100.0 * figures.closed.throughput() / empty,
+            cpu_cell(figures.cpu),
+            cpu_cell(backends[0].cpu),
             figures.open.latency_ms(0.99),
             scrape_time.as_secs_f64() * 1000.0,
         ));

@@ -310,6 +310,24 @@ const MIGRATIONS: &[&str] = &[
      DROP TABLE outbox;
      ALTER TABLE outbox_v3 RENAME TO outbox;
      CREATE INDEX outbox_due ON outbox (next_attempt_at);",
+    // 4: the key leads with the target, so that counting a target's requests (its cap)
+    // walks the key and the separate target index goes: one random-keyed index fewer
+    // to write on every stored and every matched request.
+    "CREATE TABLE pending_requests_v4 (
+         requester_digest BLOB NOT NULL,
+         target_digest BLOB NOT NULL,
+         endpoint_id TEXT NOT NULL,
+         key_der BLOB NOT NULL,
+         created_at INTEGER NOT NULL,
+         expires_at INTEGER NOT NULL,
+         PRIMARY KEY (target_digest, requester_digest)
+     ) WITHOUT ROWID;
+     INSERT INTO pending_requests_v4 SELECT requester_digest, target_digest, endpoint_id,
+         key_der, created_at, expires_at FROM pending_requests;
+     DROP TABLE pending_requests;
+     ALTER TABLE pending_requests_v4 RENAME TO pending_requests;
+     CREATE INDEX pending_requests_expiry ON pending_requests (expires_at);
+     CREATE INDEX pending_requests_sender ON pending_requests (endpoint_id, expires_at);",
 ];
 
 fn schema_version(conn: &Connection) -> Result<usize> {
@@ -492,7 +510,7 @@ fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingO
                 "INSERT INTO pending_requests
                      (requester_digest, target_digest, endpoint_id, key_der, created_at, expires_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (requester_digest, target_digest) DO UPDATE SET
+                 ON CONFLICT (target_digest, requester_digest) DO UPDATE SET
                      endpoint_id = excluded.endpoint_id, key_der = excluded.key_der,
                      created_at = excluded.created_at, expires_at = excluded.expires_at",
             )?
@@ -983,7 +1001,7 @@ mod tests {
     }
 
     #[test]
-    fn migration_3_keeps_queued_messages_and_drops_the_id_index() {
+    fn migrations_from_2_keep_every_row_and_drop_the_random_indexes() {
         let dir = tempfile::tempdir().expect("temp dir");
         let conn = Connection::open(dir.path().join("v2.db")).expect("open");
         for (i, sql) in MIGRATIONS[..2].iter().enumerate() {
@@ -997,6 +1015,12 @@ mod tests {
              VALUES (41, 'm41', 's', 'r', 'match', x'01', 5, 9, 2, 7, 'sink answered 503');",
         )
         .expect("queued message");
+        conn.execute_batch(
+            "INSERT INTO pending_requests (requester_digest, target_digest, endpoint_id,
+                                           key_der, created_at, expires_at)
+             VALUES (x'aa', x'bb', 'e1', x'03', 1, 100), (x'cc', x'bb', 'e2', x'04', 2, 50);",
+        )
+        .expect("pending requests");
         migrate(&conn).expect("migrate");
 
         assert_eq!(schema_version(&conn).expect("version"), MIGRATIONS.len());
@@ -1035,6 +1059,28 @@ mod tests {
             .collect::<rusqlite::Result<_>>()
             .expect("names");
         assert_eq!(indexes, ["outbox_due"]);
+        let pending: Vec<String> = conn
+            .prepare(
+                "SELECT printf('%s %s %s %s %d %d', hex(requester_digest), hex(target_digest),
+                               endpoint_id, hex(key_der), created_at, expires_at)
+                 FROM pending_requests ORDER BY requester_digest",
+            )
+            .expect("query")
+            .query_map([], |r| r.get(0))
+            .expect("rows")
+            .collect::<rusqlite::Result<_>>()
+            .expect("pending");
+        assert_eq!(pending, ["AA BB e1 03 1 100", "CC BB e2 04 2 50"]);
+        // A target's cap is counted along the key, not through a separate index.
+        let plan: String = conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT 1 FROM pending_requests
+                 WHERE target_digest = x'bb' AND expires_at > 60 AND requester_digest <> x'cc'",
+                [],
+                |r| r.get(3),
+            )
+            .expect("plan");
+        assert!(plan.contains("PRIMARY KEY"), "{plan}");
         // Sequence numbers carry on after the migrated ones.
         conn.execute_batch(
             "INSERT INTO outbox (id, source, recipient, kind, content, time_ms, expiry_ms,
