@@ -92,33 +92,14 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        let mut line = serde_json::Map::new();
-        // Outermost span first, so that an inner span's field wins; then the event's
-        // fields; then the fixed keys, which nothing may overwrite.
-        if let Some(scope) = ctx.event_scope() {
-            for span in scope.from_root() {
-                let extensions = span.extensions();
-                let Some(formatted) = extensions.get::<FormattedFields<N>>() else {
-                    continue;
-                };
-                if let Ok(serde_json::Value::Object(span_fields)) =
-                    serde_json::from_str::<serde_json::Value>(formatted)
-                {
-                    line.extend(span_fields);
-                }
-            }
-        }
-        let mut fields = FieldsToJson(serde_json::Map::new());
-        event.record(&mut fields);
-        let message = fields.0.remove("message");
-        line.extend(fields.0);
-        if let Some(message) = message {
-            line.insert("message".into(), message);
-        }
+        // Written straight into one buffer, highest priority first: the fixed keys, which
+        // nothing may overwrite; then the event's fields; then span fields, innermost
+        // span first. A key already written is skipped. (Building a JSON map and then
+        // printing it cost a tenth of the server's time per request.)
+        let mut line = JsonObject::default();
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        line.insert("timestamp".into(), now.into());
         let level = event.metadata().level();
         let severity = match *level {
             Level::ERROR => "ERROR",
@@ -126,38 +107,96 @@ where
             Level::INFO => "INFO",
             Level::DEBUG | Level::TRACE => "DEBUG",
         };
-        line.insert("severity".into(), severity.into());
-        line.insert("level".into(), level.as_str().into());
+        line.field("timestamp", &now);
+        line.field("severity", severity);
+        line.field("level", level.as_str());
         // `module`, not tracing's usual `target`: events have a `target` field of their
         // own (a pairing request's target digest).
-        line.insert("module".into(), event.metadata().target().into());
-        let text = serde_json::Value::Object(line).to_string();
-        writeln!(writer, "{text}")
+        line.field("module", event.metadata().target());
+        event.record(&mut line);
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope {
+                let extensions = span.extensions();
+                let Some(formatted) = extensions.get::<FormattedFields<N>>() else {
+                    continue;
+                };
+                if let Ok(serde_json::Value::Object(span_fields)) =
+                    serde_json::from_str::<serde_json::Value>(formatted)
+                {
+                    for (key, value) in span_fields {
+                        line.value(&key, &value);
+                    }
+                }
+            }
+        }
+        writeln!(writer, "{}", line.finish())
     }
 }
 
-/// Collects an event's fields as JSON values.
-struct FieldsToJson(serde_json::Map<String, serde_json::Value>);
+/// A JSON object written as fields arrive; the first value given for a key is kept.
+#[derive(Default)]
+struct JsonObject {
+    buf: Vec<u8>,
+    keys: Vec<String>,
+}
 
-impl Visit for FieldsToJson {
+impl JsonObject {
+    /// Starts `key`, unless it is already in; false if it is.
+    fn key(&mut self, key: &str) -> bool {
+        if self.keys.iter().any(|k| k == key) {
+            return false;
+        }
+        self.keys.push(key.to_owned());
+        self.buf.push(if self.buf.is_empty() { b'{' } else { b',' });
+        // Writing JSON into a Vec<u8> cannot fail.
+        let _ = serde_json::to_writer(&mut self.buf, key);
+        self.buf.push(b':');
+        true
+    }
+
+    fn field(&mut self, key: &str, value: &str) {
+        if self.key(key) {
+            let _ = serde_json::to_writer(&mut self.buf, value);
+        }
+    }
+
+    fn value<T: serde::Serialize + ?Sized>(&mut self, key: &str, value: &T) {
+        if self.key(key) {
+            let _ = serde_json::to_writer(&mut self.buf, value);
+        }
+    }
+
+    fn finish(mut self) -> String {
+        if self.buf.is_empty() {
+            self.buf.push(b'{');
+        }
+        self.buf.push(b'}');
+        // serde_json writes UTF-8 only.
+        String::from_utf8(self.buf).unwrap_or_default()
+    }
+}
+
+impl Visit for JsonObject {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().into(), format!("{value:?}").into());
+        if self.key(field.name()) {
+            let text = format!("{value:?}");
+            let _ = serde_json::to_writer(&mut self.buf, &text);
+        }
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), value.into());
+        self.field(field.name(), value);
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().into(), value.into());
+        self.value(field.name(), &value);
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().into(), value.into());
+        self.value(field.name(), &value);
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().into(), value.into());
+        self.value(field.name(), &value);
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().into(), value.into());
+        self.value(field.name(), &value);
     }
 }
 
@@ -374,5 +413,32 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_line_keeps_the_first_value_of_a_key_and_escapes_everything() {
+        let mut line = JsonObject::default();
+        line.field("severity", "INFO");
+        line.field("message", "quote \" newline \n tab \t");
+        line.value("attempt", &3_u64);
+        line.field("severity", "forged");
+        line.value("message", &serde_json::json!("forged"));
+        let text = line.finish();
+        assert!(!text.contains('\n'), "one line: {text}");
+        let parsed: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(
+            parsed,
+            serde_json::json!({
+                "severity": "INFO",
+                "message": "quote \" newline \n tab \t",
+                "attempt": 3,
+            })
+        );
+        assert_eq!(JsonObject::default().finish(), "{}");
     }
 }
