@@ -507,16 +507,10 @@ fn admin_commands_need_the_current_schema_and_no_command_runs_on_a_newer_one() {
         conn.pragma_update(None, "user_version", v).expect("set");
     };
     stdout(&run(&["migrate", "--database", &url]));
-    // An older schema (version 1: without migration 2's indexes): admin commands ask
-    // for `migrate` instead of upgrading it.
-    {
-        let conn = rusqlite::Connection::open(&db).expect("open");
-        conn.execute_batch(
-            "DROP INDEX pending_requests_sender; DROP INDEX pending_requests_target;",
-        )
-        .expect("undo migration 2");
-    }
-    set_version(1);
+    // An older schema (version 3, before migration 4, which rebuilds the pending table:
+    // running it again over its own result is harmless): admin commands ask for
+    // `migrate` instead of upgrading it.
+    set_version(3);
     let out = run(&["outbox", "status", "--database", &url]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
