@@ -43,6 +43,9 @@ struct Args {
     /// A PostgreSQL server to benchmark too (a database is created and dropped).
     #[arg(long, env = "TEST_DATABASE_URL")]
     postgres: Option<String>,
+    /// PostgreSQL connections per server (`--db-max-connections`) [default: the server's].
+    #[arg(long)]
+    pg_connections: Option<u32>,
     /// The server binary [default: letro-server next to this one].
     #[arg(long)]
     server: Option<PathBuf>,
@@ -74,7 +77,12 @@ struct Server {
 }
 
 impl Server {
-    fn start(binary: &Path, database: &str, sink: SocketAddr) -> anyhow::Result<Self> {
+    fn start(
+        binary: &Path,
+        database: &str,
+        sink: SocketAddr,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let started = Instant::now();
         let mut child = Command::new(binary)
             .env_clear()
@@ -84,6 +92,7 @@ impl Server {
             .args(["--veraid-secret", SECRET_HEX, "--bench-noop-route"])
             // No per-sender cap: a few hundred keys stand for many users here.
             .args(["--max-pending-per-sender", "4294967295"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -402,7 +411,12 @@ async fn main() -> anyhow::Result<()> {
 
     // SQLite, durable (fsync before every 204), and the no-op ceiling on the same server.
     let db = dir.path().join("bench.db");
-    let server = Server::start(&binary, &format!("sqlite://{}", db.display()), sink.addr)?;
+    let server = Server::start(
+        &binary,
+        &format!("sqlite://{}", db.display()),
+        sink.addr,
+        &[],
+    )?;
     let empty_startup = server.startup;
     let warm = Arc::new(pair_requests(&keys, "warm", 0..1000, "/noop"));
     run(server.addr, warm, args.connections, Pace::Closed, "warm-up").await;
@@ -475,9 +489,17 @@ async fn main() -> anyhow::Result<()> {
         }
         let mut pg_url = reqwest::Url::parse(url)?;
         pg_url.set_path(&format!("/{name}"));
-        let server = Server::start(&binary, pg_url.as_str(), sink.addr)?;
-        let figures =
-            measure_backend("PostgreSQL (local)", &server, &sink, &keys, &args, "pg").await;
+        let extra: Vec<String> = args
+            .pg_connections
+            .map(|n| vec!["--db-max-connections".into(), n.to_string()])
+            .unwrap_or_default();
+        let server = Server::start(&binary, pg_url.as_str(), sink.addr, &extra)?;
+        let pg_name = format!(
+            "PostgreSQL (local, {} connections)",
+            args.pg_connections
+                .unwrap_or(letro_server::config::defaults::DB_MAX_CONNECTIONS)
+        );
+        let figures = measure_backend(&pg_name, &server, &sink, &keys, &args, "pg").await;
         server.stop()?;
         {
             use sqlx::Connection;
@@ -522,7 +544,12 @@ async fn main() -> anyhow::Result<()> {
         preload(&big, &keys, args.preload).await?;
         let preload_time = started.elapsed();
         let size = std::fs::metadata(&big)?.len();
-        let server = Server::start(&binary, &format!("sqlite://{}", big.display()), sink.addr)?;
+        let server = Server::start(
+            &binary,
+            &format!("sqlite://{}", big.display()),
+            sink.addr,
+            &[],
+        )?;
         let startup = server.startup;
         let (rss_start, _) = server.rss_mib();
         let label = format!("SQLite, {} pending", args.preload);
