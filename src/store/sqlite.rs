@@ -4,8 +4,9 @@
 //! waiting when it finishes a transaction go into the next one (if one fails, the others
 //! run again, one transaction each, so one failure does not undo the others), and nobody
 //! hears back before the commit has been synced: group commit, one fsync for a whole
-//! batch, with the same guarantees as a transaction per request. A single writer also serialises every
-//! read-then-write, so two reverse requests can never both match or both miss.
+//! batch, with the same guarantees as a transaction per request. A single writer also
+//! serialises every read-then-write, so two reverse requests can never both match or
+//! both miss.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
@@ -87,11 +88,11 @@ where
     }
 
     fn finish(self: Box<Self>, transaction: Result<()>) {
-        let result = match self.result {
-            Some(result) => transaction.and(result),
-            None => transaction.and(Err(StoreError::Unavailable(
-                "transaction did not start".into(),
-            ))),
+        let result = match (self.result, transaction) {
+            // Its own failure says more than the rollback it caused.
+            (Some(Err(e)), _) | (_, Err(e)) => Err(e),
+            (Some(Ok(value)), Ok(())) => Ok(value),
+            (None, Ok(())) => Err(StoreError::Unavailable("the operation did not run".into())),
         };
         let _ = self.reply.send(result);
     }
@@ -170,7 +171,7 @@ impl SqliteStore {
         // the end of every write transaction (pcache1TruncateUnsafe, 16% of the writer's
         // time with a 32 MiB cache of 1 KiB pages). Checkpoints stay at SQLite's 1000
         // pages: a checkpoint runs in the writer and stalls every request while it
-        // copies and syncs; at 4000 pages the p99 at half load was 25-290 ms, at 1000
+        // copies and syncs; at 4000 pages the p99 at half load was 25-294 ms, at 1000
         // 10-59 ms, for the same CPU per request (four A/B pairs).
         // A statement that may fail half-way inside a transaction keeps a copy of each
         // page it changes (its statement journal): in memory, not in a temporary file
@@ -182,8 +183,8 @@ impl SqliteStore {
         ))
         .map_err(unavailable)?;
         // SQLite recompiles a statement whenever a parameter it planned with changes value
-        // (as `LIMIT ?` does): the cap counts were re-prepared on every
-        // request (7% of the writer). Our queries have one good plan whatever the values.
+        // (as `LIMIT ?` does): the cap counts were re-prepared on every request (7% of
+        // the writer). Our queries have one good plan whatever the values.
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
             .map_err(unavailable)?;
         // Every statement the writer runs stays compiled (rusqlite keeps 16 by default;
@@ -406,41 +407,70 @@ fn control(conn: &Connection, sql: &str) -> Result<()> {
         .map_err(unavailable)
 }
 
-/// Runs a batch of operations in one transaction. If any fails, the transaction is rolled
-/// back and each operation runs again in a transaction of its own, so one bad operation
-/// costs the others a retry, not their result. Savepoints would isolate them in a single
-/// pass, but every savepoint copies each page its operation touches (a quarter of the
-/// writer's time); failures are rare, batches are not.
+/// Runs a batch of operations in one transaction. If an operation fails, the transaction
+/// is rolled back and each operation runs again in a transaction of its own, so one bad
+/// operation costs the others a retry, not their result. Savepoints would isolate them
+/// in a single pass, but every savepoint copies each page its operation touches (a
+/// quarter of the writer's time); failures are rare, batches are not. If the transaction
+/// itself fails (`BEGIN` waited out the busy timeout behind another process, `COMMIT`
+/// could not write), every operation gets that error at once: running them one by one
+/// would only fail, or wait, as many times again.
 fn run_batch(conn: &Connection, mut jobs: Vec<Job>) {
-    let outcome = run_together(conn, &mut jobs);
-    if outcome.is_err() && jobs.len() > 1 {
-        for mut job in jobs {
-            let alone = run_together(conn, std::slice::from_mut(&mut job));
-            job.finish(alone);
+    let outcome = match run_together(conn, &mut jobs) {
+        Batch::OperationFailed if jobs.len() > 1 => {
+            for mut job in jobs {
+                let alone = match run_together(conn, std::slice::from_mut(&mut job)) {
+                    Batch::Committed => Ok(()),
+                    Batch::OperationFailed => {
+                        Err(StoreError::Unavailable("the operation failed".into()))
+                    }
+                    Batch::TransactionFailed(e) => Err(e),
+                };
+                job.finish(alone);
+            }
+            return;
         }
-        return;
-    }
+        Batch::Committed => Ok(()),
+        Batch::OperationFailed => Err(rolled_back()),
+        Batch::TransactionFailed(e) => Err(e),
+    };
     for job in jobs {
         job.finish(outcome.clone());
     }
 }
 
+fn rolled_back() -> StoreError {
+    StoreError::Unavailable("rolled back: an operation in the transaction failed".into())
+}
+
+/// How one transaction of operations ended.
+enum Batch {
+    Committed,
+    /// An operation failed (its own result says how); the transaction was rolled back.
+    OperationFailed,
+    /// `BEGIN` or `COMMIT` failed; nothing was committed.
+    TransactionFailed(StoreError),
+}
+
 /// Runs `jobs` in one transaction and commits it if they all succeed.
-fn run_together(conn: &Connection, jobs: &mut [Job]) -> Result<()> {
-    control(conn, "BEGIN IMMEDIATE")?;
-    let all_ran = jobs.iter_mut().all(|job| job.run(conn));
-    let outcome = if all_ran {
-        control(conn, "COMMIT")
-    } else {
-        Err(StoreError::Unavailable(
-            "an operation in the transaction failed".into(),
-        ))
-    };
-    if outcome.is_err() {
-        // Also after a failed COMMIT: the transaction may still be open.
+fn run_together(conn: &Connection, jobs: &mut [Job]) -> Batch {
+    if let Err(e) = control(conn, "BEGIN IMMEDIATE") {
+        // A failed BEGIN IMMEDIATE can leave no transaction open; ROLLBACK is harmless.
         let _ = control(conn, "ROLLBACK");
+        return Batch::TransactionFailed(e);
     }
-    outcome
+    if !jobs.iter_mut().all(|job| job.run(conn)) {
+        let _ = control(conn, "ROLLBACK");
+        return Batch::OperationFailed;
+    }
+    match control(conn, "COMMIT") {
+        Ok(()) => Batch::Committed,
+        Err(e) => {
+            // The transaction may still be open after a failed COMMIT.
+            let _ = control(conn, "ROLLBACK");
+            Batch::TransactionFailed(e)
+        }
+    }
 }
 
 fn already_processed(conn: &Connection, event: &EventKey) -> rusqlite::Result<bool> {
@@ -1091,6 +1121,48 @@ mod tests {
         )
         .expect("insert");
         assert_eq!(conn.last_insert_rowid(), 42);
+    }
+
+    #[test]
+    fn a_transaction_that_cannot_start_fails_every_operation_at_once() {
+        static BUSY_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn give_up(_retries: i32) -> bool {
+            BUSY_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            false
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let mut conn = Connection::open(&path).expect("open");
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (name TEXT PRIMARY KEY)")
+            .expect("schema");
+        // Another process's write transaction (an admin command, say).
+        let other = Connection::open(&path).expect("open");
+        other.execute_batch("BEGIN IMMEDIATE").expect("lock");
+        conn.busy_handler(Some(give_up)).expect("handler");
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut answers = Vec::new();
+        let jobs = (0..3)
+            .map(|_| {
+                let runs = runs.clone();
+                let (job, rx) = job(move |conn: &Connection| {
+                    runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    insert("a")(conn)
+                });
+                answers.push(rx);
+                job
+            })
+            .collect();
+        run_batch(&conn, jobs);
+        for rx in answers {
+            assert!(matches!(
+                rx.blocking_recv().expect("answer"),
+                Err(StoreError::Unavailable(_))
+            ));
+        }
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // One wait for the lock, not one per operation.
+        assert_eq!(BUSY_CALLS.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(conn.is_autocommit());
     }
 
     #[test]
