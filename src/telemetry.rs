@@ -107,12 +107,12 @@ where
             Level::INFO => "INFO",
             Level::DEBUG | Level::TRACE => "DEBUG",
         };
-        line.field("timestamp", &now);
-        line.field("severity", severity);
-        line.field("level", level.as_str());
+        line.value("timestamp", &now);
+        line.value("severity", severity);
+        line.value("level", level.as_str());
         // `module`, not tracing's usual `target`: events have a `target` field of their
         // own (a pairing request's target digest).
-        line.field("module", event.metadata().target());
+        line.value("module", event.metadata().target());
         event.record(&mut line);
         if let Some(scope) = ctx.event_scope() {
             for span in scope {
@@ -154,12 +154,6 @@ impl JsonObject {
         true
     }
 
-    fn field(&mut self, key: &str, value: &str) {
-        if self.key(key) {
-            let _ = serde_json::to_writer(&mut self.buf, value);
-        }
-    }
-
     fn value<T: serde::Serialize + ?Sized>(&mut self, key: &str, value: &T) {
         if self.key(key) {
             let _ = serde_json::to_writer(&mut self.buf, value);
@@ -184,7 +178,7 @@ impl Visit for JsonObject {
         }
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.field(field.name(), value);
+        self.value(field.name(), value);
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.value(field.name(), &value);
@@ -423,10 +417,10 @@ mod tests {
     #[test]
     fn a_log_line_keeps_the_first_value_of_a_key_and_escapes_everything() {
         let mut line = JsonObject::default();
-        line.field("severity", "INFO");
-        line.field("message", "quote \" newline \n tab \t");
+        line.value("severity", "INFO");
+        line.value("message", "quote \" newline \n tab \t");
         line.value("attempt", &3_u64);
-        line.field("severity", "forged");
+        line.value("severity", "forged");
         line.value("message", &serde_json::json!("forged"));
         let text = line.finish();
         assert!(!text.contains('\n'), "one line: {text}");

@@ -398,8 +398,8 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Msg>) {
     }
 }
 
-/// Runs one transaction-control statement, compiled once per connection (parsing
-/// `SAVEPOINT job` twice per operation showed up in the writer's profile).
+/// Runs one transaction-control statement (`BEGIN IMMEDIATE`, `COMMIT`, `ROLLBACK`),
+/// compiled once per connection rather than parsed for every batch.
 fn control(conn: &Connection, sql: &str) -> Result<()> {
     conn.prepare_cached(sql)
         .and_then(|mut stmt| stmt.execute([]))
@@ -668,34 +668,29 @@ fn claim(
                        ORDER BY next_attempt_at, seq LIMIT ?3)
          RETURNING seq, id, source, recipient, kind, content, time_ms, expiry_ms, attempts",
     )?;
-    let mut rows = stmt
+    let mut entries = stmt
         .query_map(params![lease_until.0, now.0, limit], |r| {
-            let seq: i64 = r.get(0)?;
             let recipient: String = r.get(3)?;
             let kind: String = r.get(4)?;
             let attempts: i64 = r.get(8)?;
-            Ok((
-                seq,
-                OutboxEntry {
-                    seq,
-                    message: OutgoingMessage {
-                        id: MessageId::from_stored(r.get(1)?),
-                        source: r.get(2)?,
-                        recipient: EndpointId::parse(&recipient)
-                            .map_err(|_| corrupt("outbox recipient"))?,
-                        kind: MessageKind::from_name(&kind)
-                            .ok_or_else(|| corrupt("outbox kind"))?,
-                        content: r.get(5)?,
-                        time: Timestamp(r.get(6)?),
-                        expiry: Timestamp(r.get(7)?),
-                    },
-                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+            Ok(OutboxEntry {
+                seq: r.get(0)?,
+                message: OutgoingMessage {
+                    id: MessageId::from_stored(r.get(1)?),
+                    source: r.get(2)?,
+                    recipient: EndpointId::parse(&recipient)
+                        .map_err(|_| corrupt("outbox recipient"))?,
+                    kind: MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?,
+                    content: r.get(5)?,
+                    time: Timestamp(r.get(6)?),
+                    expiry: Timestamp(r.get(7)?),
                 },
-            ))
+                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+            })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    rows.sort_by_key(|(seq, _)| *seq);
-    Ok(rows.into_iter().map(|(_, e)| e).collect())
+    entries.sort_by_key(|e| e.seq);
+    Ok(entries)
 }
 
 #[async_trait]
