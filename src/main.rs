@@ -22,7 +22,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(_) => (LogTarget::Stderr, "warn"),
         _ => (LogTarget::Stderr, "info"),
     };
-    init_logging(cli.log_format, target, filter);
+    let _logs = init_logging(cli.log_format, target, filter);
     match cli.command {
         Command::Serve(args) => {
             let config = args.to_config()?;

@@ -21,6 +21,10 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::fmt::{FmtContext, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
+mod lines;
+
+pub use lines::LineGuard;
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -43,7 +47,15 @@ pub enum LogTarget {
 }
 
 /// Installs the global log subscriber. `RUST_LOG` filters (default `default_filter`).
-pub fn init_logging(format: LogFormat, target: LogTarget, default_filter: &str) {
+/// Lines to stdout (the server's, one or more per request) are written by a thread of
+/// their own, many per write: keep the guard until the end of `main`, whose drop writes
+/// what is still waiting. Lines to stderr (the admin commands') are written at once.
+#[must_use = "dropping the guard stops the log writer thread"]
+pub fn init_logging(
+    format: LogFormat,
+    target: LogTarget,
+    default_filter: &str,
+) -> Option<LineGuard> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let terminal = match target {
@@ -55,9 +67,13 @@ pub fn init_logging(format: LogFormat, target: LogTarget, default_filter: &str) 
         LogFormat::Text => false,
         LogFormat::Auto => !terminal,
     };
-    let writer = match target {
-        LogTarget::Stdout => BoxMakeWriter::new(std::io::stdout),
-        LogTarget::Stderr => BoxMakeWriter::new(std::io::stderr),
+    let (writer, guard) = match target {
+        LogTarget::Stdout => match lines::start(std::io::stdout) {
+            Ok((lines, guard)) => (BoxMakeWriter::new(move || lines.clone()), Some(guard)),
+            // No thread to be had: write each line directly.
+            Err(_) => (BoxMakeWriter::new(std::io::stdout), None),
+        },
+        LogTarget::Stderr => (BoxMakeWriter::new(std::io::stderr), None),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -65,7 +81,7 @@ pub fn init_logging(format: LogFormat, target: LogTarget, default_filter: &str) 
         // Colour codes only where a terminal renders them, not in files or pipes.
         .with_ansi(terminal);
     // A second initialisation (as in tests) keeps the first subscriber.
-    let _ = if json {
+    let installed = if json {
         builder
             .fmt_fields(JsonFields::new())
             .event_format(JsonLine)
@@ -73,6 +89,7 @@ pub fn init_logging(format: LogFormat, target: LogTarget, default_filter: &str) 
     } else {
         builder.try_init()
     };
+    installed.ok().and(guard)
 }
 
 /// One JSON object per line, with the names log platforms index: `timestamp`,
