@@ -473,37 +473,39 @@ fn run_together(conn: &Connection, jobs: &mut [Job]) -> Batch {
     }
 }
 
-fn already_processed(conn: &Connection, event: &EventKey) -> rusqlite::Result<bool> {
-    conn.prepare_cached("SELECT 1 FROM processed_events WHERE source = ?1 AND id = ?2")?
-        .exists(params![event.source, event.id])
-}
-
-fn record_processed(
-    conn: &Connection,
-    event: &EventKey,
-    expiry: Timestamp,
-) -> rusqlite::Result<()> {
+/// Records that `event` is being handled; false if it already was. One statement for
+/// the check and the record: a separate lookup first cost one more walk down a
+/// random-keyed index per request.
+fn record_event(conn: &Connection, event: &EventKey, expiry: Timestamp) -> rusqlite::Result<bool> {
     conn.prepare_cached(
-        "INSERT INTO processed_events (source, id, expires_at) VALUES (?1, ?2, ?3)",
+        "INSERT INTO processed_events (source, id, expires_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (source, id) DO NOTHING",
     )?
     .execute(params![event.source, event.id, expiry.0])
-    .map(drop)
+    .map(|inserted| inserted == 1)
+}
+
+/// Takes back [`record_event`] for an event that changed nothing (a refused request),
+/// so that the same event, delivered again, is judged again.
+fn forget_event(conn: &Connection, event: &EventKey) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM processed_events WHERE source = ?1 AND id = ?2")?
+        .execute(params![event.source, event.id])
+        .map(drop)
 }
 
 fn submit_completion(
     conn: &Connection,
     s: &CompletionSubmission,
 ) -> rusqlite::Result<CompletionOutcome> {
-    if already_processed(conn, &s.event)? {
+    if !record_event(conn, &s.event, s.event_expiry)? {
         return Ok(CompletionOutcome::Duplicate);
     }
     insert_message(conn, &s.message)?;
-    record_processed(conn, &s.event, s.event_expiry)?;
     Ok(CompletionOutcome::Queued)
 }
 
 fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingOutcome> {
-    if already_processed(conn, &s.event)? {
+    if !record_event(conn, &s.event, s.request_expiry)? {
         return Ok(PairingOutcome::Duplicate);
     }
     let requester = &s.requester_digest.0[..];
@@ -536,6 +538,7 @@ fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingO
         crate::domain::Decision::Wait => {
             let counts = count_pending(conn, s, previous.clone())?;
             if let Err(reason) = admit(&s.request, &s.limits, &counts) {
+                forget_event(conn, &s.event)?;
                 return Ok(PairingOutcome::Refused(reason));
             }
             conn.prepare_cached(
@@ -575,7 +578,6 @@ fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingO
             }
         }
     };
-    record_processed(conn, &s.event, s.request_expiry)?;
     Ok(outcome)
 }
 
