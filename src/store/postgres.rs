@@ -127,9 +127,14 @@ impl PostgresStore {
     }
 
     async fn pool(url: &str, max_connections: u32, timeout: Duration) -> Result<Self> {
+        // No ping before lending a connection: it was a round trip of its own before every
+        // transaction (a pairing request takes six). A connection that died while idle
+        // (PostgreSQL restarted) fails its next statement instead; sqlx then drops it, and
+        // that one request gets 503 and is redelivered, as during the restart itself.
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(timeout)
+            .test_before_acquire(false)
             .connect(url)
             .await
             .map_err(unavailable)?;
@@ -479,13 +484,9 @@ impl Store for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        let mut entries = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let seq: i64 = row.try_get("seq").map_err(unavailable)?;
-            entries.push((seq, outbox_entry(row)?));
-        }
-        entries.sort_by_key(|(seq, _)| *seq);
-        Ok(entries.into_iter().map(|(_, e)| e).collect())
+        let mut entries = rows.iter().map(outbox_entry).collect::<Result<Vec<_>>>()?;
+        entries.sort_by_key(|e| e.seq);
+        Ok(entries)
     }
 
     async fn next_due(&self) -> Result<Option<Timestamp>> {
