@@ -238,14 +238,21 @@ async fn record_event(
 }
 
 /// Queues `messages` in one statement, in order. A stable id that is already queued is
-/// the same message: the first is kept.
+/// the same message: the first is kept. With `matched`, the same statement deletes the
+/// pair's two pending requests (a round trip fewer than a statement of its own).
 async fn insert_messages(
     tx: &mut Transaction<'_, Postgres>,
     messages: &[OutgoingMessage],
+    matched: Option<(&VeraIdDigest, &VeraIdDigest)>,
 ) -> Result<()> {
     let column = |f: fn(&OutgoingMessage) -> String| messages.iter().map(f).collect::<Vec<_>>();
+    let (a, b) = matched.map_or((None, None), |(a, b)| (Some(&a.0[..]), Some(&b.0[..])));
     sqlx::query(
-        "INSERT INTO outbox (id, source, recipient, kind, content, time_ms, expiry_ms, next_attempt_at)
+        "WITH matched AS (
+             DELETE FROM pending_requests
+             WHERE (requester_digest = $8 AND target_digest = $9)
+                OR (requester_digest = $9 AND target_digest = $8))
+         INSERT INTO outbox (id, source, recipient, kind, content, time_ms, expiry_ms, next_attempt_at)
          SELECT id, source, recipient, kind, content, time_ms, expiry_ms, time_ms
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[],
                      $6::int8[], $7::int8[])
@@ -259,66 +266,51 @@ async fn insert_messages(
     .bind(messages.iter().map(|m| m.content.clone()).collect::<Vec<_>>())
     .bind(messages.iter().map(|m| m.time.0).collect::<Vec<_>>())
     .bind(messages.iter().map(|m| m.expiry.0).collect::<Vec<_>>())
+    .bind(a)
+    .bind(b)
     .execute(&mut **tx)
     .await
     .map_err(unavailable)?;
     Ok(())
 }
 
-/// The live reverse request (`target` asked for `requester`) and the live request this
-/// one would replace (`requester` asked for `target`), in one query.
-async fn pending_both_ways(
-    tx: &mut Transaction<'_, Postgres>,
-    requester: &VeraIdDigest,
-    target: &VeraIdDigest,
-    now: Timestamp,
-) -> Result<(Option<PendingRequest>, Option<PendingRequest>)> {
-    let rows: Vec<(Vec<u8>, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT requester_digest, endpoint_id, key_der FROM pending_requests
-         WHERE ((requester_digest = $1 AND target_digest = $2)
-             OR (requester_digest = $2 AND target_digest = $1))
-           AND expires_at > $3",
-    )
-    .bind(&target.0[..])
-    .bind(&requester.0[..])
-    .bind(now.0)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(unavailable)?;
-    let (mut counterpart, mut previous) = (None, None);
-    for (from, id, key_der) in rows {
-        let request = PendingRequest {
-            endpoint_id: EndpointId::parse(&id).map_err(|_| corrupt("pending endpoint id"))?,
-            key_der,
-        };
-        if from == target.0 {
-            counterpart = Some(request);
-        } else {
-            previous = Some(request);
-        }
-    }
-    Ok((counterpart, previous))
+/// What a pairing request is decided on, read in one round trip.
+struct PairState {
+    /// The live reverse request (`target` asked for `requester`).
+    counterpart: Option<PendingRequest>,
+    /// The live request this one would replace (`requester` asked for `target`).
+    previous: Option<PendingRequest>,
+    /// What the caps look at, each counted up to its cap; u32::MAX is no cap, and its
+    /// count is skipped. Counted whether or not a match makes them moot: a query is
+    /// cheaper than a round trip.
+    from_sender: u64,
+    for_target: u64,
 }
 
-/// Counts what the caps look at, stopping at each cap, in one query. A cap of u32::MAX
-/// is no cap: its count is skipped.
-async fn count_pending(
+/// Reads both pending requests between the pair and the cap counts in one query: one
+/// row per pending request found, or a single row of counts alone.
+async fn pair_state(
     tx: &mut Transaction<'_, Postgres>,
     s: &PairingSubmission,
-    replaces: Option<EndpointId>,
-) -> Result<PendingCounts> {
+) -> Result<PairState> {
     let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    let (from_sender, for_target): (i64, i64) = sqlx::query_as(
-        "SELECT
-             CASE WHEN $6 THEN 0 ELSE (SELECT count(*) FROM (
-                 SELECT 1 FROM pending_requests
-                 WHERE endpoint_id = $1 AND expires_at > $2
-                   AND NOT (requester_digest = $3 AND target_digest = $4)
-                 LIMIT $5) AS capped) END,
-             (SELECT count(*) FROM (
-                 SELECT 1 FROM pending_requests
-                 WHERE target_digest = $4 AND expires_at > $2 AND requester_digest <> $3
-                 LIMIT $7) AS capped)",
+    type Row = (Option<Vec<u8>>, Option<String>, Option<Vec<u8>>, i64, i64);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT p.requester_digest, p.endpoint_id, p.key_der, c.from_sender, c.for_target
+         FROM (SELECT
+                 CASE WHEN $6 THEN 0 ELSE (SELECT count(*) FROM (
+                     SELECT 1 FROM pending_requests
+                     WHERE endpoint_id = $1 AND expires_at > $2
+                       AND NOT (requester_digest = $3 AND target_digest = $4)
+                     LIMIT $5) AS capped) END AS from_sender,
+                 (SELECT count(*) FROM (
+                     SELECT 1 FROM pending_requests
+                     WHERE target_digest = $4 AND expires_at > $2 AND requester_digest <> $3
+                     LIMIT $7) AS capped) AS for_target) AS c
+         LEFT JOIN pending_requests AS p
+           ON ((p.requester_digest = $3 AND p.target_digest = $4)
+               OR (p.requester_digest = $4 AND p.target_digest = $3))
+              AND p.expires_at > $2",
     )
     .bind(s.request.endpoint_id.as_str())
     .bind(s.now.0)
@@ -327,14 +319,32 @@ async fn count_pending(
     .bind(i64::from(s.limits.per_sender))
     .bind(s.limits.per_sender == u32::MAX)
     .bind(i64::from(s.limits.per_target))
-    .fetch_one(&mut **tx)
+    .fetch_all(&mut **tx)
     .await
     .map_err(unavailable)?;
-    Ok(PendingCounts {
-        from_sender: u64::try_from(from_sender).unwrap_or(0),
-        for_target: u64::try_from(for_target).unwrap_or(0),
-        replaces,
-    })
+    let mut state = PairState {
+        counterpart: None,
+        previous: None,
+        from_sender: 0,
+        for_target: 0,
+    };
+    for (from, id, key_der, from_sender, for_target) in rows {
+        state.from_sender = u64::try_from(from_sender).unwrap_or(0);
+        state.for_target = u64::try_from(for_target).unwrap_or(0);
+        let (Some(from), Some(id), Some(key_der)) = (from, id, key_der) else {
+            continue;
+        };
+        let request = PendingRequest {
+            endpoint_id: EndpointId::parse(&id).map_err(|_| corrupt("pending endpoint id"))?,
+            key_der,
+        };
+        if from == target {
+            state.counterpart = Some(request);
+        } else {
+            state.previous = Some(request);
+        }
+    }
+    Ok(state)
 }
 
 fn outbox_entry(row: &PgRow) -> Result<OutboxEntry> {
@@ -393,19 +403,23 @@ impl Store for PostgresStore {
     }
 
     async fn submit_pairing_request(&self, s: PairingSubmission) -> Result<PairingOutcome> {
-        // Round trips are what a PostgreSQL transaction costs here: the lock rides with
-        // the event key, both pending rows come in one query, both counts in another.
+        // Round trips are what a PostgreSQL transaction costs here (five): BEGIN; the lock
+        // with the event key; both pending rows with the cap counts; the insert, or the
+        // deletes with the matches; COMMIT.
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         let lock = pair_lock(&s.requester_digest, &s.target_digest);
         if !record_event(&mut tx, &s.event, s.request_expiry, Some(lock)).await? {
             return Ok(PairingOutcome::Duplicate);
         }
-        let (counterpart, previous) =
-            pending_both_ways(&mut tx, &s.requester_digest, &s.target_digest, s.now).await?;
-        let previous = previous.map(|p| p.endpoint_id);
-        let outcome = match decide(&s.request, counterpart) {
+        let state = pair_state(&mut tx, &s).await?;
+        let previous = state.previous.map(|p| p.endpoint_id);
+        let outcome = match decide(&s.request, state.counterpart) {
             Decision::Wait => {
-                let counts = count_pending(&mut tx, &s, previous.clone()).await?;
+                let counts = PendingCounts {
+                    from_sender: state.from_sender,
+                    for_target: state.for_target,
+                    replaces: previous.clone(),
+                };
                 if let Err(reason) = admit(&s.request, &s.limits, &counts) {
                     // Nothing is kept, not even the event key: dropping `tx` rolls back.
                     return Ok(PairingOutcome::Refused(reason));
@@ -433,18 +447,9 @@ impl Store for PostgresStore {
                 for_requester,
                 for_counterpart,
             } => {
-                sqlx::query(
-                    "DELETE FROM pending_requests
-                     WHERE (requester_digest = $1 AND target_digest = $2)
-                        OR (requester_digest = $2 AND target_digest = $1)",
-                )
-                .bind(&s.requester_digest.0[..])
-                .bind(&s.target_digest.0[..])
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
                 let messages = match_messages(&s, [&for_requester, &for_counterpart]);
-                insert_messages(&mut tx, &messages).await?;
+                let both = (&s.requester_digest, &s.target_digest);
+                insert_messages(&mut tx, &messages, Some(both)).await?;
                 PairingOutcome::Matched {
                     messages: messages.into_iter().map(|m| m.id).collect(),
                 }
@@ -459,7 +464,7 @@ impl Store for PostgresStore {
         if !record_event(&mut tx, &s.event, s.event_expiry, None).await? {
             return Ok(CompletionOutcome::Duplicate);
         }
-        insert_messages(&mut tx, std::slice::from_ref(&s.message)).await?;
+        insert_messages(&mut tx, std::slice::from_ref(&s.message), None).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(CompletionOutcome::Queued)
     }
