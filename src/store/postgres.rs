@@ -128,7 +128,7 @@ impl PostgresStore {
 
     async fn pool(url: &str, max_connections: u32, timeout: Duration) -> Result<Self> {
         // No ping before lending a connection: it was a round trip of its own before every
-        // transaction (a pairing request takes six). A connection that died while idle
+        // transaction (a pairing request takes five). A connection that died while idle
         // (PostgreSQL restarted) fails its next statement instead; sqlx then drops it, and
         // that one request gets 503 and is redelivered, as during the restart itself.
         let pool = PgPoolOptions::new()
