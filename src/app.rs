@@ -184,6 +184,7 @@ impl App {
             request_ttl: config.request_ttl,
             message_ttl: config.message_ttl,
             limits: config.limits,
+            match_order: config.tmp_match_order,
             body_read_timeout: config.body_read_timeout,
         };
         Ok(Self {

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::codec::pairing::MatchOrder;
 use crate::config::{
     Config, ConfigError, DatabaseConfig, HumanDuration, PoolSettings, defaults, parse_ce_overrides,
     parse_secret, parse_sink,
@@ -150,6 +151,15 @@ impl DatabaseArgs {
     }
 }
 
+/// `--tmp-match-order` (clap's spelling of [`MatchOrder`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MatchOrderArg {
+    /// `contactVeraId,recipientVeraId,...`: clients built to the protocol document.
+    ContactFirst,
+    /// `recipientVeraId,contactVeraId,...`: the Letro for Android releases of 2023.
+    RecipientFirst,
+}
+
 /// Settings of `serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -212,6 +222,10 @@ pub struct ServeArgs {
     /// logged and counted).
     #[arg(long, env = "LETRO_REFUSE_ENDPOINT_REPLACEMENT")]
     pub refuse_endpoint_replacement: bool,
+    /// Order of the two VeraIds in a tmp pairing match: contact-first (the protocol
+    /// document) or recipient-first (the Letro for Android releases of 2023).
+    #[arg(long, env = "LETRO_TMP_MATCH_ORDER", value_enum, default_value_t = MatchOrderArg::ContactFirst)]
+    pub tmp_match_order: MatchOrderArg,
     /// Time a client has to send the request line and headers before it is disconnected.
     #[arg(long, env = "LETRO_HEADER_READ_TIMEOUT", default_value_t = HumanDuration(defaults::HEADER_READ_TIMEOUT))]
     pub header_read_timeout: HumanDuration,
@@ -259,6 +273,10 @@ impl ServeArgs {
             per_sender: self.max_pending_per_sender,
             per_target: self.max_pending_per_target,
             refuse_endpoint_replacement: self.refuse_endpoint_replacement,
+        };
+        config.tmp_match_order = match self.tmp_match_order {
+            MatchOrderArg::ContactFirst => MatchOrder::ContactFirst,
+            MatchOrderArg::RecipientFirst => MatchOrder::RecipientFirst,
         };
         config.header_read_timeout = self.header_read_timeout.0;
         config.body_read_timeout = self.body_read_timeout.0;
@@ -325,5 +343,38 @@ mod tests {
         ]);
         let e = args.to_config().expect_err("too long");
         assert!(e.to_string().contains("LETRO_MESSAGE_TTL"), "{e}");
+    }
+
+    #[test]
+    fn match_order() {
+        let base = ["--bind", "127.0.0.1:9000", "--database", "sqlite://x.db"];
+        let order = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            serve_args(&args)
+                .to_config()
+                .expect("valid")
+                .tmp_match_order
+        };
+        assert_eq!(
+            order(&["--tmp-match-order", "contact-first"]),
+            MatchOrder::ContactFirst
+        );
+        assert_eq!(
+            order(&["--tmp-match-order", "recipient-first"]),
+            MatchOrder::RecipientFirst
+        );
+        let bad = Cli::try_parse_from(
+            ["letro-server", "serve", "--tmp-match-order", "owner-first"]
+                .iter()
+                .chain(&base),
+        )
+        .expect_err("not an order");
+        // clap exits 2 on a bad value, and names the ones it takes.
+        assert_eq!(bad.exit_code(), 2);
+        let text = bad.to_string();
+        assert!(
+            text.contains("contact-first") && text.contains("recipient-first"),
+            "{text}"
+        );
     }
 }

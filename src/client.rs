@@ -24,7 +24,7 @@ use x509_cert::time::Time;
 
 use crate::codec::awala::canonical_rsa_spki;
 use crate::codec::connparams::{ID_RSASSA_PSS, encode_connection_params};
-use crate::codec::pairing::encode_request;
+use crate::codec::pairing::{MatchOrder, encode_request};
 use crate::domain::EndpointId;
 
 /// Why the toolkit could not build something.
@@ -352,14 +352,25 @@ pub enum ReadError {
     KeyMismatch,
 }
 
-/// Reads a pairing match as a client does (`contactVeraId,ownVeraId,endpointId,base64 key`),
-/// checking that the key is the endpoint's.
+/// Reads a pairing match as a client built to the protocol document does
+/// (`contactVeraId,ownVeraId,endpointId,base64 key`), checking that the key is the
+/// endpoint's.
 pub fn read_match(content: &[u8]) -> Result<ReceivedMatch, ReadError> {
+    read_match_in(content, MatchOrder::ContactFirst)
+}
+
+/// Reads a pairing match whose VeraIds come in `order`; the 2023 Letro for Android app
+/// reads [`MatchOrder::RecipientFirst`] (`ownVeraId,contactVeraId,endpointId,base64 key`).
+pub fn read_match_in(content: &[u8], order: MatchOrder) -> Result<ReceivedMatch, ReadError> {
     use base64::Engine as _;
     let text = std::str::from_utf8(content).map_err(|_| ReadError::Malformed("not UTF-8"))?;
     let fields: Vec<&str> = text.split(',').collect();
-    let [contact, own, endpoint, key] = fields[..] else {
+    let [first, second, endpoint, key] = fields[..] else {
         return Err(ReadError::Malformed("expected 4 fields"));
+    };
+    let (contact, own) = match order {
+        MatchOrder::ContactFirst => (first, second),
+        MatchOrder::RecipientFirst => (second, first),
     };
     let contact_endpoint_id =
         EndpointId::parse(endpoint).map_err(|_| ReadError::Malformed("endpoint id"))?;

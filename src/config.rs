@@ -11,6 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::codec::cloudevent::is_header_safe;
+use crate::codec::pairing::MatchOrder;
 use crate::domain::PendingLimits;
 use crate::store::sqlite::{SqliteLocation, Synchronous};
 
@@ -281,6 +282,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Caps on waiting requests.
     pub limits: PendingLimits,
+    /// How tmp matches list the two VeraIds: `contact-first` for clients built to the
+    /// protocol document, `recipient-first` for the 2023 Letro for Android app.
+    pub tmp_match_order: MatchOrder,
     /// Time allowed for a client to send the request line and headers.
     pub header_read_timeout: Duration,
     /// Time allowed for a client to send the body, once the headers are in.
@@ -313,6 +317,7 @@ impl Config {
                 per_target: defaults::MAX_PENDING_PER_TARGET,
                 refuse_endpoint_replacement: false,
             },
+            tmp_match_order: MatchOrder::ContactFirst,
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
             body_read_timeout: defaults::BODY_READ_TIMEOUT,
             noop_route: false,

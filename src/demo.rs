@@ -23,9 +23,10 @@ use crate::cli::DemoArgs;
 use crate::client::{CertificateOptions, Endpoint, connection_params, read_completion, read_match};
 use crate::codec::cloudevent::{CloudEvent, INCOMING_TYPE, decode_http};
 use crate::codec::connparams::decode_connection_params;
-use crate::codec::pairing::{PAIRING_AUTH_TYPE, PAIRING_REQUEST_TYPE};
+use crate::codec::pairing::{
+    PAIRING_AUTH_TMP_TYPE, PAIRING_COMPLETION_TYPE, PAIRING_MATCH_TYPE, PAIRING_REQUEST_TYPE,
+};
 use crate::config::{Config, DatabaseConfig};
-use crate::domain::MessageKind;
 use crate::store::sqlite::Synchronous;
 
 /// The server's own endpoint id, as the Awala Internet Endpoint would give it.
@@ -120,7 +121,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
     for user in [&alice, &bob] {
         let event = addressed_to(&matches, user)?;
         show_delivery(out, &args, event)?;
-        expect_kind(event, MessageKind::PairingMatch)?;
+        expect_type(event, PAIRING_MATCH_TYPE)?;
         let m = read_match(&event.data)?;
         let other = if user.name == "Alice" { &bob } else { &alice };
         if m.contact_endpoint_id != *other.endpoint.id() || m.contact_veraid != other.veraid {
@@ -161,8 +162,8 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
             ),
         )?;
         let id = format!("auth-{parcel}");
-        show_request(out, &args, granter, &id, PAIRING_AUTH_TYPE, &params)?;
-        let status = post(&http, &server, granter, &id, PAIRING_AUTH_TYPE, params).await?;
+        show_request(out, &args, granter, &id, PAIRING_AUTH_TMP_TYPE, &params)?;
+        let status = post(&http, &server, granter, &id, PAIRING_AUTH_TMP_TYPE, params).await?;
         say(
             out,
             &format!(
@@ -177,7 +178,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
     for user in [&alice, &bob] {
         let event = addressed_to(&completions, user)?;
         show_delivery(out, &args, event)?;
-        expect_kind(event, MessageKind::PairingCompletion)?;
+        expect_type(event, PAIRING_COMPLETION_TYPE)?;
         let (granter, params_der) = read_completion(&event.data)?;
         let params = decode_connection_params(&params_der)
             .map_err(|e| anyhow::anyhow!("connection params: {e:?}"))?;
@@ -229,7 +230,7 @@ fn shorten(text: &str) -> String {
 
 /// Shows the body of a message, shortened unless `--verbose`.
 fn printable(args: &DemoArgs, kind: &str, body: &[u8]) -> String {
-    let text = if kind == PAIRING_AUTH_TYPE {
+    let text = if kind == PAIRING_AUTH_TMP_TYPE {
         format!("<DER> {}", STANDARD.encode(body))
     } else {
         String::from_utf8_lossy(body).into_owned()
@@ -332,11 +333,10 @@ fn addressed_to<'a>(events: &'a [CloudEvent], user: &User) -> anyhow::Result<&'a
         .with_context(|| format!("nothing was delivered to {}", user.name))
 }
 
-fn expect_kind(event: &CloudEvent, kind: MessageKind) -> anyhow::Result<()> {
-    if event.data_content_type.as_deref() != Some(kind.content_type()) {
+fn expect_type(event: &CloudEvent, content_type: &str) -> anyhow::Result<()> {
+    if event.data_content_type.as_deref() != Some(content_type) {
         bail!(
-            "expected a {}, got {:?}",
-            kind.name(),
+            "expected a {content_type}, got {:?}",
             event.data_content_type
         );
     }

@@ -14,7 +14,8 @@ pub use authorisation::{Authorisation, AuthorityKeyId, PdaFacts};
 pub use ids::{EndpointId, EventKey, VeraId};
 pub use message::{MessageId, MessageKind, OutgoingMessage, Timestamp};
 pub use pairing::{
-    Decision, PairingMatch, PairingRequest, PendingCounts, PendingLimits, PendingRequest,
+    Decision, Offer, PairingMatch, PairingRequest, PendingCounts, PendingLimits, PendingRequest,
+    Protocol,
 };
 pub use privacy::{VeraIdDigest, VeraIdDigester};
 pub use refusal::Refusal;

@@ -4,6 +4,7 @@
 
 mod error;
 mod ingress;
+mod messages;
 mod server;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ pub use error::ApiError;
 pub use server::{ServeOptions, serve};
 
 use crate::clock;
+use crate::codec::pairing::MatchOrder;
 use crate::domain::{PendingLimits, VeraIdDigester};
 use crate::outbox::Dispatcher;
 use crate::store::Store;
@@ -43,6 +45,8 @@ pub struct AppState {
     pub message_ttl: Duration,
     /// Caps on waiting requests.
     pub limits: PendingLimits,
+    /// How tmp matches list the two VeraIds.
+    pub match_order: MatchOrder,
     /// Time allowed to read a body once the headers are in.
     pub body_read_timeout: Duration,
 }

@@ -3,6 +3,7 @@
 //! Module map (ARCHITECTURE.md has the dependency rule and a walkthrough):
 //! - [`codec`]: wire formats (CloudEvents, pairing texts, Awala DER); pure.
 //! - [`domain`]: identifiers and the pairing rules; pure.
+//! - [`flow`]: what a pairing request does to its pair, planned once for every backend; pure.
 //! - [`store`]: the [`store::Store`] trait and its SQLite and PostgreSQL implementations.
 //! - [`http`]: ingress, readiness, metrics, the status mapping.
 //! - [`outbox`]: the dispatcher, the HTTP sink, backoff.
@@ -20,6 +21,7 @@ pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod flow;
 pub mod fuzz;
 pub mod http;
 pub mod outbox;

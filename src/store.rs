@@ -2,18 +2,18 @@
 //!
 //! One trait, [`Store`], whose methods are domain operations; each runs in one
 //! transaction, so a state change and the messages it causes commit together (the
-//! transactional outbox). Imports `domain` and `codec` only.
+//! transactional outbox). Imports `domain`, `codec` and `flow` only: what a pairing
+//! request does is [`flow::plan`](crate::flow::plan)'s to say, and every outgoing
+//! message arrives rendered; the store keeps and returns bytes.
 
 pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
 
-use crate::codec::pairing::encode_match;
-use crate::domain::{
-    EndpointId, EventKey, MessageId, MessageKind, OutgoingMessage, PairingMatch, PairingRequest,
-    PendingLimits, Refusal, Timestamp, VeraIdDigest,
-};
+use crate::codec::cloudevent::is_header_safe;
+use crate::codec::pairing::{PAIRING_COMPLETION_TYPE, PAIRING_MATCH_TYPE};
+use crate::domain::{EndpointId, EventKey, MessageId, MessageKind, OutgoingMessage, Timestamp};
 
 /// What went wrong below the domain. Every variant is transient from the client's point
 /// of view: the event was not acknowledged and may be redelivered.
@@ -30,66 +30,26 @@ pub enum StoreError {
 /// `Result` with [`StoreError`].
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// An incoming pairing request, validated, with everything needed to store it or match it.
-#[derive(Debug, Clone)]
-pub struct PairingSubmission {
-    /// The idempotency key of the event that carried it.
-    pub event: EventKey,
-    /// This server's endpoint id (the event's subject): the source of any reply.
-    pub server_id: String,
-    /// The request itself.
-    pub request: PairingRequest,
-    /// Digest of the requester's VeraId.
-    pub requester_digest: VeraIdDigest,
-    /// Digest of the target's VeraId.
-    pub target_digest: VeraIdDigest,
-    /// When it arrived.
-    pub now: Timestamp,
-    /// When the request, if it has to wait, stops waiting.
-    pub request_expiry: Timestamp,
-    /// The expiry of any message it causes.
-    pub message_expiry: Timestamp,
-    /// The caps a request that has to wait must fit under.
-    pub limits: PendingLimits,
-}
+pub use crate::flow::{PairingOutcome, PairingSubmission};
 
-/// What became of a pairing request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PairingOutcome {
-    /// The same event was handled before; nothing changed.
-    Duplicate,
-    /// Stored to wait for the reverse request.
-    Stored {
-        /// The endpoint id of the pending request this one replaced, if any.
-        replaced: Option<EndpointId>,
-    },
-    /// It would have had to wait, but did not fit under the caps: nothing was stored,
-    /// and the event was not recorded (a redelivery is judged afresh).
-    Refused(Refusal),
-    /// Matched with the reverse request: both matches are in the outbox.
-    Matched {
-        /// The ids of the two matches.
-        messages: Vec<MessageId>,
-    },
-}
-
-/// A checked pairing authorisation, ready to be forwarded as a completion.
+/// An event whose handling is to queue messages, whatever they are (completions,
+/// forwarded authorisations): its key is recorded and the messages queued together.
 #[derive(Debug, Clone)]
-pub struct CompletionSubmission {
-    /// The idempotency key of the event that carried the authorisation.
+pub struct EventMessages {
+    /// The idempotency key of the event.
     pub event: EventKey,
-    /// The completion for the grantee.
-    pub message: OutgoingMessage,
+    /// What it causes, ready to send.
+    pub messages: Vec<OutgoingMessage>,
     /// How long the event key is kept.
     pub event_expiry: Timestamp,
 }
 
-/// What became of a completion.
+/// What became of an [`EventMessages`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CompletionOutcome {
+pub enum QueueOutcome {
     /// The same event was handled before; nothing changed.
     Duplicate,
-    /// The completion is in the outbox.
+    /// The messages are in the outbox.
     Queued,
 }
 
@@ -206,15 +166,14 @@ pub trait Store: Send + Sync + 'static {
     async fn submit_pairing_request(&self, submission: PairingSubmission)
     -> Result<PairingOutcome>;
 
-    /// Queues a completion for its grantee, or does nothing for a redelivered event.
-    async fn submit_completion(
-        &self,
-        submission: CompletionSubmission,
-    ) -> Result<CompletionOutcome>;
+    /// Records the event and queues its messages, or does nothing for a redelivered event.
+    async fn record_and_queue(&self, submission: EventMessages) -> Result<QueueOutcome>;
 
     /// Claims up to `limit` due messages, earliest due first (creation order among equals;
     /// the query must use an index, whatever the backlog), hiding them from other claims
-    /// until `lease_until` (so a crash mid-delivery only delays them).
+    /// until `lease_until` (so a crash mid-delivery only delays them). A row this build
+    /// cannot deliver (see [`StoredMessage::into_entry`]) is leased but left out, and
+    /// logged: it never fails the claim of the others.
     async fn claim_due_messages(
         &self,
         now: Timestamp,
@@ -276,20 +235,78 @@ fn check_schema_version(found: usize, known: usize, exact: bool) -> Result<()> {
     Ok(())
 }
 
-/// The two outbox messages of a match, as every backend writes them.
-fn match_messages(
-    submission: &PairingSubmission,
-    matches: [&PairingMatch; 2],
-) -> [OutgoingMessage; 2] {
-    matches.map(|m| {
-        OutgoingMessage::caused_by(
-            &submission.event,
-            MessageKind::PairingMatch,
-            &submission.server_id,
-            m.recipient_endpoint_id.clone(),
-            encode_match(m),
-            submission.now,
-            submission.message_expiry,
-        )
-    })
+/// An outbox row as a backend reads it, not yet trusted: the row may have been written
+/// by another build (a newer replica on the same PostgreSQL database, say).
+#[derive(Debug)]
+struct StoredMessage {
+    seq: i64,
+    id: String,
+    source: String,
+    recipient: String,
+    kind: String,
+    /// Empty in rows written by a build older than the content-type column.
+    content_type: String,
+    content: Vec<u8>,
+    time: i64,
+    expiry: i64,
+    attempts: i64,
+}
+
+impl StoredMessage {
+    /// The entry to deliver, or why this build cannot deliver it. Nothing about the kind
+    /// needs knowing: the content type and bytes are the message. Only rows from before
+    /// the content-type column are read by kind, for the two kinds such builds wrote.
+    fn into_entry(self) -> std::result::Result<OutboxEntry, String> {
+        let content_type = match (self.content_type.as_str(), self.kind.as_str()) {
+            ("", "pairing-match") => PAIRING_MATCH_TYPE.to_owned(),
+            ("", "pairing-completion") => PAIRING_COMPLETION_TYPE.to_owned(),
+            ("", kind) => return Err(format!("no content type, and unknown kind {kind:?}")),
+            (ct, _) if !is_header_safe(ct) => {
+                return Err(format!("content type {ct:?} cannot be sent as a header"));
+            }
+            _ => self.content_type,
+        };
+        let recipient = EndpointId::parse(&self.recipient)
+            .map_err(|_| format!("recipient {:?} is not an endpoint id", self.recipient))?;
+        if !is_header_safe(&self.id) || !is_header_safe(&self.source) {
+            return Err("id or source cannot be sent as a header".into());
+        }
+        Ok(OutboxEntry {
+            seq: self.seq,
+            message: OutgoingMessage {
+                id: MessageId::from_stored(self.id),
+                source: self.source,
+                recipient,
+                kind: MessageKind::from_stored(self.kind),
+                content_type,
+                content: self.content,
+                time: Timestamp(self.time),
+                expiry: Timestamp(self.expiry),
+            },
+            attempts: u32::try_from(self.attempts).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+/// The claimed rows this build can deliver, in `seq` order; the others are logged and
+/// stay leased (a newer replica may take them once the lease ends).
+fn deliverable(rows: Vec<StoredMessage>) -> Vec<OutboxEntry> {
+    let mut entries: Vec<OutboxEntry> = rows
+        .into_iter()
+        .filter_map(|row| {
+            let (seq, id) = (row.seq, row.id.clone());
+            row.into_entry()
+                .map_err(|reason| {
+                    tracing::warn!(
+                        seq,
+                        message.id = %id,
+                        %reason,
+                        "outbox message this build cannot deliver; left in the outbox"
+                    );
+                })
+                .ok()
+        })
+        .collect();
+    entries.sort_by_key(|e| e.seq);
+    entries
 }

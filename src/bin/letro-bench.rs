@@ -15,6 +15,7 @@ use letro_server::bench::keys::{BenchKey, load_or_generate};
 use letro_server::bench::load::{LoadReport, Pace, render_request, run};
 use letro_server::bench::sink::CountingSink;
 use letro_server::clock;
+use letro_server::codec::pairing::MatchOrder;
 use letro_server::domain::{EventKey, PairingRequest, PendingLimits, VeraId, VeraIdDigester};
 use letro_server::store::sqlite::{SqliteStore, Synchronous};
 use letro_server::store::{PairingSubmission, Store, settings};
@@ -356,6 +357,7 @@ async fn preload(path: &Path, keys: &[BenchKey], count: usize) -> anyhow::Result
                 per_target: 100,
                 refuse_endpoint_replacement: false,
             },
+            match_order: MatchOrder::ContactFirst,
         };
         let store = store.clone();
         tasks.spawn(async move {

@@ -248,10 +248,7 @@ pub fn encode_binary_headers(
         ),
         ("ce-time".to_owned(), format_rfc3339(message.time)),
         ("ce-expiry".to_owned(), format_rfc3339(message.expiry)),
-        (
-            "content-type".to_owned(),
-            message.kind.content_type().to_owned(),
-        ),
+        ("content-type".to_owned(), message.content_type.clone()),
     ];
     for (name, value) in overrides {
         // Overrides may add extensions, never replace the attributes above.
@@ -476,7 +473,8 @@ mod tests {
             id: MessageId::from_stored("a".repeat(64)),
             source: "0server".into(),
             recipient: EndpointId::from_spki_der(b"r"),
-            kind: MessageKind::PairingMatch,
+            kind: MessageKind::PAIRING_MATCH,
+            content_type: "application/vnd.relaycorp.letro.pairing-match-tmp".into(),
             content: vec![],
             time: Timestamp(0),
             expiry: Timestamp(1000),
@@ -492,6 +490,10 @@ mod tests {
         assert_eq!(get("ce-time"), Some("1970-01-01T00:00:00.000Z"));
         assert_eq!(get("ce-expiry"), Some("1970-01-01T00:00:01.000Z"));
         assert_eq!(get("ce-foo"), Some("bar"));
+        assert_eq!(
+            get("content-type"),
+            Some("application/vnd.relaycorp.letro.pairing-match-tmp")
+        );
         assert_eq!(h.iter().filter(|(k, _)| k == "ce-id").count(), 1);
         assert!(h.iter().all(|(_, v)| is_header_safe(v)));
     }

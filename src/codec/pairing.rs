@@ -9,8 +9,47 @@ use crate::domain::{EndpointId, PairingMatch, Refusal, VeraId};
 /// Content type of a pairing request.
 pub const PAIRING_REQUEST_TYPE: &str = "application/vnd.relaycorp.letro.pairing-request-tmp";
 
-/// Content type of a pairing authorisation (Awala connection params, DER).
-pub const PAIRING_AUTH_TYPE: &str = "application/vnd.relaycorp.letro.pairing-auth-tmp";
+/// Content type of a pairing authorisation in the seed's dialect (Awala connection
+/// params, DER), answered by a [`PAIRING_COMPLETION_TYPE`].
+pub const PAIRING_AUTH_TMP_TYPE: &str = "application/vnd.relaycorp.letro.pairing-auth-tmp";
+
+/// Content type of a pairing authorisation as the 2023 Letro for Android app sends it
+/// (Awala connection params, DER); forwarded to the grantee unchanged, with this same
+/// content type.
+pub const PAIRING_AUTH_TYPE: &str = "application/vnd.relaycorp.letro.pairing-auth";
+
+/// Content type of a pairing match.
+pub const PAIRING_MATCH_TYPE: &str = "application/vnd.relaycorp.letro.pairing-match-tmp";
+
+/// Content type of a pairing completion: `granterId,base64(params)`.
+pub const PAIRING_COMPLETION_TYPE: &str = "application/vnd.relaycorp.letro.pairing-completion-tmp";
+
+/// The order of the two VeraIds in a tmp match. The seed document has the contact's
+/// first; every Letro for Android release of 2023 reads the recipient's own first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatchOrder {
+    /// `contactVeraId,recipientVeraId,contactEndpointId,base64(contactKey)` (the seed).
+    #[default]
+    ContactFirst,
+    /// `recipientVeraId,contactVeraId,contactEndpointId,base64(contactKey)` (the 2023 app).
+    RecipientFirst,
+}
+
+impl MatchOrder {
+    /// The setting's value for this order.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ContactFirst => "contact-first",
+            Self::RecipientFirst => "recipient-first",
+        }
+    }
+}
+
+impl std::fmt::Display for MatchOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// The largest pairing request we read. An RSA-8192 key is about 1.4 KiB in base64 and
 /// VeraIds are short: anything bigger is not a request a client would send.
@@ -58,15 +97,19 @@ pub fn encode_request(requester: &str, target: &str, key_der: &[u8]) -> Vec<u8> 
     format!("{requester},{target},{}", STANDARD.encode(key_der)).into_bytes()
 }
 
-/// Renders a match in the order of the protocol document:
-/// `contactVeraId,recipientVeraId,contactEndpointId,base64(contactKey)`.
-pub fn encode_match(m: &PairingMatch) -> Vec<u8> {
+/// Renders a tmp match, with the two VeraIds in `order`, then
+/// `contactEndpointId,base64(contactKey)`.
+pub fn encode_match(m: &PairingMatch, order: MatchOrder) -> Vec<u8> {
+    let (first, second) = match order {
+        MatchOrder::ContactFirst => (&m.contact_veraid, &m.recipient_veraid),
+        MatchOrder::RecipientFirst => (&m.recipient_veraid, &m.contact_veraid),
+    };
     format!(
         "{},{},{},{}",
-        m.contact_veraid.as_str(),
-        m.recipient_veraid.as_str(),
+        first.as_str(),
+        second.as_str(),
         m.contact_endpoint_id,
-        STANDARD.encode(&m.contact_key_der)
+        STANDARD.encode(&m.contact_offer.bytes)
     )
     .into_bytes()
 }
@@ -79,6 +122,7 @@ pub fn encode_completion(granter: &EndpointId, params_der: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{Offer, Protocol};
     use proptest::prelude::*;
 
     fn vector_key() -> (Vec<u8>, String) {
@@ -161,20 +205,27 @@ mod tests {
     }
 
     #[test]
-    fn match_layout_follows_the_protocol_document() {
+    fn match_layouts() {
         let m = PairingMatch {
             recipient_endpoint_id: EndpointId::from_spki_der(b"r"),
             recipient_veraid: VeraId::parse("alice@applepie.rocks").expect("valid"),
             contact_veraid: VeraId::parse("bob@tickety.boo").expect("valid"),
             contact_endpoint_id: EndpointId::from_spki_der(b"c"),
-            contact_key_der: vec![1, 2, 3],
+            contact_offer: Offer {
+                protocol: Protocol::Tmp,
+                bytes: vec![1, 2, 3],
+            },
         };
+        let contact = EndpointId::from_spki_der(b"c");
+        // The protocol document's order.
         assert_eq!(
-            String::from_utf8(encode_match(&m)).expect("utf8"),
-            format!(
-                "bob@tickety.boo,alice@applepie.rocks,{},AQID",
-                EndpointId::from_spki_der(b"c")
-            )
+            String::from_utf8(encode_match(&m, MatchOrder::ContactFirst)).expect("utf8"),
+            format!("bob@tickety.boo,alice@applepie.rocks,{contact},AQID")
+        );
+        // What the 2023 Letro for Android app parses: its own VeraId first.
+        assert_eq!(
+            String::from_utf8(encode_match(&m, MatchOrder::RecipientFirst)).expect("utf8"),
+            format!("alice@applepie.rocks,bob@tickety.boo,{contact},AQID")
         );
     }
 

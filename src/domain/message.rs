@@ -1,6 +1,8 @@
 //! Outgoing messages: what the broker sends to Letro users through the Awala Internet
 //! Endpoint, with ids that stay the same however often a delivery is retried.
 
+use std::borrow::Cow;
+
 use sha2::{Digest, Sha256};
 
 use super::ids::{EndpointId, EventKey};
@@ -17,37 +19,34 @@ impl Timestamp {
     }
 }
 
-/// The service messages the broker emits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MessageKind {
-    /// `application/vnd.relaycorp.letro.pairing-match-tmp`
-    PairingMatch,
-    /// `application/vnd.relaycorp.letro.pairing-completion-tmp`
-    PairingCompletion,
-}
+/// What an outgoing message is, as a short stable name: part of the message id
+/// derivation, a metric label, and what operators see. Only a label: the message itself
+/// (content type and bytes) is data, so a build can deliver rows of kinds it never makes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageKind(Cow<'static, str>);
 
 impl MessageKind {
-    /// The Awala service message type, sent as the CloudEvent `Content-Type`.
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Self::PairingMatch => "application/vnd.relaycorp.letro.pairing-match-tmp",
-            Self::PairingCompletion => "application/vnd.relaycorp.letro.pairing-completion-tmp",
-        }
+    /// A pairing match (tmp protocol).
+    pub const PAIRING_MATCH: Self = Self(Cow::Borrowed("pairing-match"));
+    /// A pairing completion: `granterId,base64(params)` (the seed's phase 2).
+    pub const PAIRING_COMPLETION: Self = Self(Cow::Borrowed("pairing-completion"));
+    /// A pairing authorisation forwarded to its grantee unchanged (the 2023 app's phase 2).
+    pub const PAIRING_AUTH: Self = Self(Cow::Borrowed("pairing-auth"));
+
+    /// The kind named `name`, as read back from storage.
+    pub fn from_stored(name: String) -> Self {
+        Self(Cow::Owned(name))
     }
 
-    /// A short stable name, part of the message id derivation and of metric labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::PairingMatch => "pairing-match",
-            Self::PairingCompletion => "pairing-completion",
-        }
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.0
     }
+}
 
-    /// The kind with this [`name`](Self::name), as read back from storage.
-    pub fn from_name(name: &str) -> Option<Self> {
-        [Self::PairingMatch, Self::PairingCompletion]
-            .into_iter()
-            .find(|k| k.name() == name)
+impl std::fmt::Display for MessageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -62,7 +61,7 @@ pub struct MessageId(String);
 
 impl MessageId {
     /// Derives the id of the `kind` message for `recipient` caused by `cause`.
-    pub fn derive(cause: &EventKey, kind: MessageKind, recipient: &EndpointId) -> Self {
+    pub fn derive(cause: &EventKey, kind: &MessageKind, recipient: &EndpointId) -> Self {
         let mut h = Sha256::new();
         // Length-prefix each part so that no two different tuples hash the same bytes.
         for part in [
@@ -98,8 +97,10 @@ pub struct OutgoingMessage {
     pub source: String,
     /// `ce-subject`: the recipient's endpoint id.
     pub recipient: EndpointId,
-    /// What the message is.
+    /// What the message is (a label; see [`MessageKind`]).
     pub kind: MessageKind,
+    /// The Awala service message type, sent as the CloudEvent `Content-Type`.
+    pub content_type: String,
     /// The service message content.
     pub content: Vec<u8>,
     /// `ce-time`.
@@ -112,20 +113,26 @@ impl OutgoingMessage {
     /// The `kind` message to `recipient` caused by the incoming event `cause`, sent from
     /// `source` (this server) at `time`, expiring at `expiry`. Its id is derived from the
     /// cause, so handling the same event again yields the same message.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each is one field of the message"
+    )]
     pub fn caused_by(
         cause: &EventKey,
         kind: MessageKind,
         source: &str,
         recipient: EndpointId,
+        content_type: &str,
         content: Vec<u8>,
         time: Timestamp,
         expiry: Timestamp,
     ) -> Self {
         Self {
-            id: MessageId::derive(cause, kind, &recipient),
+            id: MessageId::derive(cause, &kind, &recipient),
             source: source.to_owned(),
             recipient,
             kind,
+            content_type: content_type.to_owned(),
             content,
             time,
             expiry,
@@ -148,23 +155,23 @@ mod tests {
     fn message_ids_are_stable_and_distinct() {
         let r1 = EndpointId::from_spki_der(b"1");
         let r2 = EndpointId::from_spki_der(b"2");
-        let a = MessageId::derive(&key("s", "i"), MessageKind::PairingMatch, &r1);
+        let a = MessageId::derive(&key("s", "i"), &MessageKind::PAIRING_MATCH, &r1);
         assert_eq!(
             a,
-            MessageId::derive(&key("s", "i"), MessageKind::PairingMatch, &r1)
+            MessageId::derive(&key("s", "i"), &MessageKind::PAIRING_MATCH, &r1)
         );
         assert_ne!(
             a,
-            MessageId::derive(&key("s", "i"), MessageKind::PairingMatch, &r2)
+            MessageId::derive(&key("s", "i"), &MessageKind::PAIRING_MATCH, &r2)
         );
         assert_ne!(
             a,
-            MessageId::derive(&key("s", "j"), MessageKind::PairingMatch, &r1)
+            MessageId::derive(&key("s", "j"), &MessageKind::PAIRING_MATCH, &r1)
         );
         // No ambiguity when bytes move between fields.
         assert_ne!(
-            MessageId::derive(&key("ab", "c"), MessageKind::PairingMatch, &r1),
-            MessageId::derive(&key("a", "bc"), MessageKind::PairingMatch, &r1)
+            MessageId::derive(&key("ab", "c"), &MessageKind::PAIRING_MATCH, &r1),
+            MessageId::derive(&key("a", "bc"), &MessageKind::PAIRING_MATCH, &r1)
         );
         assert_eq!(a.as_str().len(), 64);
         assert!(a.as_str().bytes().all(|b| b.is_ascii_hexdigit()));

@@ -3,24 +3,57 @@
 use super::ids::{EndpointId, VeraId};
 use super::refusal::Refusal;
 
-/// A validated pairing request: `requester` wants to pair with `target`, and can be
-/// reached at the endpoint whose identity key is `key_der`.
+/// The protocol a pairing request was made in. Requests of different protocols never
+/// match each other: each party must receive what its own app can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// `pairing-request-tmp`: unsigned `requester,target,base64(key)`; the offer is the
+    /// requester's endpoint key (SPKI DER).
+    Tmp,
+}
+
+impl Protocol {
+    /// The name stored beside a pending request.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tmp => "tmp",
+        }
+    }
+
+    /// The protocol named `name`, if this build knows it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Tmp].into_iter().find(|p| p.name() == name)
+    }
+}
+
+/// What a request hands the other party when the pair matches, in its protocol's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    /// The protocol that gives the bytes their meaning.
+    pub protocol: Protocol,
+    /// For [`Protocol::Tmp`], the requester's endpoint identity key (canonical SPKI DER).
+    pub bytes: Vec<u8>,
+}
+
+/// A validated pairing request: `requester` wants to pair with `target`, from the
+/// endpoint `endpoint_id`, offering `offer` to the target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PairingRequest {
     /// Who asks.
     pub requester: VeraId,
     /// Whom they want to pair with.
     pub target: VeraId,
-    /// The requester's endpoint identity key, canonical SubjectPublicKeyInfo DER.
-    pub key_der: Vec<u8>,
-    /// The requester's endpoint id, derived from `key_der`.
+    /// The requester's endpoint id: the sender of the event.
     pub endpoint_id: EndpointId,
+    /// What the target gets on a match.
+    pub offer: Offer,
 }
 
 impl PairingRequest {
-    /// Applies the rules that tie a parsed request to the event that carried it: the
-    /// two users differ, and the key is the sender's own (anyone can claim a VeraId in
-    /// this protocol, but nobody can send from an endpoint whose key they do not hold).
+    /// A tmp-protocol request, after the rules that tie a parsed request to the event
+    /// that carried it: the two users differ, and the key is the sender's own (anyone can
+    /// claim a VeraId in this protocol, but nobody can send from an endpoint whose key
+    /// they do not hold).
     pub fn new(
         requester: VeraId,
         target: VeraId,
@@ -37,19 +70,23 @@ impl PairingRequest {
         Ok(Self {
             requester,
             target,
-            key_der,
             endpoint_id,
+            offer: Offer {
+                protocol: Protocol::Tmp,
+                bytes: key_der,
+            },
         })
     }
 }
 
-/// What the store keeps of a request while it waits for its reverse half.
+/// What the store keeps of a request while it waits for its reverse half (beside the
+/// digests of the two VeraIds, which are its key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingRequest {
     /// The requester's endpoint id.
     pub endpoint_id: EndpointId,
-    /// The requester's endpoint identity key.
-    pub key_der: Vec<u8>,
+    /// What the requester offered.
+    pub offer: Offer,
 }
 
 /// One party's pairing match: everything it needs about its new contact.
@@ -63,8 +100,8 @@ pub struct PairingMatch {
     pub contact_veraid: VeraId,
     /// The contact's endpoint id.
     pub contact_endpoint_id: EndpointId,
-    /// The contact's endpoint identity key (SPKI DER).
-    pub contact_key_der: Vec<u8>,
+    /// What the contact offered (for [`Protocol::Tmp`], its endpoint key, SPKI DER).
+    pub contact_offer: Offer,
 }
 
 /// What to do with an incoming request.
@@ -74,7 +111,8 @@ pub struct PairingMatch {
 )]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// No reverse request yet: keep this one, replacing any earlier one for the pair.
+    /// No reverse request of the same protocol yet: keep this one, replacing any earlier
+    /// one for the pair.
     Wait,
     /// The reverse request is in: send each party the other's data and forget both.
     Matched {
@@ -86,28 +124,31 @@ pub enum Decision {
 }
 
 /// Decides the fate of `incoming`, given the stored reverse request if there is one.
+/// A reverse request of another protocol is no match: it keeps waiting for its own kind.
 ///
 /// The plain-text VeraIds of both matches come from `incoming`, which names both users:
 /// the stored half keeps only digests.
 pub fn decide(incoming: &PairingRequest, counterpart: Option<PendingRequest>) -> Decision {
     match counterpart {
-        None => Decision::Wait,
-        Some(counterpart) => Decision::Matched {
-            for_requester: PairingMatch {
-                recipient_endpoint_id: incoming.endpoint_id.clone(),
-                recipient_veraid: incoming.requester.clone(),
-                contact_veraid: incoming.target.clone(),
-                contact_endpoint_id: counterpart.endpoint_id.clone(),
-                contact_key_der: counterpart.key_der.clone(),
-            },
-            for_counterpart: PairingMatch {
-                recipient_endpoint_id: counterpart.endpoint_id,
-                recipient_veraid: incoming.target.clone(),
-                contact_veraid: incoming.requester.clone(),
-                contact_endpoint_id: incoming.endpoint_id.clone(),
-                contact_key_der: incoming.key_der.clone(),
-            },
-        },
+        Some(counterpart) if counterpart.offer.protocol == incoming.offer.protocol => {
+            Decision::Matched {
+                for_requester: PairingMatch {
+                    recipient_endpoint_id: incoming.endpoint_id.clone(),
+                    recipient_veraid: incoming.requester.clone(),
+                    contact_veraid: incoming.target.clone(),
+                    contact_endpoint_id: counterpart.endpoint_id.clone(),
+                    contact_offer: counterpart.offer,
+                },
+                for_counterpart: PairingMatch {
+                    recipient_endpoint_id: counterpart.endpoint_id,
+                    recipient_veraid: incoming.target.clone(),
+                    contact_veraid: incoming.requester.clone(),
+                    contact_endpoint_id: incoming.endpoint_id.clone(),
+                    contact_offer: incoming.offer.clone(),
+                },
+            }
+        }
+        _ => Decision::Wait,
     }
 }
 
@@ -133,21 +174,18 @@ pub struct PendingCounts {
     /// Live requests waiting for the same target, not counting the one this request
     /// would replace (counted up to the cap only).
     pub for_target: u64,
-    /// The endpoint of the live request, for the same pair, that this one would replace.
-    pub replaces: Option<EndpointId>,
 }
 
-/// Decides whether `request` may wait. Only a request that has to wait is checked: one
-/// that completes a pair frees a slot rather than taking one.
+/// Decides whether `request` may wait, given the counts around it and the endpoint of the
+/// live request for the same pair that it `replaces`, if any. Only a request that has to
+/// wait is checked: one that completes a pair frees a slot rather than taking one.
 pub fn admit(
     request: &PairingRequest,
     limits: &PendingLimits,
     counts: &PendingCounts,
+    replaces: Option<&EndpointId>,
 ) -> Result<(), Refusal> {
-    let replaces_other = counts
-        .replaces
-        .as_ref()
-        .is_some_and(|previous| *previous != request.endpoint_id);
+    let replaces_other = replaces.is_some_and(|previous| *previous != request.endpoint_id);
     if limits.refuse_endpoint_replacement && replaces_other {
         return Err(Refusal::ReplacesOtherEndpoint);
     }
@@ -170,24 +208,23 @@ mod tests {
         refuse_endpoint_replacement: false,
     };
 
-    fn counts(from_sender: u64, for_target: u64, replaces: Option<EndpointId>) -> PendingCounts {
+    fn counts(from_sender: u64, for_target: u64) -> PendingCounts {
         PendingCounts {
             from_sender,
             for_target,
-            replaces,
         }
     }
 
     #[test]
     fn caps_refuse_only_at_the_limit() {
         let r = request("a@x.io", "b@y.io", b"ka");
-        assert_eq!(admit(&r, &LIMITS, &counts(2, 1, None)), Ok(()));
+        assert_eq!(admit(&r, &LIMITS, &counts(2, 1), None), Ok(()));
         assert_eq!(
-            admit(&r, &LIMITS, &counts(3, 0, None)),
+            admit(&r, &LIMITS, &counts(3, 0), None),
             Err(Refusal::SenderPendingLimit)
         );
         assert_eq!(
-            admit(&r, &LIMITS, &counts(0, 2, None)),
+            admit(&r, &LIMITS, &counts(0, 2), None),
             Err(Refusal::TargetPendingLimit)
         );
     }
@@ -195,19 +232,19 @@ mod tests {
     #[test]
     fn replacing_another_endpoint_is_refused_only_when_asked() {
         let r = request("a@x.io", "b@y.io", b"ka");
-        let other = Some(EndpointId::from_spki_der(b"kother"));
-        let same = Some(r.endpoint_id.clone());
-        assert_eq!(admit(&r, &LIMITS, &counts(0, 0, other.clone())), Ok(()));
+        let other = EndpointId::from_spki_der(b"kother");
+        let same = r.endpoint_id.clone();
+        assert_eq!(admit(&r, &LIMITS, &counts(0, 0), Some(&other)), Ok(()));
         let strict = PendingLimits {
             refuse_endpoint_replacement: true,
             ..LIMITS
         };
         assert_eq!(
-            admit(&r, &strict, &counts(0, 0, other)),
+            admit(&r, &strict, &counts(0, 0), Some(&other)),
             Err(Refusal::ReplacesOtherEndpoint)
         );
         // The same app sending again is never a hijack.
-        assert_eq!(admit(&r, &strict, &counts(0, 0, same)), Ok(()));
+        assert_eq!(admit(&r, &strict, &counts(0, 0), Some(&same)), Ok(()));
     }
 
     fn vid(s: &str) -> VeraId {
@@ -249,7 +286,7 @@ mod tests {
         let b = request("b@y.io", "a@x.io", b"kb");
         let stored_a = PendingRequest {
             endpoint_id: a.endpoint_id.clone(),
-            key_der: a.key_der.clone(),
+            offer: a.offer.clone(),
         };
         let Decision::Matched {
             for_requester,
@@ -263,12 +300,22 @@ mod tests {
         assert_eq!(for_requester.recipient_veraid.as_str(), "b@y.io");
         assert_eq!(for_requester.contact_veraid.as_str(), "a@x.io");
         assert_eq!(for_requester.contact_endpoint_id, a.endpoint_id);
-        assert_eq!(for_requester.contact_key_der, b"ka");
+        assert_eq!(for_requester.contact_offer.bytes, b"ka");
         // a learns about b.
         assert_eq!(for_counterpart.recipient_endpoint_id, a.endpoint_id);
         assert_eq!(for_counterpart.recipient_veraid.as_str(), "a@x.io");
         assert_eq!(for_counterpart.contact_veraid.as_str(), "b@y.io");
         assert_eq!(for_counterpart.contact_endpoint_id, b.endpoint_id);
-        assert_eq!(for_counterpart.contact_key_der, b"kb");
+        assert_eq!(for_counterpart.contact_offer.bytes, b"kb");
+    }
+
+    #[test]
+    fn protocols_are_stored_by_name() {
+        assert_eq!(
+            Protocol::from_name(Protocol::Tmp.name()),
+            Some(Protocol::Tmp)
+        );
+        // A row written by a newer build, in a protocol this one does not know.
+        assert_eq!(Protocol::from_name("signed"), None);
     }
 }

@@ -1,4 +1,5 @@
-//! `POST /`: incoming service messages from the Awala Internet Endpoint.
+//! `POST /`: incoming service messages from the Awala Internet Endpoint, read within
+//! bounds, decoded as CloudEvents and handed to their handler (`messages`).
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -7,18 +8,9 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tracing::Instrument;
 
+use super::messages::ServiceMessage;
 use super::{ApiError, AppState};
-use crate::clock;
 use crate::codec::cloudevent::{CloudEvent, INCOMING_TYPE, decode_http, is_header_safe};
-use crate::codec::connparams::{decode_connection_params, pda_signature_verifies};
-use crate::codec::pairing::{
-    PAIRING_AUTH_TYPE, PAIRING_REQUEST_TYPE, encode_completion, parse_request,
-};
-use crate::domain::authorisation::check_authorisation;
-use crate::domain::{EventKey, MessageKind, OutgoingMessage, PairingRequest, Refusal};
-use crate::store::{
-    CompletionOutcome, CompletionSubmission, PairingOutcome, PairingSubmission, StoreError,
-};
 use crate::telemetry::request_id;
 
 /// Reads, decodes and routes one event.
@@ -175,10 +167,9 @@ fn media_type(event: &CloudEvent) -> String {
 
 async fn handle(state: &AppState, event: &CloudEvent) -> Result<(), ApiError> {
     let media = media_type(event);
-    match media.as_str() {
-        PAIRING_REQUEST_TYPE => handle_pairing_request(state, event).await,
-        PAIRING_AUTH_TYPE => handle_pairing_auth(state, event).await,
-        _ => {
+    match ServiceMessage::from_media_type(&media) {
+        Some(message) => message.handle(state, event).await,
+        None => {
             state.metrics.event("unsupported", "unsupported_type");
             tracing::info!(
                 parcel.id = %event.id,
@@ -191,194 +182,4 @@ async fn handle(state: &AppState, event: &CloudEvent) -> Result<(), ApiError> {
             )))
         }
     }
-}
-
-fn refuse(
-    state: &AppState,
-    event: &CloudEvent,
-    kind: &str,
-    reason: Refusal,
-) -> Result<(), ApiError> {
-    tracing::warn!(
-        parcel.id = %event.id,
-        sender = %event.source,
-        reason = reason.as_str(),
-        "refused {kind}: {reason}"
-    );
-    state.metrics.refusal(reason.as_str());
-    state.metrics.event(kind, "refused");
-    Ok(())
-}
-
-async fn handle_pairing_request(state: &AppState, event: &CloudEvent) -> Result<(), ApiError> {
-    const KIND: &str = "pairing-request";
-    let fields = match parse_request(&event.data) {
-        Ok(fields) => fields,
-        Err(reason) => return refuse(state, event, KIND, reason),
-    };
-    let request = match PairingRequest::new(
-        fields.requester,
-        fields.target,
-        fields.key_der,
-        &event.source,
-    ) {
-        Ok(request) => request,
-        Err(reason) => return refuse(state, event, KIND, reason),
-    };
-    let requester_digest = state.digester.digest(&request.requester);
-    let target_digest = state.digester.digest(&request.target);
-    let now = clock::now();
-    let submission = PairingSubmission {
-        event: EventKey {
-            source: event.source.clone(),
-            id: event.id.clone(),
-        },
-        server_id: event.subject.clone().unwrap_or_default(),
-        request,
-        requester_digest,
-        target_digest,
-        now,
-        request_expiry: now.plus(state.request_ttl),
-        message_expiry: now.plus(state.message_ttl),
-        limits: state.limits,
-    };
-    let started = std::time::Instant::now();
-    let outcome = state
-        .store
-        .submit_pairing_request(submission)
-        .await
-        .map_err(|e| unavailable(state, event, KIND, e))?;
-    state.metrics.committed(KIND, started.elapsed());
-    let (requester, target) = (requester_digest.short(), target_digest.short());
-    match outcome {
-        PairingOutcome::Duplicate => {
-            state.metrics.event(KIND, "duplicate");
-            tracing::info!(parcel.id = %event.id, sender = %event.source, "duplicate delivery ignored");
-        }
-        PairingOutcome::Refused(reason) => {
-            if reason == Refusal::ReplacesOtherEndpoint {
-                state.metrics.replaced_other_endpoint();
-            }
-            return refuse(state, event, KIND, reason);
-        }
-        PairingOutcome::Stored { replaced } => {
-            state.metrics.event(KIND, "stored");
-            if replaced
-                .as_ref()
-                .is_some_and(|old| old.as_str() != event.source)
-            {
-                state.metrics.replaced_other_endpoint();
-                tracing::warn!(
-                    parcel.id = %event.id,
-                    sender = %event.source,
-                    requester, target,
-                    previous_endpoint = replaced.as_ref().map(|e| e.as_str()).unwrap_or_default(),
-                    "pending request replaced by one from a different endpoint"
-                );
-            }
-            tracing::info!(
-                parcel.id = %event.id,
-                sender = %event.source,
-                requester, target,
-                replaced = replaced.is_some(),
-                "pairing request stored"
-            );
-        }
-        PairingOutcome::Matched { messages } => {
-            state.metrics.event(KIND, "matched");
-            state.metrics.matched();
-            tracing::info!(
-                parcel.id = %event.id,
-                sender = %event.source,
-                requester, target,
-                messages = messages.len(),
-                "pairing matched"
-            );
-            wake_dispatcher(state);
-        }
-    }
-    Ok(())
-}
-
-/// A store failure: counted, and answered 503 so the event is redelivered.
-fn unavailable(state: &AppState, event: &CloudEvent, kind: &str, e: StoreError) -> ApiError {
-    tracing::error!(
-        parcel.id = %event.id,
-        sender = %event.source,
-        error = %e,
-        "could not store the {kind}; answering 503 (the broker will redeliver)"
-    );
-    state.metrics.event(kind, "unavailable");
-    ApiError::Unavailable(e)
-}
-
-/// Tells the dispatcher that messages were committed, or the log that they will wait.
-fn wake_dispatcher(state: &AppState) {
-    match &state.dispatcher {
-        Some(dispatcher) => dispatcher.wake(),
-        None => tracing::warn!("no sink configured (K_SINK): outgoing messages wait in the outbox"),
-    }
-}
-
-async fn handle_pairing_auth(state: &AppState, event: &CloudEvent) -> Result<(), ApiError> {
-    const KIND: &str = "pairing-auth";
-    let params = match decode_connection_params(&event.data) {
-        Ok(params) => params,
-        Err(_) => return refuse(state, event, KIND, Refusal::ParamsMalformed),
-    };
-    let now = clock::now();
-    let checked = check_authorisation(
-        &event.source,
-        &params.identity_key_der,
-        &params.pda,
-        now,
-        || pda_signature_verifies(&params.signed_pda, &params.identity_key_der),
-    );
-    let authorisation = match checked {
-        Ok(authorisation) => authorisation,
-        Err(reason) => return refuse(state, event, KIND, reason),
-    };
-    let cause = EventKey {
-        source: event.source.clone(),
-        id: event.id.clone(),
-    };
-    let message = OutgoingMessage::caused_by(
-        &cause,
-        MessageKind::PairingCompletion,
-        event.subject.as_deref().unwrap_or_default(),
-        authorisation.grantee.clone(),
-        encode_completion(&authorisation.granter, &event.data),
-        now,
-        now.plus(state.message_ttl),
-    );
-    let submission = CompletionSubmission {
-        event: cause,
-        message,
-        event_expiry: now.plus(state.request_ttl),
-    };
-    let started = std::time::Instant::now();
-    let outcome = state
-        .store
-        .submit_completion(submission)
-        .await
-        .map_err(|e| unavailable(state, event, KIND, e))?;
-    state.metrics.committed(KIND, started.elapsed());
-    match outcome {
-        CompletionOutcome::Duplicate => {
-            state.metrics.event(KIND, "duplicate");
-            tracing::info!(parcel.id = %event.id, sender = %event.source, "duplicate delivery ignored");
-        }
-        CompletionOutcome::Queued => {
-            state.metrics.event(KIND, "forwarded");
-            state.metrics.completed();
-            tracing::info!(
-                parcel.id = %event.id,
-                sender = %event.source,
-                grantee = authorisation.grantee.as_str(),
-                "pairing authorisation forwarded as a completion"
-            );
-            wake_dispatcher(state);
-        }
-    }
-    Ok(())
 }

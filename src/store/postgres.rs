@@ -15,15 +15,18 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{
-    CompletionOutcome, CompletionSubmission, OutboxEntry, OutboxStatus, OutboxSummary,
-    PairingOutcome, PairingSubmission, PurgeReport, RequestStats, Result, Stats, Store, StoreError,
-    check_schema_version, match_messages,
+    EventMessages, OutboxEntry, OutboxStatus, OutboxSummary, PairingOutcome, PairingSubmission,
+    PurgeReport, QueueOutcome, RequestStats, Result, Stats, Store, StoreError, StoredMessage,
+    check_schema_version, deliverable,
 };
-use crate::domain::pairing::{admit, decide};
 use crate::domain::{
-    Decision, EndpointId, EventKey, MessageId, MessageKind, OutgoingMessage, PendingCounts,
-    PendingRequest, Timestamp, VeraIdDigest,
+    EndpointId, EventKey, MessageId, MessageKind, Offer, OutgoingMessage, PendingCounts,
+    PendingRequest, Protocol, Timestamp, VeraIdDigest,
 };
+use crate::flow::{PairState, Plan, plan};
+
+/// The schema version this build migrates PostgreSQL databases to.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
 /// The schema, one entry per version; applied in order under an advisory lock, so that
 /// replicas starting together migrate once.
@@ -70,6 +73,16 @@ const MIGRATIONS: &[&str] = &[
     // gives without a sort, however long the backlog.
     "CREATE INDEX outbox_due_seq ON outbox (next_attempt_at, seq);
      DROP INDEX outbox_due;",
+    // 3: several protocols, as SQLite's migration 5. Rows that replicas of an older build
+    // queue after this (while a rolling upgrade is under way) get an empty content type,
+    // which the store reads by their kind.
+    "ALTER TABLE pending_requests RENAME COLUMN key_der TO offer;
+     ALTER TABLE pending_requests ADD COLUMN protocol TEXT NOT NULL DEFAULT 'tmp';
+     ALTER TABLE outbox ADD COLUMN content_type TEXT NOT NULL DEFAULT '';
+     UPDATE outbox SET content_type = CASE kind
+         WHEN 'pairing-match' THEN 'application/vnd.relaycorp.letro.pairing-match-tmp'
+         WHEN 'pairing-completion' THEN 'application/vnd.relaycorp.letro.pairing-completion-tmp'
+         ELSE '' END;",
 ];
 
 /// Advisory lock key of migrations ("letro" in ASCII).
@@ -97,8 +110,18 @@ impl PostgresStore {
     /// Connects, and migrates the schema.
     pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self> {
         let store = Self::pool(url, max_connections, timeout).await?;
-        store.migrate().await?;
+        store.migrate(MIGRATIONS.len()).await?;
         Ok(store)
+    }
+
+    /// Creates the schema at `version`, as a letro-server of that schema left it, for
+    /// tests of upgrades. Not for production: the server migrates on its own.
+    #[doc(hidden)]
+    pub async fn create_at_version(url: &str, version: usize) -> Result<()> {
+        let store = Self::pool(url, 1, Duration::from_secs(5)).await?;
+        let created = store.migrate(version.min(MIGRATIONS.len())).await;
+        store.pool.close().await;
+        created
     }
 
     /// Connects to a database whose schema must already be this binary's, as admin
@@ -141,7 +164,8 @@ impl PostgresStore {
         Ok(Self { pool })
     }
 
-    async fn migrate(&self) -> Result<()> {
+    /// Applies the migrations up to `target` that are not applied yet.
+    async fn migrate(&self, target: usize) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         // PostgreSQL's NOTICEs ("relation already exists, skipping") are not news. SET
         // LOCAL, not a connection option: poolers such as PgBouncer refuse `options`.
@@ -169,7 +193,7 @@ impl PostgresStore {
             .map_err(unavailable)?;
         let applied = usize::try_from(applied).unwrap_or(0);
         check_schema_version(applied, MIGRATIONS.len(), false)?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        for (i, sql) in MIGRATIONS.iter().enumerate().take(target).skip(applied) {
             sqlx::raw_sql(*sql)
                 .execute(&mut *tx)
                 .await
@@ -250,20 +274,27 @@ async fn insert_messages(
     sqlx::query(
         "WITH matched AS (
              DELETE FROM pending_requests
-             WHERE (requester_digest = $8 AND target_digest = $9)
-                OR (requester_digest = $9 AND target_digest = $8))
-         INSERT INTO outbox (id, source, recipient, kind, content, time_ms, expiry_ms, next_attempt_at)
-         SELECT id, source, recipient, kind, content, time_ms, expiry_ms, time_ms
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[],
-                     $6::int8[], $7::int8[])
-              AS m(id, source, recipient, kind, content, time_ms, expiry_ms)
+             WHERE (requester_digest = $9 AND target_digest = $10)
+                OR (requester_digest = $10 AND target_digest = $9))
+         INSERT INTO outbox (id, source, recipient, kind, content_type, content, time_ms,
+                             expiry_ms, next_attempt_at)
+         SELECT id, source, recipient, kind, content_type, content, time_ms, expiry_ms, time_ms
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[],
+                     $7::int8[], $8::int8[])
+              AS m(id, source, recipient, kind, content_type, content, time_ms, expiry_ms)
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(column(|m| m.id.as_str().to_owned()))
     .bind(column(|m| m.source.clone()))
     .bind(column(|m| m.recipient.as_str().to_owned()))
     .bind(column(|m| m.kind.name().to_owned()))
-    .bind(messages.iter().map(|m| m.content.clone()).collect::<Vec<_>>())
+    .bind(column(|m| m.content_type.clone()))
+    .bind(
+        messages
+            .iter()
+            .map(|m| m.content.clone())
+            .collect::<Vec<_>>(),
+    )
     .bind(messages.iter().map(|m| m.time.0).collect::<Vec<_>>())
     .bind(messages.iter().map(|m| m.expiry.0).collect::<Vec<_>>())
     .bind(a)
@@ -275,28 +306,29 @@ async fn insert_messages(
 }
 
 /// What a pairing request is decided on, read in one round trip.
-struct PairState {
-    /// The live reverse request (`target` asked for `requester`).
-    counterpart: Option<PendingRequest>,
-    /// The live request this one would replace (`requester` asked for `target`).
-    previous: Option<PendingRequest>,
+struct PairRead {
+    state: PairState,
     /// What the caps look at, each counted up to its cap; u32::MAX is no cap, and its
     /// count is skipped. Counted whether or not a match makes them moot: a query is
     /// cheaper than a round trip.
-    from_sender: u64,
-    for_target: u64,
+    counts: PendingCounts,
 }
 
 /// Reads both pending requests between the pair and the cap counts in one query: one
 /// row per pending request found, or a single row of counts alone.
-async fn pair_state(
-    tx: &mut Transaction<'_, Postgres>,
-    s: &PairingSubmission,
-) -> Result<PairState> {
+async fn pair_state(tx: &mut Transaction<'_, Postgres>, s: &PairingSubmission) -> Result<PairRead> {
     let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    type Row = (Option<Vec<u8>>, Option<String>, Option<Vec<u8>>, i64, i64);
+    type Row = (
+        Option<Vec<u8>>,
+        Option<String>,
+        Option<String>,
+        Option<Vec<u8>>,
+        i64,
+        i64,
+    );
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT p.requester_digest, p.endpoint_id, p.key_der, c.from_sender, c.for_target
+        "SELECT p.requester_digest, p.endpoint_id, p.protocol, p.offer, c.from_sender,
+                c.for_target
          FROM (SELECT
                  CASE WHEN $6 THEN 0 ELSE (SELECT count(*) FROM (
                      SELECT 1 FROM pending_requests
@@ -322,48 +354,51 @@ async fn pair_state(
     .fetch_all(&mut **tx)
     .await
     .map_err(unavailable)?;
-    let mut state = PairState {
-        counterpart: None,
-        previous: None,
-        from_sender: 0,
-        for_target: 0,
+    let mut read = PairRead {
+        state: PairState::default(),
+        counts: PendingCounts {
+            from_sender: 0,
+            for_target: 0,
+        },
     };
-    for (from, id, key_der, from_sender, for_target) in rows {
-        state.from_sender = u64::try_from(from_sender).unwrap_or(0);
-        state.for_target = u64::try_from(for_target).unwrap_or(0);
-        let (Some(from), Some(id), Some(key_der)) = (from, id, key_der) else {
+    for (from, id, protocol, offer, from_sender, for_target) in rows {
+        read.counts = PendingCounts {
+            from_sender: u64::try_from(from_sender).unwrap_or(0),
+            for_target: u64::try_from(for_target).unwrap_or(0),
+        };
+        let (Some(from), Some(id), Some(protocol), Some(bytes)) = (from, id, protocol, offer)
+        else {
             continue;
         };
-        let request = PendingRequest {
-            endpoint_id: EndpointId::parse(&id).map_err(|_| corrupt("pending endpoint id"))?,
-            key_der,
-        };
+        let endpoint_id = EndpointId::parse(&id).map_err(|_| corrupt("pending endpoint id"))?;
         if from == target {
-            state.counterpart = Some(request);
+            // A protocol this build does not know (a newer replica's row) matches nothing here.
+            read.state.counterpart =
+                Protocol::from_name(&protocol).map(|protocol| PendingRequest {
+                    endpoint_id,
+                    offer: Offer { protocol, bytes },
+                });
         } else {
-            state.previous = Some(request);
+            read.state.previous = Some(endpoint_id);
         }
     }
-    Ok(state)
+    Ok(read)
 }
 
-fn outbox_entry(row: &PgRow) -> Result<OutboxEntry> {
+fn stored_message(row: &PgRow) -> Result<StoredMessage> {
     let get = |e: sqlx::Error| unavailable(e);
-    let recipient: String = row.try_get("recipient").map_err(get)?;
-    let kind: String = row.try_get("kind").map_err(get)?;
     let attempts: i32 = row.try_get("attempts").map_err(get)?;
-    Ok(OutboxEntry {
+    Ok(StoredMessage {
         seq: row.try_get("seq").map_err(get)?,
-        message: OutgoingMessage {
-            id: MessageId::from_stored(row.try_get("id").map_err(get)?),
-            source: row.try_get("source").map_err(get)?,
-            recipient: EndpointId::parse(&recipient).map_err(|_| corrupt("outbox recipient"))?,
-            kind: MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?,
-            content: row.try_get("content").map_err(get)?,
-            time: Timestamp(row.try_get("time_ms").map_err(get)?),
-            expiry: Timestamp(row.try_get("expiry_ms").map_err(get)?),
-        },
-        attempts: u32::try_from(attempts).unwrap_or(0),
+        id: row.try_get("id").map_err(get)?,
+        source: row.try_get("source").map_err(get)?,
+        recipient: row.try_get("recipient").map_err(get)?,
+        kind: row.try_get("kind").map_err(get)?,
+        content_type: row.try_get("content_type").map_err(get)?,
+        content: row.try_get("content").map_err(get)?,
+        time: row.try_get("time_ms").map_err(get)?,
+        expiry: row.try_get("expiry_ms").map_err(get)?,
+        attempts: i64::from(attempts),
     })
 }
 
@@ -411,62 +446,50 @@ impl Store for PostgresStore {
         if !record_event(&mut tx, &s.event, s.request_expiry, Some(lock)).await? {
             return Ok(PairingOutcome::Duplicate);
         }
-        let state = pair_state(&mut tx, &s).await?;
-        let previous = state.previous.map(|p| p.endpoint_id);
-        let outcome = match decide(&s.request, state.counterpart) {
-            Decision::Wait => {
-                let counts = PendingCounts {
-                    from_sender: state.from_sender,
-                    for_target: state.for_target,
-                    replaces: previous.clone(),
-                };
-                if let Err(reason) = admit(&s.request, &s.limits, &counts) {
-                    // Nothing is kept, not even the event key: dropping `tx` rolls back.
-                    return Ok(PairingOutcome::Refused(reason));
-                }
+        let read = pair_state(&mut tx, &s).await?;
+        let counts = read.counts;
+        let plan = plan(&s, read.state, || Ok::<_, StoreError>(counts))?;
+        match &plan {
+            // Nothing is kept, not even the event key: dropping `tx` rolls back.
+            Plan::Refuse(_) => return Ok(plan.outcome()),
+            Plan::Wait { .. } => {
                 sqlx::query(
-                    "INSERT INTO pending_requests
-                         (requester_digest, target_digest, endpoint_id, key_der, created_at, expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6)
+                    "INSERT INTO pending_requests (requester_digest, target_digest, endpoint_id,
+                                                   protocol, offer, created_at, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
                      ON CONFLICT (requester_digest, target_digest) DO UPDATE SET
-                         endpoint_id = excluded.endpoint_id, key_der = excluded.key_der,
-                         created_at = excluded.created_at, expires_at = excluded.expires_at",
+                         endpoint_id = excluded.endpoint_id, protocol = excluded.protocol,
+                         offer = excluded.offer, created_at = excluded.created_at,
+                         expires_at = excluded.expires_at",
                 )
                 .bind(&s.requester_digest.0[..])
                 .bind(&s.target_digest.0[..])
                 .bind(s.request.endpoint_id.as_str())
-                .bind(&s.request.key_der)
+                .bind(s.request.offer.protocol.name())
+                .bind(&s.request.offer.bytes)
                 .bind(s.now.0)
                 .bind(s.request_expiry.0)
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
-                PairingOutcome::Stored { replaced: previous }
             }
-            Decision::Matched {
-                for_requester,
-                for_counterpart,
-            } => {
-                let messages = match_messages(&s, [&for_requester, &for_counterpart]);
+            Plan::Match { messages } => {
                 let both = (&s.requester_digest, &s.target_digest);
-                insert_messages(&mut tx, &messages, Some(both)).await?;
-                PairingOutcome::Matched {
-                    messages: messages.into_iter().map(|m| m.id).collect(),
-                }
+                insert_messages(&mut tx, messages, Some(both)).await?;
             }
-        };
+        }
         tx.commit().await.map_err(unavailable)?;
-        Ok(outcome)
+        Ok(plan.outcome())
     }
 
-    async fn submit_completion(&self, s: CompletionSubmission) -> Result<CompletionOutcome> {
+    async fn record_and_queue(&self, s: EventMessages) -> Result<QueueOutcome> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         if !record_event(&mut tx, &s.event, s.event_expiry, None).await? {
-            return Ok(CompletionOutcome::Duplicate);
+            return Ok(QueueOutcome::Duplicate);
         }
-        insert_messages(&mut tx, std::slice::from_ref(&s.message), None).await?;
+        insert_messages(&mut tx, &s.messages, None).await?;
         tx.commit().await.map_err(unavailable)?;
-        Ok(CompletionOutcome::Queued)
+        Ok(QueueOutcome::Queued)
     }
 
     async fn claim_due_messages(
@@ -481,7 +504,8 @@ impl Store for PostgresStore {
                  SELECT seq FROM outbox WHERE next_attempt_at <= $2
                  ORDER BY next_attempt_at, seq LIMIT $3
                  FOR UPDATE SKIP LOCKED)
-             RETURNING seq, id, source, recipient, kind, content, time_ms, expiry_ms, attempts",
+             RETURNING seq, id, source, recipient, kind, content_type, content, time_ms,
+                       expiry_ms, attempts",
         )
         .bind(lease_until.0)
         .bind(now.0)
@@ -489,9 +513,11 @@ impl Store for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        let mut entries = rows.iter().map(outbox_entry).collect::<Result<Vec<_>>>()?;
-        entries.sort_by_key(|e| e.seq);
-        Ok(entries)
+        let rows = rows
+            .iter()
+            .map(stored_message)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(deliverable(rows))
     }
 
     async fn next_due(&self) -> Result<Option<Timestamp>> {
@@ -580,8 +606,7 @@ impl Store for PostgresStore {
                 .map_err(unavailable)?;
         let mut by_kind = Vec::with_capacity(kinds.len());
         for (kind, n) in kinds {
-            let kind = MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?;
-            by_kind.push((kind, count(n)));
+            by_kind.push((MessageKind::from_stored(kind), count(n)));
         }
         Ok(OutboxStatus {
             depth: count(depth),
@@ -606,12 +631,11 @@ impl Store for PostgresStore {
         let get = |e: sqlx::Error| unavailable(e);
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let kind: String = row.try_get("kind").map_err(get)?;
             let recipient: String = row.try_get("recipient").map_err(get)?;
             let attempts: i32 = row.try_get("attempts").map_err(get)?;
             out.push(OutboxSummary {
                 id: MessageId::from_stored(row.try_get("id").map_err(get)?),
-                kind: MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?,
+                kind: MessageKind::from_stored(row.try_get("kind").map_err(get)?),
                 recipient: EndpointId::parse(&recipient)
                     .map_err(|_| corrupt("outbox recipient"))?,
                 created: Timestamp(row.try_get("time_ms").map_err(get)?),

@@ -17,15 +17,15 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    CompletionOutcome, CompletionSubmission, OutboxEntry, OutboxStatus, OutboxSummary,
-    PairingOutcome, PairingSubmission, PurgeReport, RequestStats, Result, Stats, Store, StoreError,
-    check_schema_version, match_messages,
+    EventMessages, OutboxEntry, OutboxStatus, OutboxSummary, PairingOutcome, PairingSubmission,
+    PurgeReport, QueueOutcome, RequestStats, Result, Stats, Store, StoreError, StoredMessage,
+    check_schema_version, deliverable,
 };
-use crate::domain::pairing::{admit, decide};
 use crate::domain::{
-    EndpointId, EventKey, MessageId, MessageKind, OutgoingMessage, PendingCounts, PendingRequest,
-    Timestamp,
+    EndpointId, EventKey, MessageId, MessageKind, Offer, OutgoingMessage, PendingCounts,
+    PendingRequest, Protocol, Timestamp,
 };
+use crate::flow::{PairState, Plan, plan};
 
 /// How many queued operations may share one transaction.
 const MAX_BATCH: usize = 512;
@@ -252,6 +252,9 @@ impl SqliteStore {
     }
 }
 
+/// The schema version this build migrates SQLite databases to.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
 const MIGRATIONS: &[&str] = &[
     // 1: initial schema.
     "CREATE TABLE settings (
@@ -331,6 +334,16 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE pending_requests_v4 RENAME TO pending_requests;
      CREATE INDEX pending_requests_expiry ON pending_requests (expires_at);
      CREATE INDEX pending_requests_sender ON pending_requests (endpoint_id, expires_at);",
+    // 5: several protocols. A pending request keeps its protocol and what it offers the
+    // other party (a tmp request: its endpoint key, the former `key_der`); an outbox row
+    // keeps its content type, so that delivering it needs no knowledge of its kind.
+    "ALTER TABLE pending_requests RENAME COLUMN key_der TO offer;
+     ALTER TABLE pending_requests ADD COLUMN protocol TEXT NOT NULL DEFAULT 'tmp';
+     ALTER TABLE outbox ADD COLUMN content_type TEXT NOT NULL DEFAULT '';
+     UPDATE outbox SET content_type = CASE kind
+         WHEN 'pairing-match' THEN 'application/vnd.relaycorp.letro.pairing-match-tmp'
+         WHEN 'pairing-completion' THEN 'application/vnd.relaycorp.letro.pairing-completion-tmp'
+         ELSE '' END;",
 ];
 
 fn schema_version(conn: &Connection) -> Result<usize> {
@@ -343,11 +356,20 @@ fn schema_version(conn: &Connection) -> Result<usize> {
 fn migrate(conn: &Connection) -> Result<()> {
     let applied = schema_version(conn)?;
     check_schema_version(applied, MIGRATIONS.len(), false)?;
-    apply_migrations(conn, applied).map_err(unavailable)
+    apply_migrations(conn, applied, MIGRATIONS.len()).map_err(unavailable)
 }
 
-fn apply_migrations(conn: &Connection, applied: usize) -> rusqlite::Result<()> {
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+/// Creates a database at schema `version`, as a letro-server of that schema left it, for
+/// tests of upgrades. Not for production: the server migrates on its own.
+#[doc(hidden)]
+pub fn create_at_version(path: &Path, version: usize) -> Result<()> {
+    let conn = Connection::open(path).map_err(unavailable)?;
+    apply_migrations(&conn, schema_version(&conn)?, version.min(MIGRATIONS.len()))
+        .map_err(unavailable)
+}
+
+fn apply_migrations(conn: &Connection, applied: usize, target: usize) -> rusqlite::Result<()> {
+    for (i, sql) in MIGRATIONS.iter().enumerate().take(target).skip(applied) {
         let tx = conn.unchecked_transaction()?;
         tx.execute_batch(sql)?;
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
@@ -493,29 +515,68 @@ fn forget_event(conn: &Connection, event: &EventKey) -> rusqlite::Result<()> {
         .map(drop)
 }
 
-fn submit_completion(
-    conn: &Connection,
-    s: &CompletionSubmission,
-) -> rusqlite::Result<CompletionOutcome> {
+fn record_and_queue(conn: &Connection, s: &EventMessages) -> rusqlite::Result<QueueOutcome> {
     if !record_event(conn, &s.event, s.event_expiry)? {
-        return Ok(CompletionOutcome::Duplicate);
+        return Ok(QueueOutcome::Duplicate);
     }
-    insert_message(conn, &s.message)?;
-    Ok(CompletionOutcome::Queued)
+    for m in &s.messages {
+        insert_message(conn, m)?;
+    }
+    Ok(QueueOutcome::Queued)
 }
 
 fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingOutcome> {
     if !record_event(conn, &s.event, s.request_expiry)? {
         return Ok(PairingOutcome::Duplicate);
     }
-    let requester = &s.requester_digest.0[..];
-    let target = &s.target_digest.0[..];
+    let plan = plan(s, pair_state(conn, s)?, || count_pending(conn, s))?;
+    let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
+    match &plan {
+        Plan::Refuse(_) => forget_event(conn, &s.event)?,
+        Plan::Wait { .. } => {
+            conn.prepare_cached(
+                "INSERT INTO pending_requests (requester_digest, target_digest, endpoint_id,
+                                               protocol, offer, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (target_digest, requester_digest) DO UPDATE SET
+                     endpoint_id = excluded.endpoint_id, protocol = excluded.protocol,
+                     offer = excluded.offer, created_at = excluded.created_at,
+                     expires_at = excluded.expires_at",
+            )?
+            .execute(params![
+                requester,
+                target,
+                s.request.endpoint_id.as_str(),
+                s.request.offer.protocol.name(),
+                s.request.offer.bytes,
+                s.now.0,
+                s.request_expiry.0
+            ])?;
+        }
+        Plan::Match { messages } => {
+            conn.prepare_cached(
+                "DELETE FROM pending_requests
+                 WHERE (requester_digest = ?1 AND target_digest = ?2)
+                    OR (requester_digest = ?2 AND target_digest = ?1)",
+            )?
+            .execute(params![requester, target])?;
+            for m in messages {
+                insert_message(conn, m)?;
+            }
+        }
+    }
+    Ok(plan.outcome())
+}
+
+/// The live reverse request and the live request this one would replace.
+fn pair_state(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairState> {
+    let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
     let mut pending = conn.prepare_cached(
-        "SELECT endpoint_id, key_der FROM pending_requests
+        "SELECT endpoint_id, protocol, offer FROM pending_requests
          WHERE requester_digest = ?1 AND target_digest = ?2 AND expires_at > ?3",
     )?;
-    let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(String, Vec<u8>)> {
-        Ok((r.get(0)?, r.get(1)?))
+    let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(String, String, Vec<u8>)> {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
     };
     let counterpart = pending
         .query_row(params![target, requester, s.now.0], read)
@@ -523,71 +584,41 @@ fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingO
     let previous = pending
         .query_row(params![requester, target, s.now.0], read)
         .optional()?;
-    let counterpart = match counterpart {
-        Some((id, key_der)) => Some(PendingRequest {
-            endpoint_id: EndpointId::parse(&id).map_err(|_| corrupt("pending endpoint id"))?,
-            key_der,
+    Ok(PairState {
+        counterpart: match counterpart {
+            Some((id, protocol, bytes)) => pending_request(&id, &protocol, bytes)?,
+            None => None,
+        },
+        previous: match previous {
+            Some((id, _, _)) => Some(endpoint_id(&id)?),
+            None => None,
+        },
+    })
+}
+
+/// A stored pending request; `None` for a protocol this build does not know (a newer
+/// build's row: it cannot match any request this build handles).
+fn pending_request(
+    id: &str,
+    protocol: &str,
+    bytes: Vec<u8>,
+) -> rusqlite::Result<Option<PendingRequest>> {
+    let endpoint_id = endpoint_id(id)?;
+    Ok(
+        Protocol::from_name(protocol).map(|protocol| PendingRequest {
+            endpoint_id,
+            offer: Offer { protocol, bytes },
         }),
-        None => None,
-    };
-    let previous = match previous {
-        Some((id, _)) => Some(EndpointId::parse(&id).map_err(|_| corrupt("pending endpoint id"))?),
-        None => None,
-    };
-    let outcome = match decide(&s.request, counterpart) {
-        crate::domain::Decision::Wait => {
-            let counts = count_pending(conn, s, previous.clone())?;
-            if let Err(reason) = admit(&s.request, &s.limits, &counts) {
-                forget_event(conn, &s.event)?;
-                return Ok(PairingOutcome::Refused(reason));
-            }
-            conn.prepare_cached(
-                "INSERT INTO pending_requests
-                     (requester_digest, target_digest, endpoint_id, key_der, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (target_digest, requester_digest) DO UPDATE SET
-                     endpoint_id = excluded.endpoint_id, key_der = excluded.key_der,
-                     created_at = excluded.created_at, expires_at = excluded.expires_at",
-            )?
-            .execute(params![
-                requester,
-                target,
-                s.request.endpoint_id.as_str(),
-                s.request.key_der,
-                s.now.0,
-                s.request_expiry.0
-            ])?;
-            PairingOutcome::Stored { replaced: previous }
-        }
-        crate::domain::Decision::Matched {
-            for_requester,
-            for_counterpart,
-        } => {
-            conn.prepare_cached(
-                "DELETE FROM pending_requests
-                 WHERE (requester_digest = ?1 AND target_digest = ?2)
-                    OR (requester_digest = ?2 AND target_digest = ?1)",
-            )?
-            .execute(params![requester, target])?;
-            let messages = match_messages(s, [&for_requester, &for_counterpart]);
-            for m in &messages {
-                insert_message(conn, m)?;
-            }
-            PairingOutcome::Matched {
-                messages: messages.into_iter().map(|m| m.id).collect(),
-            }
-        }
-    };
-    Ok(outcome)
+    )
+}
+
+fn endpoint_id(id: &str) -> rusqlite::Result<EndpointId> {
+    EndpointId::parse(id).map_err(|_| corrupt("pending endpoint id"))
 }
 
 /// Counts what the caps look at, stopping at each cap: a full count of a flooded
 /// sender's requests would cost more than the request is worth.
-fn count_pending(
-    conn: &Connection,
-    s: &PairingSubmission,
-    replaces: Option<EndpointId>,
-) -> rusqlite::Result<PendingCounts> {
+fn count_pending(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PendingCounts> {
     let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
     // u32::MAX is no cap: nothing to count.
     let from_sender: i64 = if s.limits.per_sender == u32::MAX {
@@ -625,7 +656,6 @@ fn count_pending(
     Ok(PendingCounts {
         from_sender: u64::try_from(from_sender).unwrap_or(0),
         for_target: u64::try_from(for_target).unwrap_or(0),
-        replaces,
     })
 }
 
@@ -634,14 +664,16 @@ fn insert_message(conn: &Connection, m: &OutgoingMessage) -> rusqlite::Result<()
     // caused the message, and that event is recorded as processed in this same
     // transaction, so no id can be queued twice.
     conn.prepare_cached(
-        "INSERT INTO outbox (id, source, recipient, kind, content, time_ms, expiry_ms, next_attempt_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)",
+        "INSERT INTO outbox (id, source, recipient, kind, content_type, content, time_ms,
+                             expiry_ms, next_attempt_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7)",
     )?
     .execute(params![
         m.id.as_str(),
         m.source,
         m.recipient.as_str(),
         m.kind.name(),
+        m.content_type,
         m.content,
         m.time.0,
         m.expiry.0
@@ -668,31 +700,26 @@ fn claim(
         "UPDATE outbox SET next_attempt_at = ?1
          WHERE seq IN (SELECT seq FROM outbox WHERE next_attempt_at <= ?2
                        ORDER BY next_attempt_at, seq LIMIT ?3)
-         RETURNING seq, id, source, recipient, kind, content, time_ms, expiry_ms, attempts",
+         RETURNING seq, id, source, recipient, kind, content_type, content, time_ms,
+                   expiry_ms, attempts",
     )?;
-    let mut entries = stmt
+    let rows = stmt
         .query_map(params![lease_until.0, now.0, limit], |r| {
-            let recipient: String = r.get(3)?;
-            let kind: String = r.get(4)?;
-            let attempts: i64 = r.get(8)?;
-            Ok(OutboxEntry {
+            Ok(StoredMessage {
                 seq: r.get(0)?,
-                message: OutgoingMessage {
-                    id: MessageId::from_stored(r.get(1)?),
-                    source: r.get(2)?,
-                    recipient: EndpointId::parse(&recipient)
-                        .map_err(|_| corrupt("outbox recipient"))?,
-                    kind: MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?,
-                    content: r.get(5)?,
-                    time: Timestamp(r.get(6)?),
-                    expiry: Timestamp(r.get(7)?),
-                },
-                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                id: r.get(1)?,
+                source: r.get(2)?,
+                recipient: r.get(3)?,
+                kind: r.get(4)?,
+                content_type: r.get(5)?,
+                content: r.get(6)?,
+                time: r.get(7)?,
+                expiry: r.get(8)?,
+                attempts: r.get(9)?,
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    entries.sort_by_key(|e| e.seq);
-    Ok(entries)
+    Ok(deliverable(rows))
 }
 
 #[async_trait]
@@ -738,11 +765,8 @@ impl Store for SqliteStore {
         self.call(move |conn| submit(conn, &submission)).await
     }
 
-    async fn submit_completion(
-        &self,
-        submission: CompletionSubmission,
-    ) -> Result<CompletionOutcome> {
-        self.call(move |conn| submit_completion(conn, &submission))
+    async fn record_and_queue(&self, submission: EventMessages) -> Result<QueueOutcome> {
+        self.call(move |conn| record_and_queue(conn, &submission))
             .await
     }
 
@@ -847,9 +871,7 @@ impl Store for SqliteStore {
                 conn.prepare("SELECT kind, count(*) FROM outbox GROUP BY kind ORDER BY kind")?;
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
-                let kind: String = row.get(0)?;
-                let kind = MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?;
-                by_kind.push((kind, count(row.get(1)?)));
+                by_kind.push((MessageKind::from_stored(row.get(0)?), count(row.get(1)?)));
             }
             Ok(OutboxStatus {
                 depth: count(depth),
@@ -872,12 +894,11 @@ impl Store for SqliteStore {
                  FROM outbox ORDER BY next_attempt_at, seq LIMIT ?1",
             )?;
             stmt.query_map(params![limit], |r| {
-                let kind: String = r.get(1)?;
                 let recipient: String = r.get(2)?;
                 let attempts: i64 = r.get(5)?;
                 Ok(OutboxSummary {
                     id: MessageId::from_stored(r.get(0)?),
-                    kind: MessageKind::from_name(&kind).ok_or_else(|| corrupt("outbox kind"))?,
+                    kind: MessageKind::from_stored(r.get(1)?),
                     recipient: EndpointId::parse(&recipient)
                         .map_err(|_| corrupt("outbox recipient"))?,
                     created: Timestamp(r.get(3)?),
@@ -1090,8 +1111,9 @@ mod tests {
         assert_eq!(indexes, ["outbox_due"]);
         let pending: Vec<String> = conn
             .prepare(
-                "SELECT printf('%s %s %s %s %d %d', hex(requester_digest), hex(target_digest),
-                               endpoint_id, hex(key_der), created_at, expires_at)
+                "SELECT printf('%s %s %s %s %s %d %d', hex(requester_digest),
+                               hex(target_digest), endpoint_id, protocol, hex(offer),
+                               created_at, expires_at)
                  FROM pending_requests ORDER BY requester_digest",
             )
             .expect("query")
@@ -1099,7 +1121,7 @@ mod tests {
             .expect("rows")
             .collect::<rusqlite::Result<_>>()
             .expect("pending");
-        assert_eq!(pending, ["AA BB e1 03 1 100", "CC BB e2 04 2 50"]);
+        assert_eq!(pending, ["AA BB e1 tmp 03 1 100", "CC BB e2 tmp 04 2 50"]);
         // A target's cap is counted along the key, not through a separate index.
         let plan: String = conn
             .query_row(

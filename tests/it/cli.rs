@@ -73,7 +73,10 @@ async fn migrate_on_postgresql_and_an_unreachable_server_is_a_clear_error() {
             .await
             .expect("schema version")
     };
-    assert_eq!(version, 2);
+    assert_eq!(
+        usize::try_from(version).expect("positive"),
+        letro_server::store::postgres::SCHEMA_VERSION
+    );
     {
         use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");

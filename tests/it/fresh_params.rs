@@ -304,7 +304,7 @@ async fn a_redelivered_authorisation_is_forwarded_once() {
     assert_eq!(first.body, second.body);
     assert_ne!(first.header("ce-id"), second.header("ce-id"));
     assert_eq!(
-        app.metric("letro_events_total{content_type=\"pairing-auth\",outcome=\"duplicate\"}")
+        app.metric("letro_events_total{content_type=\"pairing-auth-tmp\",outcome=\"duplicate\"}")
             .await,
         2
     );

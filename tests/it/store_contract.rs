@@ -5,15 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use letro_server::codec::pairing::{MatchOrder, PAIRING_COMPLETION_TYPE};
 use letro_server::domain::{
     EndpointId, EventKey, MessageKind, OutgoingMessage, PairingRequest, PendingLimits, Refusal,
     Timestamp, VeraId, VeraIdDigester,
 };
 use letro_server::store::postgres::PostgresStore;
 use letro_server::store::sqlite::{SqliteStore, Synchronous};
-use letro_server::store::{
-    CompletionOutcome, CompletionSubmission, PairingOutcome, PairingSubmission, Store,
-};
+use letro_server::store::{EventMessages, PairingOutcome, PairingSubmission, QueueOutcome, Store};
 
 use crate::support::*;
 
@@ -108,28 +107,30 @@ fn submission_at(
         request_expiry: now.plus(DAY),
         message_expiry: now.plus(DAY),
         limits: LIMITS,
+        match_order: MatchOrder::ContactFirst,
     }
 }
 
-pub(crate) fn completion(parcel: &str, grantee: &Party) -> CompletionSubmission {
+pub(crate) fn completion(parcel: &str, grantee: &Party) -> EventMessages {
     completion_at(parcel, grantee, NOW)
 }
 
-fn completion_at(parcel: &str, grantee: &Party, now: Timestamp) -> CompletionSubmission {
+fn completion_at(parcel: &str, grantee: &Party, now: Timestamp) -> EventMessages {
     let event = EventKey {
         source: parties()[0].id.clone(),
         id: parcel.to_owned(),
     };
-    CompletionSubmission {
-        message: OutgoingMessage::caused_by(
+    EventMessages {
+        messages: vec![OutgoingMessage::caused_by(
             &event,
-            MessageKind::PairingCompletion,
+            MessageKind::PAIRING_COMPLETION,
             SERVER_ID,
             EndpointId::parse(&grantee.id).expect("id"),
+            PAIRING_COMPLETION_TYPE,
             b"granter,params".to_vec(),
             now,
             now.plus(DAY),
-        ),
+        )],
         event,
         event_expiry: now.plus(DAY),
     }
@@ -168,7 +169,7 @@ async fn wait_then_match(store: Arc<dyn Store>) {
     assert!(
         claimed
             .iter()
-            .all(|e| e.message.kind == MessageKind::PairingMatch
+            .all(|e| e.message.kind == MessageKind::PAIRING_MATCH
                 && e.attempts == 0
                 && messages.contains(&e.message.id))
     );
@@ -208,12 +209,12 @@ async fn a_redelivered_event_changes_nothing(store: Arc<dyn Store>) {
     assert_eq!(store.stats().await.expect("stats").outbox_depth, 2);
     let c = completion("auth", &p[1]);
     assert_eq!(
-        store.submit_completion(c.clone()).await.expect("queue"),
-        CompletionOutcome::Queued
+        store.record_and_queue(c.clone()).await.expect("queue"),
+        QueueOutcome::Queued
     );
     assert_eq!(
-        store.submit_completion(c).await.expect("again"),
-        CompletionOutcome::Duplicate
+        store.record_and_queue(c).await.expect("again"),
+        QueueOutcome::Duplicate
     );
     assert_eq!(store.stats().await.expect("stats").outbox_depth, 3);
 }
@@ -298,7 +299,7 @@ async fn leases_retries_and_delivery(store: Arc<dyn Store>) {
     let p = parties();
     for i in 0..3 {
         let c = completion(&format!("c{i}"), &p[1]);
-        store.submit_completion(c).await.expect("queue");
+        store.record_and_queue(c).await.expect("queue");
     }
     assert_eq!(store.next_due().await.expect("next"), Some(NOW));
     let lease = NOW.plus(Duration::from_secs(60));
@@ -433,7 +434,7 @@ async fn concurrent_claims_never_overlap(store: Arc<dyn Store>) {
     let p = parties();
     for i in 0..MESSAGES {
         store
-            .submit_completion(completion(&format!("m{i}"), &p[i % 5]))
+            .record_and_queue(completion(&format!("m{i}"), &p[i % 5]))
             .await
             .expect("queue");
     }
@@ -501,7 +502,7 @@ pub(crate) async fn seed_for_operators(store: &dyn Store, now: Timestamp) {
         store.submit_pairing_request(s).await.expect("submit");
     }
     store
-        .submit_completion(completion_at("auth", &p[1], now))
+        .record_and_queue(completion_at("auth", &p[1], now))
         .await
         .expect("queue");
 }
@@ -537,8 +538,8 @@ async fn operators_see_counts_and_can_retry_failed_messages(store: Arc<dyn Store
     assert_eq!(
         status.by_kind,
         vec![
-            (MessageKind::PairingCompletion, 1),
-            (MessageKind::PairingMatch, 2)
+            (MessageKind::PAIRING_COMPLETION, 1),
+            (MessageKind::PAIRING_MATCH, 2)
         ]
     );
     let list = store.outbox_list(10).await.expect("list");

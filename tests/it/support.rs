@@ -748,3 +748,70 @@ impl Drop for PrivatePostgres {
             .status();
     }
 }
+
+/// A fresh database of either backend, for a [`TestApp`] or a store.
+pub enum TestDb {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir, PathBuf),
+    Postgres(PgDatabase),
+}
+
+impl TestDb {
+    pub fn sqlite() -> Self {
+        let (dir, path) = temp_db();
+        Self::Sqlite(dir, path)
+    }
+
+    /// `None` (with a message) when `TEST_DATABASE_URL` is not set.
+    pub async fn postgres() -> Option<Self> {
+        PgDatabase::create().await.map(Self::Postgres)
+    }
+
+    /// [`test_config`] on this database.
+    pub fn config(&self, sink: Option<&str>) -> Config {
+        match self {
+            Self::Sqlite(_, path) => test_config(path, sink),
+            Self::Postgres(db) => {
+                let mut config = test_config(Path::new("unused.db"), sink);
+                config.database = DatabaseConfig::Postgres {
+                    url: letro_server::config::DatabaseUrl(db.url.clone()),
+                    pool: letro_server::config::PoolSettings::default(),
+                };
+                config
+            }
+        }
+    }
+
+    pub async fn finish(self) {
+        if let Self::Postgres(db) = self {
+            db.drop_database().await;
+        }
+    }
+}
+
+/// Runs `test` once on a temporary SQLite file and once on a fresh PostgreSQL database
+/// (skipped, with a message, when `TEST_DATABASE_URL` is not set), as `$test::sqlite`
+/// and `$test::postgres`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        $(
+            pub mod $test {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let db = $crate::support::TestDb::sqlite();
+                    super::$test(&db).await;
+                    db.finish().await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    let Some(db) = $crate::support::TestDb::postgres().await else {
+                        return;
+                    };
+                    super::$test(&db).await;
+                    db.finish().await;
+                }
+            }
+        )*
+    };
+}

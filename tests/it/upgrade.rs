@@ -1,0 +1,261 @@
+//! Upgrading keeps everything: a database left by the previous release, with rows in
+//! every table, is migrated by the new server, which delivers the queued messages as
+//! they were, matches the waiting request, and still knows the handled events.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use letro_server::config::Secret;
+use letro_server::domain::{VeraId, VeraIdDigester};
+use letro_server::store::postgres::{self, PostgresStore};
+use letro_server::store::sqlite;
+use reqwest::StatusCode;
+
+use crate::support::*;
+
+const SECRET: &[u8] = b"upgrade-test-secret-32-bytes-long";
+const DAY_MS: i64 = 86_400_000;
+
+/// A byte string as an SQL literal of `db`'s dialect.
+fn blob(db: &TestDb, bytes: &[u8]) -> String {
+    match db {
+        TestDb::Sqlite(..) => format!("X'{}'", hex::encode(bytes)),
+        TestDb::Postgres(_) => format!("'\\x{}'::bytea", hex::encode(bytes)),
+    }
+}
+
+/// Creates the previous release's schema and runs `sql` on it.
+async fn previous_release(db: &TestDb, sql: &str) {
+    match db {
+        TestDb::Sqlite(_, path) => {
+            sqlite::create_at_version(path, sqlite::SCHEMA_VERSION - 1).expect("old schema");
+            let conn = rusqlite::Connection::open(path).expect("open");
+            conn.execute_batch(sql).expect("old rows");
+        }
+        TestDb::Postgres(pg) => {
+            use sqlx::Connection;
+            PostgresStore::create_at_version(&pg.url, postgres::SCHEMA_VERSION - 1)
+                .await
+                .expect("old schema");
+            let mut conn = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(&mut conn)
+                .await
+                .expect("old rows");
+            let _ = conn.close().await;
+        }
+    }
+}
+
+async fn an_upgraded_database_keeps_and_delivers_everything(db: &TestDb) {
+    let p = parties();
+    let digester = VeraIdDigester::new(SECRET);
+    let digest = |v: &str| digester.digest(&VeraId::parse(v).expect("VeraId")).0;
+    let now = letro_server::clock::now().0;
+    let (match_id, completion_id) = ("1".repeat(64), "2".repeat(64));
+    // What the previous release wrote, in its own columns: the secret's fingerprint, a
+    // request waiting for its reverse half, a handled event, and two undelivered
+    // messages, one of them already tried.
+    let sql = format!(
+        "INSERT INTO settings (name, value) VALUES ('veraid_secret_fingerprint', {fingerprint});
+         INSERT INTO pending_requests (requester_digest, target_digest, endpoint_id, key_der,
+                                       created_at, expires_at)
+             VALUES ({alice}, {bob}, '{sender}', {key}, {now}, {later});
+         INSERT INTO processed_events (source, id, expires_at)
+             VALUES ('{handled_source}', 'handled', {later});
+         INSERT INTO outbox (id, source, recipient, kind, content, time_ms, expiry_ms,
+                             attempts, next_attempt_at, last_error)
+             VALUES ('{match_id}', '{SERVER_ID}', '{r1}', 'pairing-match', {match_body},
+                     {now}, {later}, 2, {now}, 'sink answered 503'),
+                    ('{completion_id}', '{SERVER_ID}', '{r2}', 'pairing-completion',
+                     {completion_body}, {now}, {later}, 0, {now}, NULL);",
+        fingerprint = blob(db, &digester.fingerprint()),
+        alice = blob(db, &digest("alice@x.io")),
+        bob = blob(db, &digest("bob@y.io")),
+        sender = p[0].id,
+        key = blob(db, &p[0].key_der),
+        later = now + DAY_MS,
+        handled_source = p[2].id,
+        r1 = p[3].id,
+        r2 = p[4].id,
+        match_body = blob(db, b"old match"),
+        completion_body = blob(db, b"old completion"),
+    );
+    previous_release(db, &sql).await;
+
+    let mut sink = FakeSink::start().await;
+    let mut config = db.config(Some(&sink.url));
+    config.veraid_secret = Some(Secret(SECRET.to_vec()));
+    let app = TestApp::spawn(config).await;
+
+    // The queued messages go out as they were queued: same ids, bytes and types.
+    let old = sink.take(2).await;
+    let by_id = |id: &str| {
+        old.iter()
+            .find(|r| r.header("ce-id") == id)
+            .unwrap_or_else(|| panic!("{id} was not delivered"))
+    };
+    assert_eq!(by_id(&match_id).header("content-type"), MATCH_TYPE);
+    assert_eq!(by_id(&match_id).body, b"old match");
+    assert_eq!(by_id(&match_id).header("ce-subject"), p[3].id);
+    assert_eq!(
+        by_id(&completion_id).header("content-type"),
+        "application/vnd.relaycorp.letro.pairing-completion-tmp"
+    );
+    assert_eq!(by_id(&completion_id).body, b"old completion");
+
+    // The waiting request is still there, with its key: the reverse half matches it.
+    assert_eq!(
+        app.post_request(&p[1], "reverse", "bob@y.io", "alice@x.io")
+            .await,
+        StatusCode::NO_CONTENT
+    );
+    let matches = sink.take(2).await;
+    let for_bob = matches
+        .iter()
+        .find(|m| m.header("ce-subject") == p[1].id)
+        .expect("bob's match");
+    assert_eq!(
+        assert_match_event(for_bob),
+        [
+            "alice@x.io",
+            "bob@y.io",
+            &p[0].id,
+            &STANDARD.encode(&p[0].key_der)
+        ]
+    );
+    assert!(matches.iter().any(|m| m.header("ce-subject") == p[0].id));
+
+    // The handled event is still known: its redelivery changes nothing.
+    assert_eq!(
+        app.post_request(&p[2], "handled", "carol@z.io", "dave@w.io")
+            .await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        app.metric("letro_events_total{content_type=\"pairing-request\",outcome=\"duplicate\"}")
+            .await,
+        1
+    );
+    assert_eq!(app.stats().await.pending_requests, 0);
+    sink.assert_quiet(std::time::Duration::from_millis(300))
+        .await;
+    app.stop().await;
+}
+
+/// Runs `sql` on `db` beside whatever has it open.
+async fn execute(db: &TestDb, sql: &str) {
+    match db {
+        TestDb::Sqlite(_, path) => {
+            let conn = rusqlite::Connection::open(path).expect("open");
+            conn.busy_timeout(std::time::Duration::from_secs(5))
+                .expect("busy timeout");
+            conn.execute_batch(sql).expect("rows");
+        }
+        TestDb::Postgres(pg) => {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(&mut conn)
+                .await
+                .expect("rows");
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// During a rolling upgrade on PostgreSQL, replicas of other builds share the outbox:
+/// an older one queues rows without a content type, a newer one rows of kinds this build
+/// never makes. Those it can read are delivered; a row it cannot read is left in the
+/// outbox and logged, and never fails the claim of the others.
+async fn rows_of_other_builds_never_stall_the_outbox(db: &TestDb) {
+    let store: std::sync::Arc<dyn letro_server::store::Store> = match db {
+        TestDb::Sqlite(_, path) => std::sync::Arc::new(
+            sqlite::SqliteStore::open(path, sqlite::Synchronous::Full).expect("open"),
+        ),
+        TestDb::Postgres(pg) => std::sync::Arc::new(
+            PostgresStore::connect(&pg.url, 2, std::time::Duration::from_secs(5))
+                .await
+                .expect("connect"),
+        ),
+    };
+    let p = parties();
+    let now = letro_server::clock::now();
+    let row = |id: char, kind: &str, content_type: &str| {
+        format!(
+            "('{}', '{SERVER_ID}', '{}', '{kind}', '{content_type}', {}, {}, {}, {})",
+            id.to_string().repeat(64),
+            p[0].id,
+            blob(db, kind.as_bytes()),
+            now.0,
+            now.0 + DAY_MS,
+            now.0
+        )
+    };
+    let rows = [
+        // An older replica's match: no content type.
+        row('a', "pairing-match", ""),
+        // A newer replica's message: a kind this build never makes.
+        row(
+            'b',
+            "contact-pairing-failure",
+            "application/vnd.relaycorp.letro.contact-pairing.failure",
+        ),
+        // Nothing to send it as.
+        row('c', "mystery", ""),
+        row('d', "pairing-match", "not a header value"),
+    ];
+    execute(
+        db,
+        &format!(
+            "INSERT INTO outbox (id, source, recipient, kind, content_type, content, time_ms,
+                                 expiry_ms, next_attempt_at)
+             VALUES {};",
+            rows.join(", ")
+        ),
+    )
+    .await;
+    let claimed = store
+        .claim_due_messages(now, now.plus(std::time::Duration::from_secs(60)), 10)
+        .await
+        .expect("the claim succeeds");
+    let got: Vec<(String, &str, &str)> = claimed
+        .iter()
+        .map(|e| {
+            (
+                e.message.id.as_str()[..1].to_owned(),
+                e.message.kind.name(),
+                e.message.content_type.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("a".to_owned(), "pairing-match", MATCH_TYPE),
+            (
+                "b".to_owned(),
+                "contact-pairing-failure",
+                "application/vnd.relaycorp.letro.contact-pairing.failure"
+            ),
+        ]
+    );
+    assert_eq!(claimed[1].message.content, b"contact-pairing-failure");
+    // The operator still sees all four, by kind.
+    let status = store.outbox_status(now).await.expect("status");
+    assert_eq!(status.depth, 4);
+    let kinds: Vec<(&str, u64)> = status.by_kind.iter().map(|(k, n)| (k.name(), *n)).collect();
+    assert_eq!(
+        kinds,
+        [
+            ("contact-pairing-failure", 1),
+            ("mystery", 1),
+            ("pairing-match", 2)
+        ]
+    );
+    store.close().await;
+}
+
+crate::on_both_backends!(
+    an_upgraded_database_keeps_and_delivers_everything,
+    rows_of_other_builds_never_stall_the_outbox,
+);
