@@ -11,7 +11,7 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 
-use crate::codec::cloudevent::is_header_safe;
+use crate::codec::cloudevent::{is_header_safe, is_header_value};
 use crate::codec::pairing::{PAIRING_COMPLETION_TYPE, PAIRING_MATCH_TYPE};
 use crate::domain::{EndpointId, EventKey, MessageId, MessageKind, OutgoingMessage, Timestamp};
 
@@ -261,7 +261,7 @@ impl StoredMessage {
             ("", "pairing-match") => PAIRING_MATCH_TYPE.to_owned(),
             ("", "pairing-completion") => PAIRING_COMPLETION_TYPE.to_owned(),
             ("", kind) => return Err(format!("no content type, and unknown kind {kind:?}")),
-            (ct, _) if !is_header_safe(ct) => {
+            (ct, _) if !is_header_value(ct) => {
                 return Err(format!("content type {ct:?} cannot be sent as a header"));
             }
             _ => self.content_type,

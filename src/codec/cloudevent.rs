@@ -260,6 +260,15 @@ pub fn encode_binary_headers(
     headers
 }
 
+/// Whether `s` can be sent as a plain HTTP header value, such as `Content-Type` (which,
+/// unlike the `ce-` attributes, may hold spaces: `text/plain; charset=utf-8`).
+pub fn is_header_value(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 1024
+        && s.bytes()
+            .all(|b| b == b' ' || b == b'\t' || (0x21..=0x7e).contains(&b))
+}
+
 /// Whether `s` can be sent as a header value without percent-encoding.
 pub fn is_header_safe(s: &str) -> bool {
     !s.is_empty()

@@ -463,6 +463,64 @@ async fn concurrent_claims_never_overlap(store: Arc<dyn Store>) {
     assert_eq!(distinct(all), MESSAGES);
 }
 
+/// One event, several messages: recorded and queued together, each message kept byte
+/// for byte with its own kind and content type, none of them queued twice.
+async fn an_event_queues_all_its_messages_once(store: Arc<dyn Store>) {
+    let p = parties();
+    let event = EventKey {
+        source: p[0].id.clone(),
+        id: "many".into(),
+    };
+    let message = |kind: MessageKind, to: &Party, content_type: &str, content: &[u8]| {
+        OutgoingMessage::caused_by(
+            &event,
+            kind,
+            SERVER_ID,
+            EndpointId::parse(&to.id).expect("id"),
+            content_type,
+            content.to_vec(),
+            NOW,
+            NOW.plus(DAY),
+        )
+    };
+    let messages = vec![
+        message(
+            MessageKind::PAIRING_AUTH,
+            &p[1],
+            "application/vnd.relaycorp.letro.pairing-auth",
+            &[0x30, 0x82, 0, 0xff],
+        ),
+        message(
+            MessageKind::from_stored("some-future-kind".into()),
+            &p[2],
+            "application/x.future; v=2",
+            b"",
+        ),
+    ];
+    let submission = EventMessages {
+        event: event.clone(),
+        messages: messages.clone(),
+        event_expiry: NOW.plus(DAY),
+    };
+    assert_eq!(
+        store
+            .record_and_queue(submission.clone())
+            .await
+            .expect("queue"),
+        QueueOutcome::Queued
+    );
+    assert_eq!(
+        store.record_and_queue(submission).await.expect("again"),
+        QueueOutcome::Duplicate
+    );
+    let claimed = store
+        .claim_due_messages(NOW, NOW.plus(DAY), 10)
+        .await
+        .expect("claim");
+    let got: Vec<OutgoingMessage> = claimed.into_iter().map(|e| e.message).collect();
+    assert_eq!(got, messages);
+}
+
 macro_rules! contract {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -602,4 +660,5 @@ contract!(
     the_secret_is_chosen_once,
     concurrent_reverse_halves_match_exactly_once,
     concurrent_claims_never_overlap,
+    an_event_queues_all_its_messages_once,
 );

@@ -202,7 +202,7 @@ async fn rows_of_other_builds_never_stall_the_outbox(db: &TestDb) {
         ),
         // Nothing to send it as.
         row('c', "mystery", ""),
-        row('d', "pairing-match", "not a header value"),
+        row('d', "pairing-match", "text/plain\n"),
     ];
     execute(
         db,
