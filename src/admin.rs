@@ -13,10 +13,10 @@ use serde_json::json;
 use crate::app::{Opening, open_store};
 use crate::cli::{DatabaseArgs, OutboxCommand, RequestsCommand};
 use crate::clock;
-use crate::config::{Config, DatabaseConfig, HumanDuration, defaults, redacted_url};
+use crate::config::{Config, DatabaseConfig, HumanDuration, SqliteSync, defaults};
 use crate::domain::{MessageId, Timestamp};
 use crate::store::Store;
-use crate::store::sqlite::Synchronous;
+use crate::telemetry::redacted_url;
 
 /// Runs an `outbox` subcommand and returns what to print.
 pub async fn outbox(command: OutboxCommand) -> anyhow::Result<String> {
@@ -214,8 +214,8 @@ pub fn describe(config: &Config) -> String {
             "SQLite file {} (synchronous={})",
             path.display(),
             match synchronous {
-                Synchronous::Full => "full",
-                Synchronous::Normal => "normal",
+                SqliteSync::Full => "full",
+                SqliteSync::Normal => "normal",
             }
         ),
         DatabaseConfig::Postgres { url, pool } => format!(
@@ -310,7 +310,7 @@ pub fn describe(config: &Config) -> String {
         warnings.push("no sink (--sink / K_SINK): nothing will be delivered".to_owned());
     }
     if let DatabaseConfig::Sqlite {
-        synchronous: Synchronous::Normal,
+        synchronous: SqliteSync::Normal,
         ..
     } = config.database
     {

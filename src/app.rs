@@ -9,21 +9,25 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::clock;
-use crate::config::{Config, DatabaseConfig, Secret};
-use crate::domain::VeraIdDigester;
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{Config, DatabaseConfig, Secret, SqliteSync};
+use crate::domain::{Timestamp, VeraIdDigester};
 use crate::http::{AppState, ServeOptions, router, serve};
 use crate::outbox::{Backoff, Dispatcher, HttpSink};
 use crate::store::postgres::PostgresStore;
-use crate::store::sqlite::SqliteStore;
+use crate::store::sqlite::{SqliteStore, Synchronous};
 use crate::store::{Store, settings};
 use crate::telemetry::Metrics;
 
 /// Who opens the database, which decides what opening it does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opening {
-    /// `serve`: create and migrate as needed; on SQLite, release a dead process's leases.
-    Serve,
+    /// `serve`, starting at `now`: create and migrate as needed; on SQLite, release a
+    /// dead process's leases.
+    Serve {
+        /// When the server starts.
+        now: Timestamp,
+    },
     /// `migrate`: create and migrate as needed, leaving a running server's leases alone.
     Migrate,
     /// An admin command beside the server: the database must exist with this binary's
@@ -38,18 +42,21 @@ pub async fn open_store(
 ) -> anyhow::Result<Arc<dyn Store>> {
     match database {
         DatabaseConfig::Sqlite { path, synchronous } => {
-            let open = match opening {
-                Opening::Serve => SqliteStore::open,
-                Opening::Migrate => SqliteStore::open_to_migrate,
-                Opening::Admin => SqliteStore::open_existing,
+            let synchronous = match synchronous {
+                SqliteSync::Full => Synchronous::Full,
+                SqliteSync::Normal => Synchronous::Normal,
             };
-            let store = open(path, *synchronous)
-                .with_context(|| format!("opening SQLite database {}", path.display()))?;
+            let store = match opening {
+                Opening::Serve { now } => SqliteStore::open(path, synchronous, now),
+                Opening::Migrate => SqliteStore::open_to_migrate(path, synchronous),
+                Opening::Admin => SqliteStore::open_existing(path, synchronous),
+            }
+            .with_context(|| format!("opening SQLite database {}", path.display()))?;
             Ok(Arc::new(store))
         }
         DatabaseConfig::Postgres { url, pool } => {
             let store = match opening {
-                Opening::Serve | Opening::Migrate => {
+                Opening::Serve { .. } | Opening::Migrate => {
                     PostgresStore::connect(&url.0, pool.max_connections, pool.timeout).await
                 }
                 Opening::Admin => {
@@ -146,8 +153,15 @@ pub struct App {
 impl App {
     /// Opens the database, loads or creates the VeraId secret and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// [`build`](Self::build), reading the time from `clock`: tests move a
+    /// [`ManualClock`](crate::clock::ManualClock) instead of sleeping.
+    pub async fn build_with_clock(config: Config, clock: SharedClock) -> anyhow::Result<Self> {
         config.validate()?;
-        let store = open_store(&config.database, Opening::Serve).await?;
+        let opening = Opening::Serve { now: clock.now() };
+        let store = open_store(&config.database, opening).await?;
         let secret = veraid_secret(store.as_ref(), config.veraid_secret.as_ref()).await?;
         let metrics = Arc::new(Metrics::new());
         let dispatcher = match &config.sink {
@@ -168,6 +182,7 @@ impl App {
                     config.sink_timeout,
                     config.delivery_concurrency,
                     metrics.clone(),
+                    clock.clone(),
                 ))
             }
             None => None,
@@ -177,6 +192,7 @@ impl App {
             .with_context(|| format!("binding {}", config.bind))?;
         let state = AppState {
             store,
+            clock,
             digester: VeraIdDigester::new(&secret),
             metrics,
             dispatcher,
@@ -238,6 +254,7 @@ impl App {
         };
         let purger = tokio::spawn(purge_loop(
             state.store.clone(),
+            state.clock.clone(),
             config.purge_interval,
             stop_rx.clone(),
         ));
@@ -289,11 +306,12 @@ impl App {
 
 async fn purge_loop(
     store: Arc<dyn Store>,
+    clock: SharedClock,
     every: std::time::Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        match store.purge_expired(clock::now()).await {
+        match store.purge_expired(clock.now()).await {
             Ok(report) if report.requests + report.events > 0 => tracing::info!(
                 requests = report.requests,
                 events = report.events,

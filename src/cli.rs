@@ -6,11 +6,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::codec::pairing::MatchOrder;
 use crate::config::{
-    Config, ConfigError, DatabaseConfig, HumanDuration, PoolSettings, defaults, parse_ce_overrides,
-    parse_secret, parse_sink,
+    Config, ConfigError, DatabaseConfig, HumanDuration, PoolSettings, SqliteSync, defaults,
+    parse_ce_overrides, parse_secret, parse_sink,
 };
 use crate::domain::PendingLimits;
-use crate::store::sqlite::Synchronous;
 use crate::telemetry::LogFormat;
 
 /// letro-server: the contact-pairing broker of Letro, on the Awala network.
@@ -108,15 +107,6 @@ pub struct DemoArgs {
     pub verbose: bool,
 }
 
-/// Commit durability for SQLite.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SynchronousArg {
-    /// fsync before acknowledging: survives power loss.
-    Full,
-    /// No fsync on commit: survives a process crash only.
-    Normal,
-}
-
 /// Where the database is.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
@@ -126,8 +116,8 @@ pub struct DatabaseArgs {
     #[arg(long = "database", env = "DATABASE_URL", default_value = defaults::DATABASE, hide_env_values = true)]
     pub url: String,
     /// SQLite commit durability.
-    #[arg(long, env = "LETRO_SQLITE_SYNCHRONOUS", value_enum, default_value_t = SynchronousArg::Full)]
-    pub sqlite_synchronous: SynchronousArg,
+    #[arg(long, env = "LETRO_SQLITE_SYNCHRONOUS", value_enum, default_value_t = SqliteSync::Full)]
+    pub sqlite_synchronous: SqliteSync,
     /// PostgreSQL: most connections per replica.
     #[arg(long, env = "LETRO_DB_MAX_CONNECTIONS", default_value_t = defaults::DB_MAX_CONNECTIONS)]
     pub db_max_connections: u32,
@@ -139,15 +129,11 @@ pub struct DatabaseArgs {
 impl DatabaseArgs {
     /// The validated database configuration.
     pub fn to_config(&self) -> Result<DatabaseConfig, ConfigError> {
-        let sync = match self.sqlite_synchronous {
-            SynchronousArg::Full => Synchronous::Full,
-            SynchronousArg::Normal => Synchronous::Normal,
-        };
         let pool = PoolSettings {
             max_connections: self.db_max_connections,
             timeout: self.db_timeout.0,
         };
-        DatabaseConfig::from_url(&self.url, sync, pool)
+        DatabaseConfig::from_url(&self.url, self.sqlite_synchronous, pool)
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::codec::cloudevent::is_header_safe;
 use crate::codec::pairing::MatchOrder;
 use crate::domain::PendingLimits;
-use crate::store::sqlite::{SqliteLocation, Synchronous};
+use crate::telemetry::redacted_url;
 
 /// A duration written the human way (`10s`, `90days`), for flags and env vars.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +96,7 @@ pub enum DatabaseConfig {
         /// The file, created if missing.
         path: PathBuf,
         /// Commit durability.
-        synchronous: Synchronous,
+        synchronous: SqliteSync,
     },
     /// A PostgreSQL server, shared by any number of replicas.
     Postgres {
@@ -105,6 +105,25 @@ pub enum DatabaseConfig {
         /// Connection pool settings.
         pool: PoolSettings,
     },
+}
+
+/// Durability of a SQLite commit (`--sqlite-synchronous`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SqliteSync {
+    /// fsync before acknowledging: survives power loss.
+    #[default]
+    Full,
+    /// No fsync on commit: survives a process crash only.
+    Normal,
+}
+
+/// The file of `sqlite://relative/path`, `sqlite:///absolute/path` or `sqlite:path`.
+fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty()).then(|| path.into())
 }
 
 /// Settings of a database connection pool (PostgreSQL).
@@ -140,32 +159,6 @@ impl DatabaseUrl {
     }
 }
 
-/// `url` without its password (as `***`), for logs, errors and reports: the one in the
-/// authority, and `password` or `sslpassword` in the query, which PostgreSQL URLs allow.
-pub fn redacted_url(url: &reqwest::Url) -> String {
-    let mut url = url.clone();
-    if url.password().is_some() {
-        let _ = url.set_password(Some("***"));
-    }
-    let secret =
-        |k: &str| k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword");
-    if url.query_pairs().any(|(k, _)| secret(&k)) {
-        let pairs: Vec<(String, String)> = url
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if secret(&k) {
-                    "***".into()
-                } else {
-                    v.into_owned()
-                };
-                (k.into_owned(), v)
-            })
-            .collect();
-        url.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    url.to_string()
-}
-
 impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DatabaseUrl({})", self.redacted())
@@ -182,15 +175,12 @@ impl DatabaseConfig {
     /// Parses a database URL.
     pub fn from_url(
         url: &str,
-        synchronous: Synchronous,
+        synchronous: SqliteSync,
         pool: PoolSettings,
     ) -> Result<Self, ConfigError> {
         const SETTING: &str = "--database (DATABASE_URL)";
-        if let Some(location) = SqliteLocation::from_url(url) {
-            return Ok(Self::Sqlite {
-                path: location.path,
-                synchronous,
-            });
+        if let Some(path) = sqlite_path(url) {
+            return Ok(Self::Sqlite { path, synchronous });
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             reqwest::Url::parse(url).map_err(|e| ConfigError::new(SETTING, e.to_string()))?;
@@ -471,6 +461,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sqlite_urls() {
+        let p = sqlite_path;
+        assert_eq!(p("sqlite://letro.db"), Some("letro.db".into()));
+        assert_eq!(
+            p("sqlite:///var/lib/letro.db"),
+            Some("/var/lib/letro.db".into())
+        );
+        assert_eq!(p("sqlite:data/letro.db"), Some("data/letro.db".into()));
+        assert_eq!(p("sqlite://x.db?mode=rwc"), Some("x.db".into()));
+        assert_eq!(p("sqlite://"), None);
+        assert_eq!(p("postgres://h/db"), None);
+    }
+
+    #[test]
     fn passwords_never_show_in_urls() {
         let show = |u: &str| redacted_url(&reqwest::Url::parse(u).expect("url"));
         assert_eq!(
@@ -503,7 +507,7 @@ mod tests {
     fn config() -> Config {
         Config::new(
             "127.0.0.1:0".parse().expect("addr"),
-            DatabaseConfig::from_url("sqlite://x.db", Synchronous::Full, PoolSettings::default())
+            DatabaseConfig::from_url("sqlite://x.db", SqliteSync::Full, PoolSettings::default())
                 .expect("url"),
         )
     }
@@ -538,7 +542,7 @@ mod tests {
 
     #[test]
     fn database_urls() {
-        let parse = |url| DatabaseConfig::from_url(url, Synchronous::Full, PoolSettings::default());
+        let parse = |url| DatabaseConfig::from_url(url, SqliteSync::Full, PoolSettings::default());
         assert!(matches!(
             parse("sqlite:///tmp/a.db"),
             Ok(DatabaseConfig::Sqlite { .. })

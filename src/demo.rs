@@ -26,8 +26,7 @@ use crate::codec::connparams::decode_connection_params;
 use crate::codec::pairing::{
     PAIRING_AUTH_TMP_TYPE, PAIRING_COMPLETION_TYPE, PAIRING_MATCH_TYPE, PAIRING_REQUEST_TYPE,
 };
-use crate::config::{Config, DatabaseConfig};
-use crate::store::sqlite::Synchronous;
+use crate::config::{Config, DatabaseConfig, SqliteSync};
 
 /// The server's own endpoint id, as the Awala Internet Endpoint would give it.
 const SERVER_ID: &str = "0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0d";
@@ -49,7 +48,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
         SocketAddr::from(([127, 0, 0, 1], 0)),
         DatabaseConfig::Sqlite {
             path: dir.path().join("letro.db"),
-            synchronous: Synchronous::Full,
+            synchronous: SqliteSync::Full,
         },
     );
     config.sink = Some(format!("http://{sink_addr}/").parse()?);

@@ -19,7 +19,7 @@ use axum::routing::get;
 pub use error::ApiError;
 pub use server::{ServeOptions, serve};
 
-use crate::clock;
+use crate::clock::SharedClock;
 use crate::codec::pairing::MatchOrder;
 use crate::domain::{PendingLimits, VeraIdDigester};
 use crate::outbox::Dispatcher;
@@ -31,6 +31,8 @@ use crate::telemetry::Metrics;
 pub struct AppState {
     /// The database.
     pub store: Arc<dyn Store>,
+    /// Where the time comes from.
+    pub clock: SharedClock,
     /// Keys VeraId digests.
     pub digester: VeraIdDigester,
     /// Counters.
@@ -90,7 +92,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     if let Ok(stats) = state.store.stats().await {
         let age = stats
             .outbox_oldest
-            .map(|t| u64::try_from((clock::now().0 - t.0).max(0) / 1000).unwrap_or(0))
+            .map(|t| u64::try_from((state.clock.now().0 - t.0).max(0) / 1000).unwrap_or(0))
             .unwrap_or(0);
         state
             .metrics

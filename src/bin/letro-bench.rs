@@ -309,7 +309,8 @@ async fn measure_backend(
 /// Stores `count` first halves straight through the store, as a long-running server
 /// would have accumulated them.
 async fn preload(path: &Path, keys: &[BenchKey], count: usize) -> anyhow::Result<()> {
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path, Synchronous::Normal)?);
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(path, Synchronous::Normal, clock::now())?);
     let secret = hex::decode(SECRET_HEX)?;
     store
         .setting_or_insert(settings::VERAID_SECRET, secret.clone())

@@ -9,7 +9,6 @@ mod pairing_request;
 use std::future::Future;
 
 use super::{ApiError, AppState};
-use crate::clock;
 use crate::codec::cloudevent::CloudEvent;
 use crate::codec::pairing::{PAIRING_AUTH_TMP_TYPE, PAIRING_AUTH_TYPE, PAIRING_REQUEST_TYPE};
 use crate::domain::{EventKey, Refusal, Timestamp};
@@ -93,7 +92,7 @@ impl Incoming<'_> {
     }
 
     fn now(&self) -> Timestamp {
-        clock::now()
+        self.state.clock.now()
     }
 
     /// Refuses the event for its content: logged with the parcel id and sender, counted,

@@ -10,10 +10,10 @@ use tokio::time::Instant;
 
 use super::backoff::Backoff;
 use super::sink::HttpSink;
-use crate::clock;
+use crate::clock::SharedClock;
 use crate::domain::Timestamp;
 use crate::store::{OutboxEntry, Store};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, redacted_url};
 
 /// How long to sleep, at most, with nothing due: other replicas may add messages without
 /// waking us.
@@ -53,6 +53,7 @@ struct Inner {
     lease: Duration,
     concurrency: usize,
     metrics: Arc<Metrics>,
+    clock: SharedClock,
     wake: Notify,
     health: Mutex<SinkHealth>,
 }
@@ -127,6 +128,7 @@ impl Dispatcher {
         sink_timeout: Duration,
         concurrency: usize,
         metrics: Arc<Metrics>,
+        clock: SharedClock,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -136,6 +138,7 @@ impl Dispatcher {
                 lease: sink_timeout + LEASE_MARGIN,
                 concurrency: concurrency.max(1),
                 metrics,
+                clock,
                 wake: Notify::new(),
                 health: Mutex::new(SinkHealth::default()),
             }),
@@ -150,7 +153,7 @@ impl Dispatcher {
     /// One pass: claims every message due now, delivers them concurrently and waits for
     /// the results. For tools and tests; the server runs [`run`](Self::run).
     pub async fn run_once(&self) -> crate::store::Result<DispatchReport> {
-        let now = clock::now();
+        let now = self.inner.clock.now();
         let entries = self
             .inner
             .store
@@ -183,7 +186,7 @@ impl Dispatcher {
         let mut in_flight = JoinSet::new();
         let mut recording = JoinSet::new();
         tracing::info!(
-            sink = %crate::config::redacted_url(inner.sink.url()),
+            sink = %redacted_url(inner.sink.url()),
             "outbox dispatcher started"
         );
         while !*shutdown.borrow() {
@@ -204,7 +207,7 @@ impl Dispatcher {
             if let Some(left) = inner.paused_for() {
                 pause = left;
             } else if free > 0 {
-                let now = clock::now();
+                let now = inner.clock.now();
                 match inner
                     .store
                     .claim_due_messages(now, now.plus(inner.lease), free)
@@ -219,7 +222,7 @@ impl Dispatcher {
                             // More may be due: claim again as soon as a slot frees up.
                             pause = Duration::ZERO;
                         } else {
-                            pause = until_next_due(inner.store.as_ref()).await;
+                            pause = until_next_due(inner).await;
                         }
                     }
                     Err(e) => {
@@ -261,10 +264,10 @@ fn start_recording(
     }
 }
 
-async fn until_next_due(store: &dyn Store) -> Duration {
-    match store.next_due().await {
+async fn until_next_due(inner: &Inner) -> Duration {
+    match inner.store.next_due().await {
         Ok(Some(at)) => {
-            let wait = at.0.saturating_sub(clock::now().0).max(0);
+            let wait = at.0.saturating_sub(inner.clock.now().0).max(0);
             Duration::from_millis(u64::try_from(wait).unwrap_or(0))
                 .min(IDLE_POLL)
                 .max(Duration::from_millis(1))
@@ -292,7 +295,7 @@ enum AttemptResult {
 /// Sends `entry` to the sink (unless it has expired) and judges the answer.
 async fn attempt(inner: Arc<Inner>, entry: OutboxEntry) -> Attempted {
     let message = &entry.message;
-    let now = clock::now();
+    let now = inner.clock.now();
     let result = if message.expiry <= now {
         tracing::warn!(
             message.id = message.id.as_str(),
@@ -317,7 +320,7 @@ async fn attempt(inner: Arc<Inner>, entry: OutboxEntry) -> Attempted {
                     inner
                         .backoff
                         .delay_with_hint(attempt, rand::random::<f64>(), e.retry_after);
-                let now = clock::now();
+                let now = inner.clock.now();
                 // Never wait past the expiry: the message is dropped then.
                 let at = now.plus(delay).min(message.expiry.max(now));
                 tracing::warn!(

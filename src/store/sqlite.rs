@@ -8,7 +8,7 @@
 //! serialises every read-then-write, so two reverse requests can never both match or
 //! both miss.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 
 use async_trait::async_trait;
@@ -38,24 +38,6 @@ pub enum Synchronous {
     Full,
     /// No fsync on commit: survives a crash of the process, not of the machine.
     Normal,
-}
-
-/// Where a SQLite database lives, parsed from a `sqlite:` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SqliteLocation {
-    /// The database file.
-    pub path: PathBuf,
-}
-
-impl SqliteLocation {
-    /// Parses `sqlite://relative/path`, `sqlite:///absolute/path` or `sqlite:path`.
-    pub fn from_url(url: &str) -> Option<Self> {
-        let rest = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))?;
-        let path = rest.split('?').next().unwrap_or(rest);
-        (!path.is_empty()).then(|| Self { path: path.into() })
-    }
 }
 
 /// One store operation waiting for the writer.
@@ -108,8 +90,9 @@ enum Msg {
 /// Who opens the database, which decides what opening it does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
-    /// The one server process: migrates, and releases a dead process's leases.
-    Server,
+    /// The one server process, starting at `now`: migrates, and releases a dead
+    /// process's leases.
+    Server { now: Timestamp },
     /// `migrate`: migrates only.
     Migrator,
     /// An admin command beside the server: needs the current schema, changes nothing.
@@ -133,10 +116,10 @@ fn unavailable(e: rusqlite::Error) -> StoreError {
 
 impl SqliteStore {
     /// Opens (creating if missing) and migrates the database, and starts its writer thread.
-    /// For the one server process that owns the file: outbox leases left by an earlier
-    /// process are released.
-    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Self> {
-        Self::open_as(path, synchronous, Role::Server)
+    /// For the one server process that owns the file, starting at `now`: outbox leases
+    /// left by an earlier process are released.
+    pub fn open(path: &Path, synchronous: Synchronous, now: Timestamp) -> Result<Self> {
+        Self::open_as(path, synchronous, Role::Server { now })
     }
 
     /// Opens (creating if missing) and migrates the database, for `migrate`, which may
@@ -191,11 +174,11 @@ impl SqliteStore {
         // the writer uses about 20, and an evicted one is parsed again).
         conn.set_prepared_statement_cache_capacity(64);
         match role {
-            Role::Server | Role::Migrator => migrate(&conn)?,
+            Role::Server { .. } | Role::Migrator => migrate(&conn)?,
             Role::Admin => check_schema_version(schema_version(&conn)?, MIGRATIONS.len(), true)?,
         }
-        if role == Role::Server {
-            release_leases(&conn, crate::clock::now()).map_err(unavailable)?;
+        if let Role::Server { now } = role {
+            release_leases(&conn, now).map_err(unavailable)?;
         }
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
@@ -1204,19 +1187,5 @@ mod tests {
         assert!(matches!(b_rx.blocking_recv().expect("answer"), Ok(())));
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(names(&conn), ["a", "b"]);
-    }
-
-    #[test]
-    fn sqlite_urls() {
-        let p = |u: &str| SqliteLocation::from_url(u).map(|l| l.path);
-        assert_eq!(p("sqlite://letro.db"), Some("letro.db".into()));
-        assert_eq!(
-            p("sqlite:///var/lib/letro.db"),
-            Some("/var/lib/letro.db".into())
-        );
-        assert_eq!(p("sqlite:data/letro.db"), Some("data/letro.db".into()));
-        assert_eq!(p("sqlite://x.db?mode=rwc"), Some("x.db".into()));
-        assert_eq!(p("sqlite://"), None);
-        assert_eq!(p("postgres://h/db"), None);
     }
 }

@@ -683,7 +683,7 @@ fn the_dockerfile_builds_locked_and_runs_the_binary_as_non_root() {
     assert_eq!(get("LETRO_LOG_FORMAT"), "json");
     let database = DatabaseConfig::from_url(
         get("DATABASE_URL"),
-        letro_server::store::sqlite::Synchronous::Full,
+        letro_server::config::SqliteSync::Full,
         Default::default(),
     )
     .expect("the image's DATABASE_URL");

@@ -34,7 +34,7 @@ fn stdout(out: &Output) -> String {
 async fn seeded(db: &std::path::Path) -> String {
     // Real time: the commands read the clock (requests expire a day from now).
     let now = letro_server::clock::now();
-    let store = SqliteStore::open(db, Synchronous::Full).expect("open");
+    let store = SqliteStore::open(db, Synchronous::Full, now).expect("open");
     seed_for_operators(&store, now).await;
     let claimed = store.claim_due_messages(now, now, 1).await.expect("claim");
     let failed = claimed[0].message.id.clone();

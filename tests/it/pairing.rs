@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
+use letro_server::clock::ManualClock;
+
 use crate::support::*;
 
 const ALICE: &str = "alice@applepie.rocks";
@@ -285,12 +287,18 @@ async fn pending_requests_are_never_stored_in_plain_text() {
 
 #[tokio::test]
 async fn expired_requests_do_not_match_and_are_purged() {
-    let (app, mut sink, _dir) =
-        app_with_sink_and(|c| c.request_ttl = Duration::from_millis(100)).await;
+    let mut sink = FakeSink::start().await;
+    let (_dir, db) = temp_db();
+    let clock = ManualClock::new(letro_server::clock::now());
+    let app = TestApp::spawn_with_clock(
+        test_config(&db, Some(&sink.url)),
+        std::sync::Arc::new(clock.clone()),
+    )
+    .await;
     let p = parties();
     app.post_request(&p[0], "a", ALICE, BOB).await;
-    // No hook can make time pass: wait out the 100 ms lifetime.
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The default request TTL, 90 days, and a moment.
+    clock.advance(Duration::from_secs(90 * 86_400 + 1));
     app.post_request(&p[1], "b", BOB, ALICE).await;
     sink.assert_quiet(Duration::from_millis(200)).await;
     assert_eq!(
@@ -298,11 +306,11 @@ async fn expired_requests_do_not_match_and_are_purged() {
         2,
         "the expired row is ignored, not matched"
     );
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    clock.advance(Duration::from_secs(90 * 86_400 + 1));
     let report = app
         .state
         .store
-        .purge_expired(letro_server::clock::now())
+        .purge_expired(app.state.clock.now())
         .await
         .expect("purge");
     assert_eq!((report.requests, report.events), (2, 2));

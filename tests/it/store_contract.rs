@@ -38,7 +38,7 @@ enum Cleanup {
 impl Backend {
     pub async fn sqlite() -> Self {
         let (dir, path) = temp_db();
-        let store = SqliteStore::open(&path, Synchronous::Full).expect("open SQLite");
+        let store = SqliteStore::open(&path, Synchronous::Full, NOW).expect("open SQLite");
         Self {
             store: Arc::new(store),
             cleanup: Cleanup::Sqlite(dir),

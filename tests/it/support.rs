@@ -14,7 +14,6 @@ use base64::engine::general_purpose::STANDARD;
 use letro_server::app::App;
 use letro_server::config::{Config, DatabaseConfig};
 use letro_server::http::AppState;
-use letro_server::store::sqlite::Synchronous;
 use tokio::sync::{mpsc, oneshot};
 
 pub const INCOMING_TYPE: &str = "tech.relaycorp.awala.endpoint-internet.incoming-service-message";
@@ -214,7 +213,7 @@ pub fn test_config(db_path: &Path, sink: Option<&str>) -> Config {
         "127.0.0.1:0".parse().expect("addr"),
         DatabaseConfig::Sqlite {
             path: db_path.to_owned(),
-            synchronous: Synchronous::Full,
+            synchronous: letro_server::config::SqliteSync::Full,
         },
     );
     config.sink = sink.map(|s| s.parse().expect("sink url"));
@@ -227,12 +226,23 @@ pub fn test_config(db_path: &Path, sink: Option<&str>) -> Config {
 
 impl TestApp {
     pub async fn spawn(config: Config) -> Self {
+        Self::spawn_with_clock(
+            config,
+            std::sync::Arc::new(letro_server::clock::SystemClock),
+        )
+        .await
+    }
+
+    /// The server reading the time from `clock` (a `ManualClock` the test moves).
+    pub async fn spawn_with_clock(config: Config, clock: letro_server::clock::SharedClock) -> Self {
         // Logs go to the test's captured output (shown for failing tests) at RUST_LOG.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
-        let app = App::build(config).await.expect("app builds");
+        let app = App::build_with_clock(config, clock)
+            .await
+            .expect("app builds");
         let addr = app.local_addr().expect("addr");
         let state = app.state().clone();
         let (tx, rx) = oneshot::channel();

@@ -170,7 +170,8 @@ async fn execute(db: &TestDb, sql: &str) {
 async fn rows_of_other_builds_never_stall_the_outbox(db: &TestDb) {
     let store: std::sync::Arc<dyn letro_server::store::Store> = match db {
         TestDb::Sqlite(_, path) => std::sync::Arc::new(
-            sqlite::SqliteStore::open(path, sqlite::Synchronous::Full).expect("open"),
+            sqlite::SqliteStore::open(path, sqlite::Synchronous::Full, letro_server::clock::now())
+                .expect("open"),
         ),
         TestDb::Postgres(pg) => std::sync::Arc::new(
             PostgresStore::connect(&pg.url, 2, std::time::Duration::from_secs(5))
