@@ -413,20 +413,25 @@ impl Store for PostgresStore {
     }
 
     async fn setting_or_insert(&self, name: &'static str, candidate: Vec<u8>) -> Result<Vec<u8>> {
+        // One transaction: the insert waits for a racing replica's insert to commit, and
+        // the read that follows then sees whichever value was first.
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
         sqlx::query(
             "INSERT INTO settings (name, value) VALUES ($1, $2)
              ON CONFLICT (name) DO NOTHING",
         )
         .bind(name)
         .bind(candidate)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
-        sqlx::query_scalar("SELECT value FROM settings WHERE name = $1")
+        let value = sqlx::query_scalar("SELECT value FROM settings WHERE name = $1")
             .bind(name)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(value)
     }
 
     async fn setting(&self, name: &'static str) -> Result<Option<Vec<u8>>> {
@@ -589,6 +594,12 @@ impl Store for PostgresStore {
     }
 
     async fn outbox_status(&self, now: Timestamp) -> Result<OutboxStatus> {
+        // Two queries, one snapshot: the counts by kind add up to the depth.
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         let (depth, due, retrying, oldest, next): (i64, i64, i64, Option<i64>, Option<i64>) =
             sqlx::query_as(
                 "SELECT count(*), count(*) FILTER (WHERE next_attempt_at <= $1),
@@ -596,14 +607,15 @@ impl Store for PostgresStore {
                  FROM outbox",
             )
             .bind(now.0)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await
             .map_err(unavailable)?;
         let kinds: Vec<(String, i64)> =
             sqlx::query_as("SELECT kind, count(*) FROM outbox GROUP BY kind ORDER BY kind")
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *tx)
                 .await
                 .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
         let mut by_kind = Vec::with_capacity(kinds.len());
         for (kind, n) in kinds {
             by_kind.push((MessageKind::from_stored(kind), count(n)));

@@ -216,6 +216,21 @@ impl SqliteStore {
         .map_err(|e| StoreError::Unavailable(e.to_string()))?
     }
 
+    /// Runs the reads of `f` on the reader connection in one read transaction, so that
+    /// they all see the same snapshot (counts that add up), off the async workers.
+    async fn read_snapshot<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.read(move |conn| {
+            let snapshot = conn.unchecked_transaction()?;
+            let value = f(&snapshot)?;
+            snapshot.commit()?;
+            Ok(value)
+        })
+        .await
+    }
+
     /// Runs `f` on the writer thread, inside the next transaction, and returns its result
     /// once that transaction has committed. `f` may run twice (see [`run_batch`]).
     async fn call<T: Send + 'static>(
@@ -800,7 +815,7 @@ impl Store for SqliteStore {
     }
 
     async fn stats(&self) -> Result<Stats> {
-        self.read(|conn| {
+        self.read_snapshot(|conn| {
             let (depth, oldest): (i64, Option<i64>) =
                 conn.query_row("SELECT count(*), min(time_ms) FROM outbox", [], |r| {
                     Ok((r.get(0)?, r.get(1)?))
@@ -835,7 +850,7 @@ impl Store for SqliteStore {
     }
 
     async fn outbox_status(&self, now: Timestamp) -> Result<OutboxStatus> {
-        self.read(move |conn| {
+        self.read_snapshot(move |conn| {
             let (depth, due, retrying, oldest, next): (
                 i64,
                 Option<i64>,
@@ -931,7 +946,7 @@ impl Store for SqliteStore {
     }
 
     async fn request_stats(&self, now: Timestamp) -> Result<RequestStats> {
-        self.read(move |conn| {
+        self.read_snapshot(move |conn| {
             let (live, expired, oldest): (Option<i64>, Option<i64>, Option<i64>) = conn.query_row(
                 "SELECT sum(expires_at > ?1), sum(expires_at <= ?1),
                             min(CASE WHEN expires_at > ?1 THEN created_at END)
