@@ -14,9 +14,14 @@ ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS builder
 WORKDIR /build
-# Only what the release binary needs: tests/, bench/ and fuzz/ are not part of it.
+# What the release binary needs, and the workspace's other members (the test kit and the
+# benchmark: cargo reads every member's manifest and targets, and builds only the
+# server); tests/ and fuzz/ are not part of it.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY testkit ./testkit
+COPY bench/Cargo.toml ./bench/
+COPY bench/src ./bench/src
 # The registry and target directory live in BuildKit caches, so a source change
 # recompiles only this crate; the binary is copied out of the cache mount, which is not
 # part of the image.

@@ -13,7 +13,6 @@
 
 pub mod admin;
 pub mod app;
-pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod clock;

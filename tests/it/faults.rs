@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use letro_server::bench::load::{LoadReport, Pace, render_request, run};
+use letro_testkit::load::{LoadReport, Pace, render_request, run};
 use reqwest::StatusCode;
 use tokio::sync::{Mutex, Notify};
 
@@ -471,11 +471,11 @@ async fn memory_stays_bounded_with_100k_messages_waiting_for_a_dead_sink() {
         "{warm:?}\n{}",
         server.recent_log()
     );
-    let rss_20k = server.rss_kib();
+    let rss_20k = server.rss_kib().0;
     let rest = run(addr, requests(PAIRS / 5..PAIRS), 16, Pace::Closed, "rest").await;
     assert!(all_204(&rest, 2 * PAIRS * 4 / 5), "{rest:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_100k = server.rss_kib();
+    let rss_100k = server.rss_kib().0;
     let waiting = server.terminate().await;
     assert_eq!(waiting.code(), Some(0));
     let messages = outbox_ids(&db).len();

@@ -19,26 +19,26 @@ struct Tally {
 
 /// The counting sink, on a real socket.
 #[derive(Debug, Clone)]
-pub struct CountingSink {
+pub(crate) struct CountingSink {
     /// Where it listens.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     tally: Arc<Mutex<Tally>>,
 }
 
 /// What the sink saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SinkCounts {
+pub(crate) struct SinkCounts {
     /// Deliveries received (redeliveries included).
-    pub deliveries: u64,
+    pub(crate) deliveries: u64,
     /// Distinct (recipient, contact) matches.
-    pub distinct: u64,
+    pub(crate) distinct: u64,
     /// (recipient, contact) matches that came under more than one ce-id: must be 0.
-    pub conflicting: u64,
+    pub(crate) conflicting: u64,
 }
 
 impl CountingSink {
     /// Starts the sink on 127.0.0.1, any port.
-    pub async fn start() -> std::io::Result<Self> {
+    pub(crate) async fn start() -> std::io::Result<Self> {
         let tally = Arc::new(Mutex::new(Tally::default()));
         let app = axum::Router::new()
             .route("/", axum::routing::post(receive))
@@ -56,7 +56,7 @@ impl CountingSink {
     }
 
     /// Counts so far.
-    pub fn counts(&self) -> SinkCounts {
+    pub(crate) fn counts(&self) -> SinkCounts {
         let tally = self.tally();
         SinkCounts {
             deliveries: tally.deliveries,
@@ -66,12 +66,12 @@ impl CountingSink {
     }
 
     /// When the last delivery arrived.
-    pub fn last_delivery(&self) -> Option<Instant> {
+    pub(crate) fn last_delivery(&self) -> Option<Instant> {
         self.tally().last
     }
 
     /// Whether `recipient` got exactly one match naming `contact`.
-    pub fn matched_once(&self, recipient: &str, contact: &str) -> bool {
+    pub(crate) fn matched_once(&self, recipient: &str, contact: &str) -> bool {
         self.tally()
             .matches
             .get(&(recipient.to_owned(), contact.to_owned()))

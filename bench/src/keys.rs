@@ -6,21 +6,21 @@ use std::path::Path;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
-use crate::client::Endpoint;
-use crate::domain::EndpointId;
+use letro_server::client::Endpoint;
+use letro_server::domain::EndpointId;
 
 /// An endpoint's public half: all a pairing request needs.
 #[derive(Debug, Clone)]
-pub struct BenchKey {
+pub(crate) struct BenchKey {
     /// The endpoint id.
-    pub id: EndpointId,
+    pub(crate) id: EndpointId,
     /// The identity key, SubjectPublicKeyInfo DER, base64.
     pub spki_b64: String,
 }
 
 /// Loads `count` keys from `path` (one base64 SPKI per line), generating and appending
 /// what is missing.
-pub fn load_or_generate(path: &Path, count: usize) -> anyhow::Result<Vec<BenchKey>> {
+pub(crate) fn load_or_generate(path: &Path, count: usize) -> anyhow::Result<Vec<BenchKey>> {
     let mut lines: Vec<String> = match std::fs::read_to_string(path) {
         Ok(text) => text.lines().map(str::to_owned).collect(),
         Err(_) => Vec::new(),

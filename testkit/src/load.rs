@@ -13,8 +13,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-use crate::codec::cloudevent::INCOMING_TYPE;
-use crate::codec::pairing::PAIRING_REQUEST_TYPE;
+use letro_server::codec::cloudevent::INCOMING_TYPE;
+use letro_server::codec::pairing::PAIRING_REQUEST_TYPE;
 
 /// One pairing request, ready to send.
 pub fn render_request(

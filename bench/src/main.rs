@@ -2,23 +2,27 @@
 //! each also given as a ratio to a no-op route served by the same server in the same run.
 //! `bench/run` builds in release mode and runs it; see README.md.
 
-use std::io::{BufRead, BufReader};
+mod keys;
+
+mod sink;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::keys::{BenchKey, load_or_generate};
+use crate::sink::CountingSink;
 use anyhow::Context;
 use clap::Parser;
-use letro_server::bench::keys::{BenchKey, load_or_generate};
-use letro_server::bench::load::{LoadReport, Pace, render_request, run};
-use letro_server::bench::sink::CountingSink;
 use letro_server::clock;
 use letro_server::codec::pairing::MatchOrder;
 use letro_server::domain::{EventKey, PairingRequest, PendingLimits, VeraId, VeraIdDigester};
 use letro_server::store::sqlite::{SqliteStore, Synchronous};
 use letro_server::store::{PairingSubmission, Store, settings};
+use letro_testkit::load::{LoadReport, Pace, render_request, run};
+use letro_testkit::{PgDatabase, ServerProcess};
 
 const SERVER_ID: &str = "0bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 const SECRET_HEX: &str = "62656e63686d61726b2d7365637265742d6b6579";
@@ -72,7 +76,7 @@ impl CpuTime {
 
 /// The server under test, as a child process.
 struct Server {
-    child: Child,
+    process: ServerProcess,
     addr: SocketAddr,
     startup: Duration,
 }
@@ -84,57 +88,25 @@ impl Server {
         sink: SocketAddr,
         extra: &[String],
     ) -> anyhow::Result<Self> {
-        let started = Instant::now();
-        let mut child = Command::new(binary)
-            .env_clear()
-            .args(["--log-format", "json", "serve", "--bind", "127.0.0.1:0"])
-            .args(["--database", database])
-            .args(["--sink", &format!("http://{sink}/")])
-            .args(["--veraid-secret", SECRET_HEX, "--bench-noop-route"])
-            // No per-sender cap: a few hundred keys stand for many users here.
-            .args(["--max-pending-per-sender", "4294967295"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
+        let sink = format!("http://{sink}/");
+        let mut args = vec!["--database", database, "--sink", &sink];
+        args.extend(["--veraid-secret", SECRET_HEX, "--bench-noop-route"]);
+        // No per-sender cap: a few hundred keys stand for many users here.
+        args.extend(["--max-pending-per-sender", "4294967295"]);
+        args.extend(extra.iter().map(String::as_str));
+        let process = ServerProcess::launch(binary, &args, Duration::from_secs(60))
             .with_context(|| format!("starting {}", binary.display()))?;
-        let stdout = child.stdout.take().context("server stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("\"listening\"")
-                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && let Some(addr) = v["address"].as_str()
-                {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .context("the server did not start")?
-            .parse()?;
         Ok(Self {
-            child,
-            addr,
-            startup: started.elapsed(),
+            addr: process.addr,
+            startup: process.startup,
+            process,
         })
     }
 
     /// (current, peak) resident set size in MiB.
     fn rss_mib(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-                / 1024.0
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        let (rss, peak) = self.process.rss_kib();
+        (rss as f64 / 1024.0, peak as f64 / 1024.0)
     }
 
     /// CPU time the server has used so far, from the scheduler's per-thread counters
@@ -143,7 +115,7 @@ impl Server {
     /// compared by it.
     fn cpu(&self) -> CpuTime {
         let mut cpu = CpuTime::default();
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.process.pid())) else {
             return cpu;
         };
         for task in tasks.flatten() {
@@ -161,11 +133,8 @@ impl Server {
         cpu
     }
 
-    fn stop(mut self) -> anyhow::Result<()> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        self.child.wait()?;
+    fn stop(self) -> anyhow::Result<()> {
+        self.process.stop()?;
         Ok(())
     }
 }
@@ -481,22 +450,12 @@ async fn main() -> anyhow::Result<()> {
 
     // PostgreSQL on a fresh database.
     if let Some(url) = &args.postgres {
-        let name = format!("letro_bench_{}", std::process::id());
-        let admin = url.clone();
-        {
-            use sqlx::Connection;
-            let mut conn = sqlx::PgConnection::connect(&admin).await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .execute(&mut conn)
-                .await?;
-        }
-        let mut pg_url = reqwest::Url::parse(url)?;
-        pg_url.set_path(&format!("/{name}"));
+        let db = PgDatabase::create_on(url, "letro_bench").await?;
         let extra: Vec<String> = args
             .pg_connections
             .map(|n| vec!["--db-max-connections".into(), n.to_string()])
             .unwrap_or_default();
-        let server = Server::start(&binary, pg_url.as_str(), sink.addr, &extra)?;
+        let server = Server::start(&binary, &db.url, sink.addr, &extra)?;
         let pg_name = format!(
             "PostgreSQL (local, {} connections)",
             args.pg_connections
@@ -504,15 +463,7 @@ async fn main() -> anyhow::Result<()> {
         );
         let figures = measure_backend(&pg_name, &server, &sink, &keys, &args, "pg").await;
         server.stop()?;
-        {
-            use sqlx::Connection;
-            let mut conn = sqlx::PgConnection::connect(&admin).await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE {name} WITH (FORCE)"
-            )))
-            .execute(&mut conn)
-            .await?;
-        }
+        db.drop_database().await;
         backends.push(figures?);
     } else {
         notes.push("PostgreSQL: skipped (no --postgres / TEST_DATABASE_URL).".to_owned());
