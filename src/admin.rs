@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::app::{Opening, open_store};
 use crate::cli::{DatabaseArgs, OutboxCommand, RequestsCommand};
 use crate::clock;
+use crate::codec::pairing::MatchOrder;
 use crate::config::{Config, DatabaseConfig, HumanDuration, SqliteSync, defaults};
 use crate::domain::{MessageId, Timestamp};
 use crate::store::Store;
@@ -291,6 +292,18 @@ pub fn describe(config: &Config) -> String {
             } else {
                 "replaces it (logged and counted)".into()
             },
+        ),
+        (
+            "tmp pairing matches",
+            match config.tmp_match_order {
+                MatchOrder::ContactFirst => {
+                    "contact-first: contact's VeraId, then the recipient's (protocol document)"
+                }
+                MatchOrder::RecipientFirst => {
+                    "recipient-first: recipient's VeraId, then the contact's (Letro for Android 2023)"
+                }
+            }
+            .into(),
         ),
         (
             "header / body read timeouts",

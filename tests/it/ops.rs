@@ -218,6 +218,10 @@ fn check_config_prints_settings_without_secrets_and_exits_2_when_invalid() {
     assert!(text.contains("broker-ingress"), "{text}");
     assert!(text.contains("no cap"), "{text}");
     assert!(text.contains("90days"), "{text}");
+    assert!(
+        text.contains("contact-first"),
+        "the default match order: {text}"
+    );
     for secret in ["hunter2", "00112233445566778899"] {
         assert!(!text.contains(secret), "{secret} printed: {text}");
     }
@@ -233,6 +237,27 @@ fn check_config_prints_settings_without_secrets_and_exits_2_when_invalid() {
     assert!(
         text.contains("warning: SQLite synchronous=normal"),
         "{text}"
+    );
+    let text = stdout(&run(&[
+        "check-config",
+        "--tmp-match-order",
+        "recipient-first",
+    ]));
+    assert!(text.contains("recipient-first"), "{text}");
+    let out = run(&["check-config", "--tmp-match-order", "owner-first"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tmp-match-order"), "{err}");
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("LETRO_TMP_MATCH_ORDER", "backwards")
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .output()
+        .expect("serve");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad value stops serve at startup"
     );
     let out = run(&["check-config", "--message-ttl", "200days"]);
     assert_eq!(out.status.code(), Some(2));
