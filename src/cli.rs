@@ -105,6 +105,11 @@ pub struct DemoArgs {
     /// Also print each message in full (CloudEvent headers and body).
     #[arg(long)]
     pub verbose: bool,
+    /// Play the Letro for Android releases of 2023: matches with the recipient's own
+    /// VeraId first (--tmp-match-order recipient-first), authorisations sent as
+    /// pairing-auth and forwarded unchanged.
+    #[arg(long)]
+    pub android_2023: bool,
 }
 
 /// Where the database is.

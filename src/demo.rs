@@ -20,13 +20,17 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::app::App;
 use crate::cli::DemoArgs;
-use crate::client::{CertificateOptions, Endpoint, connection_params, read_completion, read_match};
+use crate::client::{
+    CertificateOptions, Endpoint, connection_params, read_completion, read_match_in,
+};
 use crate::codec::cloudevent::{CloudEvent, INCOMING_TYPE, decode_http};
 use crate::codec::connparams::decode_connection_params;
 use crate::codec::pairing::{
-    PAIRING_AUTH_TMP_TYPE, PAIRING_COMPLETION_TYPE, PAIRING_MATCH_TYPE, PAIRING_REQUEST_TYPE,
+    MatchOrder, PAIRING_AUTH_TMP_TYPE, PAIRING_AUTH_TYPE, PAIRING_COMPLETION_TYPE,
+    PAIRING_MATCH_TYPE, PAIRING_REQUEST_TYPE,
 };
 use crate::config::{Config, DatabaseConfig, SqliteSync};
+use crate::domain::EndpointId;
 
 /// The server's own endpoint id, as the Awala Internet Endpoint would give it.
 const SERVER_ID: &str = "0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0de0d";
@@ -52,6 +56,13 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
         },
     );
     config.sink = Some(format!("http://{sink_addr}/").parse()?);
+    // The 2023 app reads its own VeraId first in a match and sends `pairing-auth`.
+    let (order, auth_type) = if args.android_2023 {
+        (MatchOrder::RecipientFirst, PAIRING_AUTH_TYPE)
+    } else {
+        (MatchOrder::ContactFirst, PAIRING_AUTH_TMP_TYPE)
+    };
+    config.tmp_match_order = order;
     let app = App::build(config).await?;
     let server = format!("http://{}/", app.local_addr()?);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -121,9 +132,12 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
         let event = addressed_to(&matches, user)?;
         show_delivery(out, &args, event)?;
         expect_type(event, PAIRING_MATCH_TYPE)?;
-        let m = read_match(&event.data)?;
+        let m = read_match_in(&event.data, order)?;
         let other = if user.name == "Alice" { &bob } else { &alice };
-        if m.contact_endpoint_id != *other.endpoint.id() || m.contact_veraid != other.veraid {
+        if m.contact_endpoint_id != *other.endpoint.id()
+            || m.contact_veraid != other.veraid
+            || m.own_veraid != user.veraid
+        {
             bail!("{}'s match does not describe {}", user.name, other.name);
         }
         say(
@@ -161,8 +175,8 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
             ),
         )?;
         let id = format!("auth-{parcel}");
-        show_request(out, &args, granter, &id, PAIRING_AUTH_TMP_TYPE, &params)?;
-        let status = post(&http, &server, granter, &id, PAIRING_AUTH_TMP_TYPE, params).await?;
+        show_request(out, &args, granter, &id, auth_type, &params)?;
+        let status = post(&http, &server, granter, &id, auth_type, params).await?;
         say(
             out,
             &format!(
@@ -172,16 +186,29 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
         )?;
     }
 
-    step(out, 5, "Each receives a pairing completion from the other")?;
+    if args.android_2023 {
+        step(out, 5, "Each receives the other's authorisation, unchanged")?;
+    } else {
+        step(out, 5, "Each receives a pairing completion from the other")?;
+    }
     let completions = receive(&mut delivered, 2).await?;
     for user in [&alice, &bob] {
         let event = addressed_to(&completions, user)?;
         show_delivery(out, &args, event)?;
-        expect_type(event, PAIRING_COMPLETION_TYPE)?;
-        let (granter, params_der) = read_completion(&event.data)?;
+        let other = if user.name == "Alice" { &bob } else { &alice };
+        // A forwarded authorisation is the params alone: the granter is their identity key.
+        let (granter, params_der) = if args.android_2023 {
+            expect_type(event, PAIRING_AUTH_TYPE)?;
+            (None, event.data.clone())
+        } else {
+            expect_type(event, PAIRING_COMPLETION_TYPE)?;
+            let (granter, params) = read_completion(&event.data)?;
+            (Some(granter), params)
+        };
         let params = decode_connection_params(&params_der)
             .map_err(|e| anyhow::anyhow!("connection params: {e:?}"))?;
-        let other = if user.name == "Alice" { &bob } else { &alice };
+        let granter =
+            granter.unwrap_or_else(|| EndpointId::from_spki_der(&params.identity_key_der));
         if granter != *other.endpoint.id()
             || params.pda.subject_rsa_key_der.as_deref() != Some(user.endpoint.spki_der())
         {
@@ -229,7 +256,7 @@ fn shorten(text: &str) -> String {
 
 /// Shows the body of a message, shortened unless `--verbose`.
 fn printable(args: &DemoArgs, kind: &str, body: &[u8]) -> String {
-    let text = if kind == PAIRING_AUTH_TMP_TYPE {
+    let text = if kind == PAIRING_AUTH_TMP_TYPE || kind == PAIRING_AUTH_TYPE {
         format!("<DER> {}", STANDARD.encode(body))
     } else {
         String::from_utf8_lossy(body).into_owned()

@@ -297,6 +297,17 @@ fn the_demo_pairs_two_users_end_to_end() {
             .contains("ce-type: tech.relaycorp.awala.endpoint-internet.outgoing-service-message")
     );
     assert!(verbose.contains("ce-expiry: "));
+    // The 2023 app's dialect: its own VeraId first, authorisations forwarded as they came.
+    let android = stdout(&run(&["demo", "--android-2023"]));
+    for line in [
+        "content-type: application/vnd.relaycorp.letro.pairing-auth\n",
+        "5. Each receives the other's authorisation, unchanged",
+        "Alice holds Bob's connection params",
+        "Paired: Alice and Bob can now send each other parcels through Awala.",
+    ] {
+        assert!(android.contains(line), "missing {line:?} in:\n{android}");
+    }
+    assert!(!android.contains("pairing-completion-tmp"), "{android}");
 }
 
 #[tokio::test]
