@@ -176,4 +176,28 @@ mod tests {
         assert_eq!(a.as_str().len(), 64);
         assert!(a.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
     }
+
+    #[test]
+    fn ids_of_existing_kinds_are_what_earlier_releases_derived() {
+        // docs/protocol.md §3.2: Alice's match when Bob's request `b-1` completes the pair.
+        // Messages already queued keep their ids; a redelivery after an upgrade must
+        // derive the same one, or the gateway could not merge the duplicate.
+        let bob = "098b9544f6223a426bbfcec02d2293596fe4928eb18412dc6e63b41875301b463";
+        let alice =
+            EndpointId::parse("021208ff33689e93851eeff50b34197ffe189befe32d8ea7e0ef390133974c4a2")
+                .expect("id");
+        assert_eq!(
+            MessageId::derive(&key(bob, "b-1"), &MessageKind::PAIRING_MATCH, &alice).as_str(),
+            "bcf45be336215ff62fa1f964d3fd4024a0af9e7026a5992d6d9a7f4233b2da65"
+        );
+        // A kind read back from storage derives as the constant it names.
+        assert_eq!(
+            MessageId::derive(
+                &key(bob, "b-1"),
+                &MessageKind::from_stored("pairing-match".into()),
+                &alice
+            ),
+            MessageId::derive(&key(bob, "b-1"), &MessageKind::PAIRING_MATCH, &alice)
+        );
+    }
 }
