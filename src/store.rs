@@ -92,8 +92,9 @@ pub struct OutboxSummary {
     pub id: MessageId,
     /// What it is.
     pub kind: MessageKind,
-    /// The endpoint it goes to.
-    pub recipient: EndpointId,
+    /// The endpoint it goes to, as stored (an operator must see a row even when it is
+    /// not a valid endpoint id).
+    pub recipient: String,
     /// When it was created.
     pub created: Timestamp,
     /// When it expires and is dropped undelivered.
@@ -288,25 +289,45 @@ impl StoredMessage {
     }
 }
 
-/// The claimed rows this build can deliver, in `seq` order; the others are logged and
-/// stay leased (a newer replica may take them once the lease ends).
-fn deliverable(rows: Vec<StoredMessage>) -> Vec<OutboxEntry> {
-    let mut entries: Vec<OutboxEntry> = rows
-        .into_iter()
-        .filter_map(|row| {
-            let (seq, id) = (row.seq, row.id.clone());
-            row.into_entry()
-                .map_err(|reason| {
-                    tracing::warn!(
-                        seq,
-                        message.id = %id,
-                        %reason,
-                        "outbox message this build cannot deliver; left in the outbox"
-                    );
-                })
-                .ok()
-        })
-        .collect();
+/// A claimed row this build cannot deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Undeliverable {
+    seq: i64,
+    /// Why, for the log and the row's `last_error`.
+    reason: String,
+    /// Its expiry has passed: it is deleted, as an expired message is.
+    expired: bool,
+}
+
+/// Splits claimed rows into those this build can deliver, in `seq` order, and the
+/// others, each logged. A backend records the reason in an undeliverable row's
+/// `last_error` (it stays leased, and a newer replica may take it once the lease ends)
+/// and deletes the expired ones, in the claim's transaction.
+fn deliverable(rows: Vec<StoredMessage>, now: Timestamp) -> (Vec<OutboxEntry>, Vec<Undeliverable>) {
+    let mut entries = Vec::with_capacity(rows.len());
+    let mut undeliverable = Vec::new();
+    for row in rows {
+        let (seq, id, expiry) = (row.seq, row.id.clone(), Timestamp(row.expiry));
+        match row.into_entry() {
+            Ok(entry) => entries.push(entry),
+            Err(reason) => {
+                let expired = expiry <= now;
+                tracing::warn!(
+                    seq,
+                    message.id = %id,
+                    %reason,
+                    expired,
+                    "outbox message this build cannot deliver; {}",
+                    if expired { "expired, so dropped" } else { "left in the outbox" }
+                );
+                undeliverable.push(Undeliverable {
+                    seq,
+                    reason: format!("this build cannot deliver it: {reason}"),
+                    expired,
+                });
+            }
+        }
+    }
     entries.sort_by_key(|e| e.seq);
-    entries
+    (entries, undeliverable)
 }

@@ -190,6 +190,20 @@ mod tests {
             MessageId::derive(&key(bob, "b-1"), &MessageKind::PAIRING_MATCH, &alice).as_str(),
             "bcf45be336215ff62fa1f964d3fd4024a0af9e7026a5992d6d9a7f4233b2da65"
         );
+        // docs/protocol.md §3.4: the completion of vector `valid_connection_params[0]`.
+        let grantee =
+            EndpointId::parse("08fc312655268d37b066d53786cab50561db02e8bcb840bb82c9d9d62dbdc1a91")
+                .expect("id");
+        let granter = "09dbe189bcb70ff5dfcb5f94cf44296838983c4991e3b7747560a566033b1a908";
+        assert_eq!(
+            MessageId::derive(
+                &key(granter, "p-1"),
+                &MessageKind::PAIRING_COMPLETION,
+                &grantee
+            )
+            .as_str(),
+            "5b7f009540081838a28793ffeeb984f37de27f6ac6f0c115a6061f9b20fe20f6"
+        );
         // A kind read back from storage derives as the constant it names.
         assert_eq!(
             MessageId::derive(

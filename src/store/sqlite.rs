@@ -517,8 +517,12 @@ fn record_and_queue(conn: &Connection, s: &EventMessages) -> rusqlite::Result<Qu
     if !record_event(conn, &s.event, s.event_expiry)? {
         return Ok(QueueOutcome::Duplicate);
     }
-    for m in &s.messages {
-        insert_message(conn, m)?;
+    // No unique index on ids (migration 3): the same id twice in one submission is the
+    // same message, queued once, as PostgreSQL's ON CONFLICT does.
+    for (i, m) in s.messages.iter().enumerate() {
+        if !s.messages[..i].iter().any(|earlier| earlier.id == m.id) {
+            insert_message(conn, m)?;
+        }
     }
     Ok(QueueOutcome::Queued)
 }
@@ -717,7 +721,17 @@ fn claim(
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(deliverable(rows))
+    let (entries, undeliverable) = deliverable(rows, now);
+    for row in undeliverable {
+        if row.expired {
+            conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
+                .execute(params![row.seq])?;
+        } else {
+            conn.prepare_cached("UPDATE outbox SET last_error = ?2 WHERE seq = ?1")?
+                .execute(params![row.seq, row.reason])?;
+        }
+    }
+    Ok(entries)
 }
 
 #[async_trait]
@@ -892,13 +906,11 @@ impl Store for SqliteStore {
                  FROM outbox ORDER BY next_attempt_at, seq LIMIT ?1",
             )?;
             stmt.query_map(params![limit], |r| {
-                let recipient: String = r.get(2)?;
                 let attempts: i64 = r.get(5)?;
                 Ok(OutboxSummary {
                     id: MessageId::from_stored(r.get(0)?),
                     kind: MessageKind::from_stored(r.get(1)?),
-                    recipient: EndpointId::parse(&recipient)
-                        .map_err(|_| corrupt("outbox recipient"))?,
+                    recipient: r.get(2)?,
                     created: Timestamp(r.get(3)?),
                     expiry: Timestamp(r.get(4)?),
                     attempts: u32::try_from(attempts).unwrap_or(u32::MAX),

@@ -127,8 +127,9 @@ async fn a_2023_conversation_pairs_both_users(db: &TestDb) {
 }
 
 /// An authorisation in the 2023 app's dialect gets the same checks as the seed's: one
-/// the sender did not issue is refused (204), and nothing reaches anyone.
-async fn a_pairing_auth_the_sender_did_not_issue_is_refused(db: &TestDb) {
+/// the sender did not issue, and one that is not connection params, are refused (204)
+/// for their own reasons, and nothing reaches anyone.
+async fn a_pairing_auth_that_fails_the_checks_is_refused(db: &TestDb) {
     let Phones { alice, bob } = phones();
     let mut sink = FakeSink::start().await;
     let app = app_2023(db, &sink).await;
@@ -146,6 +147,10 @@ async fn a_pairing_auth_the_sender_did_not_issue_is_refused(db: &TestDb) {
             .await,
         2
     );
+    for reason in ["not_issued_by_sender", "params_malformed"] {
+        let sample = format!("letro_refusals_total{{reason=\"{reason}\"}}");
+        assert_eq!(app.metric(&sample).await, 1, "{reason}");
+    }
     app.stop().await;
 }
 
@@ -205,7 +210,7 @@ async fn concurrent_halves_match_exactly_once_in_recipient_first_order(db: &Test
 
 crate::on_both_backends!(
     a_2023_conversation_pairs_both_users,
-    a_pairing_auth_the_sender_did_not_issue_is_refused,
+    a_pairing_auth_that_fails_the_checks_is_refused,
     concurrent_halves_match_exactly_once_in_recipient_first_order,
 );
 

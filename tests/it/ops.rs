@@ -248,10 +248,15 @@ fn check_config_prints_settings_without_secrets_and_exits_2_when_invalid() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--tmp-match-order"), "{err}");
-    let out = Command::new(BIN)
+    // Under `timeout`: a server that took the value would serve forever, and fail here
+    // with 124 instead of hanging the test.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("x.db").display());
+    let out = Command::new("timeout")
+        .args(["10", BIN])
         .env_clear()
         .env("LETRO_TMP_MATCH_ORDER", "backwards")
-        .args(["serve", "--bind", "127.0.0.1:0"])
+        .args(["serve", "--bind", "127.0.0.1:0", "--database", &url])
         .output()
         .expect("serve");
     assert_eq!(

@@ -73,6 +73,22 @@ async fn an_upgraded_database_keeps_and_delivers_everything(db: &TestDb) {
         completion_body = blob(db, b"old completion"),
     );
     previous_release(db, &sql).await;
+    // The migration itself fills in the new columns (the store would also read an empty
+    // content type by kind, which is not what is checked here).
+    open(db).await.close().await;
+    assert_eq!(
+        texts(
+            db,
+            "SELECT kind || ' ' || content_type FROM outbox ORDER BY id; \
+             SELECT protocol || ' ' || length(offer) FROM pending_requests"
+        )
+        .await,
+        [
+            format!("pairing-match {MATCH_TYPE}"),
+            "pairing-completion application/vnd.relaycorp.letro.pairing-completion-tmp".into(),
+            format!("tmp {}", p[0].key_der.len()),
+        ]
+    );
 
     let mut sink = FakeSink::start().await;
     let mut config = db.config(Some(&sink.url));
@@ -155,12 +171,35 @@ async fn execute(db: &TestDb, sql: &str) {
     }
 }
 
-/// During a rolling upgrade on PostgreSQL, replicas of other builds share the outbox:
-/// an older one queues rows without a content type, a newer one rows of kinds this build
-/// never makes. Those it can read are delivered; a row it cannot read is left in the
-/// outbox and logged, and never fails the claim of the others.
-async fn rows_of_other_builds_never_stall_the_outbox(db: &TestDb) {
-    let store: std::sync::Arc<dyn letro_server::store::Store> = match db {
+/// The first column of every row of the `;`-separated queries, as text.
+async fn texts(db: &TestDb, queries: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for query in queries.split(';') {
+        match db {
+            TestDb::Sqlite(_, path) => {
+                let conn = rusqlite::Connection::open(path).expect("open");
+                let mut stmt = conn.prepare(query).expect("query");
+                let rows = stmt.query_map([], |r| r.get::<_, String>(0)).expect("rows");
+                out.extend(rows.map(|r| r.expect("row")));
+            }
+            TestDb::Postgres(pg) => {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
+                let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(query.to_owned()))
+                    .fetch_all(&mut conn)
+                    .await
+                    .expect("rows");
+                out.extend(rows);
+                let _ = conn.close().await;
+            }
+        }
+    }
+    out
+}
+
+/// The current schema's store on `db`.
+async fn open(db: &TestDb) -> std::sync::Arc<dyn letro_server::store::Store> {
+    match db {
         TestDb::Sqlite(_, path) => std::sync::Arc::new(
             sqlite::SqliteStore::open(path, sqlite::Synchronous::Full, letro_server::clock::now())
                 .expect("open"),
@@ -170,19 +209,29 @@ async fn rows_of_other_builds_never_stall_the_outbox(db: &TestDb) {
                 .await
                 .expect("connect"),
         ),
-    };
+    }
+}
+
+/// During a rolling upgrade on PostgreSQL, replicas of other builds share the outbox:
+/// an older one queues rows without a content type, a newer one rows of kinds this build
+/// never makes. Those it can read are delivered; a row it cannot read is left in the
+/// outbox and logged, and never fails the claim of the others.
+async fn rows_of_other_builds_never_stall_the_outbox(db: &TestDb) {
+    let store = open(db).await;
     let p = parties();
     let now = letro_server::clock::now();
-    let row = |id: char, kind: &str, content_type: &str| {
+    let row_to = |id: char, recipient: &str, kind: &str, content_type: &str, expiry: i64| {
         format!(
-            "('{}', '{SERVER_ID}', '{}', '{kind}', '{content_type}', {}, {}, {}, {})",
+            "('{}', '{SERVER_ID}', '{recipient}', '{kind}', '{content_type}', {}, {}, {}, {})",
             id.to_string().repeat(64),
-            p[0].id,
             blob(db, kind.as_bytes()),
-            now.0,
-            now.0 + DAY_MS,
-            now.0
+            now.0 - 1,
+            expiry,
+            now.0 - 1
         )
+    };
+    let row = |id: char, kind: &str, content_type: &str| {
+        row_to(id, &p[0].id, kind, content_type, now.0 + DAY_MS)
     };
     let rows = [
         // An older replica's match: no content type.
@@ -196,6 +245,15 @@ async fn rows_of_other_builds_never_stall_the_outbox(db: &TestDb) {
         // Nothing to send it as.
         row('c', "mystery", ""),
         row('d', "pairing-match", "text/plain\n"),
+        row_to(
+            'e',
+            "not an endpoint",
+            "pairing-match",
+            MATCH_TYPE,
+            now.0 + DAY_MS,
+        ),
+        // Expired: dropped, as any expired message is.
+        row_to('f', &p[0].id, "mystery", "", now.0 - 1),
     ];
     execute(
         db,
@@ -233,22 +291,80 @@ async fn rows_of_other_builds_never_stall_the_outbox(db: &TestDb) {
         ]
     );
     assert_eq!(claimed[1].message.content, b"contact-pairing-failure");
-    // The operator still sees all four, by kind.
+    // The operator still sees the five that have not expired, by kind, and why the three
+    // this build cannot send are stuck.
     let status = store.outbox_status(now).await.expect("status");
-    assert_eq!(status.depth, 4);
+    assert_eq!(status.depth, 5);
     let kinds: Vec<(&str, u64)> = status.by_kind.iter().map(|(k, n)| (k.name(), *n)).collect();
     assert_eq!(
         kinds,
         [
             ("contact-pairing-failure", 1),
             ("mystery", 1),
-            ("pairing-match", 2)
+            ("pairing-match", 3)
         ]
+    );
+    let listed = store.outbox_list(10).await.expect("list");
+    let stuck: Vec<(&str, &str)> = listed
+        .iter()
+        .filter_map(|m| Some((&m.id.as_str()[..1], m.last_error.as_deref()?)))
+        .collect();
+    assert_eq!(stuck.len(), 3, "{listed:?}");
+    for (id, error) in stuck {
+        assert!(["c", "d", "e"].contains(&id), "{id}");
+        assert!(error.starts_with("this build cannot deliver it"), "{error}");
+    }
+    assert!(listed.iter().any(|m| m.recipient == "not an endpoint"));
+    store.close().await;
+}
+
+/// A waiting request in a protocol this build does not know (a newer replica's) is never
+/// a counterpart: the reverse tmp request waits beside it, and nothing is sent.
+async fn a_waiting_request_of_another_protocol_is_no_match(db: &TestDb) {
+    use crate::store_contract::{NOW, submission};
+    let store = open(db).await;
+    let p = parties();
+    let digester = VeraIdDigester::new(b"contract-test-secret");
+    let digest = |v: &str| digester.digest(&VeraId::parse(v).expect("VeraId")).0;
+    execute(
+        db,
+        &format!(
+            "INSERT INTO pending_requests (requester_digest, target_digest, endpoint_id,
+                                           protocol, offer, created_at, expires_at)
+             VALUES ({}, {}, '{}', 'signed', {}, {}, {});",
+            blob(db, &digest("b@y.io")),
+            blob(db, &digest("a@x.io")),
+            p[1].id,
+            blob(db, b"a signed request"),
+            NOW.0,
+            NOW.0 + DAY_MS
+        ),
+    )
+    .await;
+    let outcome = store
+        .submit_pairing_request(submission(&p[0], "tmp", "a@x.io", "b@y.io"))
+        .await
+        .expect("submit");
+    assert_eq!(
+        outcome,
+        letro_server::store::PairingOutcome::Stored { replaced: None }
+    );
+    let stats = store.stats().await.expect("stats");
+    assert_eq!((stats.pending_requests, stats.outbox_depth), (2, 0));
+    // The tmp request of the same pair still matches a tmp reverse half.
+    let outcome = store
+        .submit_pairing_request(submission(&p[1], "tmp-b", "b@y.io", "a@x.io"))
+        .await
+        .expect("submit");
+    assert!(
+        matches!(outcome, letro_server::store::PairingOutcome::Matched { .. }),
+        "{outcome:?}"
     );
     store.close().await;
 }
 
 crate::on_both_backends!(
+    a_waiting_request_of_another_protocol_is_no_match,
     an_upgraded_database_keeps_and_delivers_everything,
     rows_of_other_builds_never_stall_the_outbox,
 );
