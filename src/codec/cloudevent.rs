@@ -231,8 +231,9 @@ fn decode_structured(body: &[u8]) -> Result<CloudEvent, DecodeError> {
 }
 
 /// The headers of `message` as a binary-mode CloudEvent, plus the `K_CE_OVERRIDES`
-/// extensions. Every value is printable ASCII without space, `"` or `%`, so no
-/// percent-encoding is needed.
+/// extensions. Every `ce-` value is printable ASCII without space, `"` or `%`, so no
+/// percent-encoding is needed; `content-type` is a plain header value (it may hold
+/// spaces, as parameters do), checked by the store before a message is delivered.
 pub fn encode_binary_headers(
     message: &OutgoingMessage,
     overrides: &[(String, String)],
