@@ -14,12 +14,14 @@ ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS builder
 WORKDIR /build
-# What the release binary needs, and the workspace's other members (the test kit and the
-# benchmark: cargo reads every member's manifest and targets, and builds only the
+# What the release binary needs, and the workspace's other members (the veraid crate, the
+# test kit and the benchmark: cargo reads every member's manifest and targets, and builds only the
 # server); tests/ and fuzz/ are not part of it.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY testkit ./testkit
+COPY veraid/Cargo.toml ./veraid/
+COPY veraid/src ./veraid/src
 COPY bench/Cargo.toml ./bench/
 COPY bench/src ./bench/src
 # The registry and target directory live in BuildKit caches, so a source change
