@@ -51,6 +51,9 @@ pub const CLASS_IN: u16 = 1;
 /// A response code of `NOERROR`.
 pub const RCODE_NOERROR: u8 = 0;
 
+/// The response code for a name that does not exist.
+pub const RCODE_NXDOMAIN: u8 = 3;
+
 /// One question of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Question {

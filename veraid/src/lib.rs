@@ -9,8 +9,12 @@
 //!
 //! - [`dns`]: the DNS wire format that a bundle's DNSSEC chain is made of (messages,
 //!   DNSKEY/DS/RRSIG/TXT data, key tags, DS digests, what an RRSIG signs).
+//! - [`dnssec`]: validation of an RRset from DS trust anchors over the responses a chain
+//!   carries, within a window of time, with every DNSSEC algorithm of RFC 8624 but the
+//!   deprecated ones, and a bounded number of signature checks.
 //!
-//! The DNSSEC validation of the chain, the certificates, the CMS signature and the
-//! bundle-level `verify` come next (see the workspace's issue tracker).
+//! The certificates, the CMS signature and the bundle-level `verify` come next (see the
+//! workspace's issue tracker).
 
 pub mod dns;
+pub mod dnssec;

@@ -1,77 +1,11 @@
 //! The DNS layer against the DNSSEC chains of the interoperability vectors
 //! (`tests/fixtures/veraid-vectors.json`, made with the reference JavaScript libraries).
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
+mod common;
+
+use common::{bundle, chain, trust_anchor, vectors};
 use proptest::prelude::*;
 use veraid::dns::{CLASS_IN, Dnskey, Ds, Message, Name, Rrsig, rtype, txt_strings};
-
-fn vectors() -> &'static serde_json::Value {
-    static VECTORS: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
-    VECTORS.get_or_init(|| {
-        serde_json::from_str(include_str!("fixtures/veraid-vectors.json")).expect("vectors parse")
-    })
-}
-
-/// One DER TLV at the start of `data`: (tag, content, rest). Test code: the crate's own
-/// bundle decoder is a later layer.
-fn tlv(data: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let tag = *data.first()?;
-    let first = *data.get(1)?;
-    let (len, header) = if first < 0x80 {
-        (usize::from(first), 2)
-    } else {
-        let n = usize::from(first & 0x7f);
-        let bytes = data.get(2..2 + n)?;
-        (
-            bytes.iter().fold(0usize, |l, &b| l << 8 | usize::from(b)),
-            2 + n,
-        )
-    };
-    let content = data.get(header..header + len)?;
-    Some((tag, content, &data[header + len..]))
-}
-
-/// The DNS messages of a bundle's `[1] dnssecChain`, in the order they were written.
-fn chain(bundle: &[u8]) -> Vec<Vec<u8>> {
-    let (_, bundle, _) = tlv(bundle).expect("SignatureBundle");
-    let (_, _, rest) = tlv(bundle).expect("version");
-    let (tag, mut set, _) = tlv(rest).expect("dnssecChain");
-    assert_eq!(tag, 0xa1);
-    let mut messages = Vec::new();
-    while !set.is_empty() {
-        let (tag, message, rest) = tlv(set).expect("OCTET STRING");
-        assert_eq!(tag, 0x04);
-        messages.push(message.to_vec());
-        set = rest;
-    }
-    messages
-}
-
-fn bundle(case: &serde_json::Value) -> Vec<u8> {
-    STANDARD
-        .decode(case["bundle_der_b64"].as_str().expect("bundle"))
-        .expect("base64")
-}
-
-/// The vectors' trust anchor, `. 86400 IN DS 23299 8 2 AB7B…`.
-fn trust_anchor() -> Ds {
-    let v = vectors();
-    let line = v["trust_anchors"][0].as_str().expect("anchor");
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let [".", _, "IN", "DS", tag, alg, digest_type, digest] = fields[..] else {
-        panic!("unexpected anchor {line}");
-    };
-    Ds {
-        key_tag: tag.parse().expect("tag"),
-        algorithm: alg.parse().expect("alg"),
-        digest_type: digest_type.parse().expect("type"),
-        digest: (0..digest.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&digest[i..i + 2], 16).expect("hex"))
-            .collect(),
-    }
-}
 
 #[test]
 fn every_message_of_every_chain_parses() {
