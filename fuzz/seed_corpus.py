@@ -79,3 +79,9 @@ structured.pop("data_base64")
 structured["data"] = body.decode()
 put("cloudevent", http([("content-type", "application/cloudevents+json; charset=utf-8")],
                        json.dumps(structured).encode()))
+
+# VeraId signature bundles: every vector of veraid/tests/fixtures (valid, refused and
+# lenient), and the DNS messages of one chain.
+VERAID = json.loads((ROOT / "veraid/tests/fixtures/veraid-vectors.json").read_text())
+for case in VERAID["cases"]:
+    put("signature_bundle", base64.b64decode(case["bundle_der_b64"]))

@@ -5,16 +5,52 @@
 //! organisation's certificate and the member's certificate, all carried in the bundle: a
 //! verifier needs no network, only the DNSSEC trust anchors and the time.
 //!
-//! This crate is being built in layers, each pure and bounded against hostile input:
+//! [`verify`] checks a bundle as the reference implementation (veraid-js 3.x) does: the
+//! CMS signature and its signature metadata (service, validity period), the member
+//! certificate against the organisation's, the organisation key's VeraId TXT record, the
+//! DNSSEC chain of that record from the trust anchors, and that all of their validity
+//! periods meet within the period asked about. It returns the signer and the plaintext.
 //!
-//! - [`dns`]: the DNS wire format that a bundle's DNSSEC chain is made of (messages,
-//!   DNSKEY/DS/RRSIG/TXT data, key tags, DS digests, what an RRSIG signs).
-//! - [`dnssec`]: validation of an RRset from DS trust anchors over the responses a chain
-//!   carries, within a window of time, with every DNSSEC algorithm of RFC 8624 but the
-//!   deprecated ones, and a bounded number of signature checks.
+//! ```
+//! use veraid::{Period, TrustAnchors, Verification, verify};
 //!
-//! The certificates, the CMS signature and the bundle-level `verify` come next (see the
-//! workspace's issue tracker).
+//! /// The VeraId of whoever signed `bundle` for Letro within the last 90 days.
+//! fn signer(bundle: &[u8], now: i64) -> Result<String, veraid::VerifyError> {
+//!     let anchors = TrustAnchors::iana();
+//!     let verification = Verification {
+//!         service: "1.3.6.1.4.1.58708.2.0",
+//!         period: Period::new(now - 90 * 86_400, now),
+//!         now,
+//!         anchors: &anchors,
+//!     };
+//!     Ok(verify(bundle, &verification)?.member.veraid_id())
+//! }
+//!
+//! assert!(signer(b"not a bundle", 1_796_228_866).is_err());
+//! ```
+//!
+//! Everything is pure: no I/O, no clock (the time is an input), no global state. Hostile
+//! input is bounded: the bundle's size ([`MAX_BUNDLE_OCTETS`]), the DNS messages in its
+//! chain ([`MAX_CHAIN_MESSAGES`]), the signature checks of one DNSSEC validation
+//! ([`dnssec::MAX_SIGNATURE_CHECKS`]) and the zones it passes ([`dnssec::MAX_ZONE_DEPTH`]).
+//!
+//! The lower layers are public for those who need them: [`dns`] (the wire format of the
+//! chain's messages) and [`dnssec`] (validation of any RRset from DS trust anchors over
+//! a set of responses, within a window of time).
 
+mod anchors;
+mod asn1;
+mod bundle;
+mod cms;
 pub mod dns;
 pub mod dnssec;
+mod pki;
+mod record;
+
+pub use anchors::{AnchorError, TrustAnchors};
+pub use asn1::Asn1Error;
+pub use bundle::{
+    MAX_BUNDLE_OCTETS, MAX_CHAIN_MESSAGES, Member, Period, SignedBy, Verification, Verified,
+    VerifyError, verify,
+};
+pub use record::{MAX_TTL_OVERRIDE, RecordError, VeraidRecord};

@@ -1,0 +1,470 @@
+//! X.509 certificates as VeraId uses them, RSA public keys and the RSA signature
+//! algorithms of certificates and CMS (RSASSA-PSS with explicit parameters, and
+//! PKCS#1 v1.5, which PKI.js also accepts).
+
+use rsa::pkcs8::DecodePublicKey;
+use rsa::signature::Verifier;
+use rsa::traits::PublicKeyParts;
+
+use crate::asn1::{Asn1Error, Reader, Tlv, oid_string, tag, time};
+
+pub(crate) mod oid {
+    pub(crate) const RSA_ENCRYPTION: &str = "1.2.840.113549.1.1.1";
+    pub(crate) const RSASSA_PSS: &str = "1.2.840.113549.1.1.10";
+    pub(crate) const MGF1: &str = "1.2.840.113549.1.1.8";
+    pub(crate) const SHA1_WITH_RSA: &str = "1.2.840.113549.1.1.5";
+    pub(crate) const SHA256_WITH_RSA: &str = "1.2.840.113549.1.1.11";
+    pub(crate) const SHA384_WITH_RSA: &str = "1.2.840.113549.1.1.12";
+    pub(crate) const SHA512_WITH_RSA: &str = "1.2.840.113549.1.1.13";
+    pub(crate) const SHA1: &str = "1.3.14.3.2.26";
+    pub(crate) const SHA256: &str = "2.16.840.1.101.3.4.2.1";
+    pub(crate) const SHA384: &str = "2.16.840.1.101.3.4.2.2";
+    pub(crate) const SHA512: &str = "2.16.840.1.101.3.4.2.3";
+    pub(crate) const COMMON_NAME: &str = "2.5.4.3";
+    pub(crate) const BASIC_CONSTRAINTS: &str = "2.5.29.19";
+    pub(crate) const KEY_USAGE: &str = "2.5.29.15";
+    pub(crate) const AUTHORITY_KEY_ID: &str = "2.5.29.35";
+    pub(crate) const SUBJECT_KEY_ID: &str = "2.5.29.14";
+}
+
+/// A digest algorithm of certificates and CMS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hash {
+    Sha1,
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+impl Hash {
+    fn from_oid(oid: &str) -> Option<Self> {
+        Some(match oid {
+            oid::SHA1 => Self::Sha1,
+            oid::SHA256 => Self::Sha256,
+            oid::SHA384 => Self::Sha384,
+            oid::SHA512 => Self::Sha512,
+            _ => return None,
+        })
+    }
+
+    /// Reads an AlgorithmIdentifier naming a digest (parameters absent or NULL).
+    pub(crate) fn from_algorithm(tlv: Tlv<'_>) -> Result<Self, Asn1Error> {
+        let (oid, _) = algorithm(tlv)?;
+        Self::from_oid(&oid).ok_or(Asn1Error("digest algorithm"))
+    }
+
+    pub(crate) fn digest(self, data: &[u8]) -> Vec<u8> {
+        use sha2::Digest;
+        match self {
+            Self::Sha1 => sha1::Sha1::digest(data).to_vec(),
+            Self::Sha256 => sha2::Sha256::digest(data).to_vec(),
+            Self::Sha384 => sha2::Sha384::digest(data).to_vec(),
+            Self::Sha512 => sha2::Sha512::digest(data).to_vec(),
+        }
+    }
+}
+
+/// The OID and the parameters (if any) of an AlgorithmIdentifier.
+fn algorithm(tlv: Tlv<'_>) -> Result<(String, Option<Tlv<'_>>), Asn1Error> {
+    if tlv.tag != tag::SEQUENCE {
+        return Err(Asn1Error("algorithm identifier"));
+    }
+    let mut r = Reader::new(tlv.content);
+    let oid = oid_string(r.expect(tag::OID, "algorithm identifier")?.content)?;
+    let params = if r.is_empty() {
+        None
+    } else {
+        Some(r.any("algorithm parameters")?)
+    };
+    r.finish("algorithm identifier")?;
+    Ok((oid, params))
+}
+
+/// An RSA signature algorithm with its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SignatureAlgorithm {
+    /// RSASSA-PSS; the MGF1 digest is the same as the message digest (the only form
+    /// producers write, and the only one the RSA library verifies).
+    Pss {
+        hash: Hash,
+        salt_len: usize,
+    },
+    Pkcs1v15(Hash),
+}
+
+impl SignatureAlgorithm {
+    pub(crate) fn parse(tlv: Tlv<'_>) -> Result<Self, Asn1Error> {
+        let err = Asn1Error("signature algorithm");
+        let (oid, params) = algorithm(tlv)?;
+        let pkcs1 = |hash| Ok(Self::Pkcs1v15(hash));
+        match oid.as_str() {
+            oid::SHA1_WITH_RSA => pkcs1(Hash::Sha1),
+            oid::SHA256_WITH_RSA => pkcs1(Hash::Sha256),
+            oid::SHA384_WITH_RSA => pkcs1(Hash::Sha384),
+            oid::SHA512_WITH_RSA => pkcs1(Hash::Sha512),
+            oid::RSASSA_PSS => {
+                // RSASSA-PSS-params (RFC 4055): every field has a default.
+                let params = params.ok_or(err)?;
+                if params.tag != tag::SEQUENCE {
+                    return Err(err);
+                }
+                let mut r = Reader::new(params.content);
+                let hash = match r.optional(tag::context_constructed(0), "PSS hash")? {
+                    Some(t) => Hash::from_algorithm(Reader::new(t.content).any("PSS hash")?)?,
+                    None => Hash::Sha1,
+                };
+                let mgf_hash = match r.optional(tag::context_constructed(1), "PSS MGF")? {
+                    Some(t) => {
+                        let (mgf, mgf_params) = algorithm(Reader::new(t.content).any("PSS MGF")?)?;
+                        if mgf != oid::MGF1 {
+                            return Err(err);
+                        }
+                        Hash::from_algorithm(mgf_params.ok_or(err)?)?
+                    }
+                    None => Hash::Sha1,
+                };
+                let salt_len = match r.optional(tag::context_constructed(2), "PSS salt")? {
+                    Some(t) => {
+                        small_integer(Reader::new(t.content).expect(tag::INTEGER, "PSS salt")?)?
+                    }
+                    None => 20,
+                };
+                if let Some(t) = r.optional(tag::context_constructed(3), "PSS trailer")?
+                    && small_integer(Reader::new(t.content).expect(tag::INTEGER, "PSS trailer")?)?
+                        != 1
+                {
+                    return Err(err);
+                }
+                r.finish("PSS parameters")?;
+                if mgf_hash != hash {
+                    return Err(err);
+                }
+                Ok(Self::Pss { hash, salt_len })
+            }
+            _ => Err(err),
+        }
+    }
+
+    /// Whether `signature` over `message` verifies with `key`.
+    pub(crate) fn verifies(self, key: &RsaKey, message: &[u8], signature: &[u8]) -> bool {
+        fn pss<D>(key: &rsa::PublicKey, salt: usize, message: &[u8], sig: &[u8]) -> bool
+        where
+            D: sha2::Digest + sha2::digest::FixedOutputReset,
+        {
+            rsa::pss::Signature::try_from(sig).is_ok_and(|sig| {
+                rsa::pss::VerifyingKey::<D>::new_with_salt_len(key.clone(), salt)
+                    .verify(message, &sig)
+                    .is_ok()
+            })
+        }
+        fn pkcs1<D>(key: &rsa::PublicKey, message: &[u8], sig: &[u8]) -> bool
+        where
+            D: sha2::Digest
+                + sha2::digest::FixedOutputReset
+                + sha2::digest::const_oid::AssociatedOid,
+        {
+            rsa::pkcs1v15::Signature::try_from(sig).is_ok_and(|sig| {
+                rsa::pkcs1v15::VerifyingKey::<D>::new(key.clone())
+                    .verify(message, &sig)
+                    .is_ok()
+            })
+        }
+        let key = &key.key;
+        match self {
+            Self::Pss { hash, salt_len } => match hash {
+                Hash::Sha1 => pss::<sha1::Sha1>(key, salt_len, message, signature),
+                Hash::Sha256 => pss::<sha2::Sha256>(key, salt_len, message, signature),
+                Hash::Sha384 => pss::<sha2::Sha384>(key, salt_len, message, signature),
+                Hash::Sha512 => pss::<sha2::Sha512>(key, salt_len, message, signature),
+            },
+            Self::Pkcs1v15(hash) => match hash {
+                Hash::Sha1 => pkcs1::<sha1::Sha1>(key, message, signature),
+                Hash::Sha256 => pkcs1::<sha2::Sha256>(key, message, signature),
+                Hash::Sha384 => pkcs1::<sha2::Sha384>(key, message, signature),
+                Hash::Sha512 => pkcs1::<sha2::Sha512>(key, message, signature),
+            },
+        }
+    }
+}
+
+/// An INTEGER of at most four octets, non-negative.
+fn small_integer(tlv: Tlv<'_>) -> Result<usize, Asn1Error> {
+    let err = Asn1Error("integer");
+    if tlv.content.is_empty() || tlv.content.len() > 4 || tlv.content[0] & 0x80 != 0 {
+        return Err(err);
+    }
+    Ok(tlv
+        .content
+        .iter()
+        .fold(0usize, |v, &b| (v << 8) | usize::from(b)))
+}
+
+/// An RSA public key read from a SubjectPublicKeyInfo.
+#[derive(Debug, Clone)]
+pub(crate) struct RsaKey {
+    key: rsa::PublicKey,
+}
+
+impl RsaKey {
+    /// Reads an `rsaEncryption` SubjectPublicKeyInfo (DER).
+    pub(crate) fn from_spki(spki: &[u8]) -> Option<Self> {
+        rsa::PublicKey::from_public_key_der(spki)
+            .ok()
+            .map(|key| Self { key })
+    }
+
+    /// The modulus length in bits.
+    pub(crate) fn bits(&self) -> usize {
+        self.key.size() * 8
+    }
+
+    /// The SubjectPublicKeyInfo re-encoded in canonical DER (`rsaEncryption`, NULL
+    /// parameters, minimal integers): what VeraId key ids and Awala ids hash.
+    pub(crate) fn canonical_spki(&self) -> Vec<u8> {
+        use rsa::pkcs8::EncodePublicKey;
+        self.key
+            .to_public_key_der()
+            .map(|doc| doc.as_bytes().to_vec())
+            .unwrap_or_default()
+    }
+}
+
+/// A certificate, read far enough for VeraId: names, validity, key, the extensions a
+/// path check looks at, and the signature with the octets it covers.
+#[derive(Debug, Clone)]
+pub(crate) struct Certificate<'a> {
+    /// The TBSCertificate as received: what the issuer signed.
+    pub(crate) tbs: &'a [u8],
+    /// The serial number's content octets as received (not necessarily minimal).
+    pub(crate) serial: &'a [u8],
+    /// The issuer Name as received.
+    pub(crate) issuer: &'a [u8],
+    /// The subject Name as received.
+    pub(crate) subject: &'a [u8],
+    pub(crate) not_before: i64,
+    pub(crate) not_after: i64,
+    /// The SubjectPublicKeyInfo as received.
+    pub(crate) spki: &'a [u8],
+    /// The subject's common name, if it has one.
+    pub(crate) common_name: Option<String>,
+    pub(crate) is_ca: bool,
+    /// Whether KeyUsage is present and lacks keyCertSign.
+    pub(crate) key_usage_forbids_signing_certificates: bool,
+    pub(crate) authority_key_id: Option<&'a [u8]>,
+    pub(crate) subject_key_id: Option<&'a [u8]>,
+    /// Whether an extension this reader does not know is marked critical.
+    pub(crate) has_unknown_critical_extension: bool,
+    pub(crate) signature_algorithm: SignatureAlgorithm,
+    pub(crate) signature: &'a [u8],
+}
+
+impl<'a> Certificate<'a> {
+    /// Reads the content octets of a Certificate SEQUENCE (a bundle carries the
+    /// organisation's under `[2] IMPLICIT`, so only its content is at hand).
+    pub(crate) fn from_content(content: &'a [u8]) -> Result<Self, Asn1Error> {
+        let mut r = Reader::new(content);
+        let tbs = r.expect(tag::SEQUENCE, "TBSCertificate")?;
+        let signature_algorithm =
+            SignatureAlgorithm::parse(r.any("certificate signature algorithm")?)?;
+        let signature = bit_string(r.expect(tag::BIT_STRING, "certificate signature")?)?;
+        r.finish("certificate")?;
+
+        let mut t = Reader::new(tbs.content);
+        if let Some(version) = t.optional(tag::context_constructed(0), "certificate version")? {
+            // v3 (2) is what every producer writes; v1 certificates have no extensions.
+            let v = Reader::new(version.content).expect(tag::INTEGER, "certificate version")?;
+            if v.content != [2] {
+                return Err(Asn1Error("certificate version"));
+            }
+        }
+        let serial = t.expect(tag::INTEGER, "serial number")?.content;
+        if serial.is_empty() || serial.len() > 64 {
+            return Err(Asn1Error("serial number"));
+        }
+        t.any("TBSCertificate signature")?;
+        let issuer = t.expect(tag::SEQUENCE, "issuer")?.raw;
+        let mut validity = t.enter(tag::SEQUENCE, "validity")?;
+        let not_before = time(validity.any("notBefore")?)?;
+        let not_after = time(validity.any("notAfter")?)?;
+        validity.finish("validity")?;
+        let subject = t.expect(tag::SEQUENCE, "subject")?;
+        let spki = t.expect(tag::SEQUENCE, "subject public key info")?.raw;
+        t.optional(tag::context(1), "issuerUniqueID")?;
+        t.optional(tag::context(2), "subjectUniqueID")?;
+        let mut certificate = Self {
+            tbs: tbs.raw,
+            serial,
+            issuer,
+            subject: subject.raw,
+            not_before,
+            not_after,
+            spki,
+            common_name: common_name(subject)?,
+            is_ca: false,
+            key_usage_forbids_signing_certificates: false,
+            authority_key_id: None,
+            subject_key_id: None,
+            has_unknown_critical_extension: false,
+            signature_algorithm,
+            signature,
+        };
+        if let Some(extensions) = t.optional(tag::context_constructed(3), "extensions")? {
+            let mut list = Reader::new(extensions.content).enter(tag::SEQUENCE, "extensions")?;
+            while !list.is_empty() {
+                certificate.read_extension(list.expect(tag::SEQUENCE, "extension")?)?;
+            }
+        }
+        t.finish("TBSCertificate")?;
+        Ok(certificate)
+    }
+
+    fn read_extension(&mut self, extension: Tlv<'a>) -> Result<(), Asn1Error> {
+        let mut r = Reader::new(extension.content);
+        let id = oid_string(r.expect(tag::OID, "extension id")?.content)?;
+        let critical = match r.optional(tag::BOOLEAN, "extension criticality")? {
+            Some(b) => b.content != [0],
+            None => false,
+        };
+        let value = r.expect(tag::OCTET_STRING, "extension value")?.content;
+        r.finish("extension")?;
+        let mut v = Reader::new(value);
+        match id.as_str() {
+            oid::BASIC_CONSTRAINTS => {
+                let mut bc = v.enter(tag::SEQUENCE, "basic constraints")?;
+                self.is_ca = bc
+                    .optional(tag::BOOLEAN, "basic constraints")?
+                    .is_some_and(|b| b.content != [0]);
+                bc.optional(tag::INTEGER, "path length")?;
+                bc.finish("basic constraints")?;
+            }
+            oid::KEY_USAGE => {
+                let bits = bit_string(v.expect(tag::BIT_STRING, "key usage")?)?;
+                // keyCertSign is bit 5: 0x04 of the first octet.
+                self.key_usage_forbids_signing_certificates =
+                    bits.first().is_none_or(|b| b & 0x04 == 0);
+            }
+            oid::AUTHORITY_KEY_ID => {
+                let mut aki = v.enter(tag::SEQUENCE, "authority key id")?;
+                self.authority_key_id = aki
+                    .optional(tag::context(0), "authority key id")?
+                    .map(|t| t.content);
+            }
+            oid::SUBJECT_KEY_ID => {
+                self.subject_key_id = Some(v.expect(tag::OCTET_STRING, "subject key id")?.content);
+            }
+            _ => self.has_unknown_critical_extension |= critical,
+        }
+        v.finish("extension value")?;
+        Ok(())
+    }
+
+    /// Whether `self` is valid at `at` (Unix seconds), bounds included.
+    pub(crate) fn valid_at(&self, at: i64) -> bool {
+        self.not_before <= at && at <= self.not_after
+    }
+}
+
+/// The octets of a BIT STRING with no unused bits (signatures, keys, key usage).
+fn bit_string(tlv: Tlv<'_>) -> Result<&[u8], Asn1Error> {
+    match tlv.content.split_first() {
+        Some((0, bits)) => Ok(bits),
+        // Key usage may have unused bits; its first octet is all this crate reads.
+        Some((unused, bits)) if *unused < 8 && !bits.is_empty() => Ok(bits),
+        _ => Err(Asn1Error("bit string")),
+    }
+}
+
+/// The first common name of a Name, in any directory string type producers write
+/// (VeraId's write BMPString).
+fn common_name(name: Tlv<'_>) -> Result<Option<String>, Asn1Error> {
+    let mut rdns = Reader::new(name.content);
+    while !rdns.is_empty() {
+        let mut rdn = rdns.enter(tag::SET, "relative distinguished name")?;
+        while !rdn.is_empty() {
+            let mut atv = rdn.enter(tag::SEQUENCE, "attribute type and value")?;
+            let kind = oid_string(atv.expect(tag::OID, "attribute type")?.content)?;
+            let value = atv.any("attribute value")?;
+            if kind == oid::COMMON_NAME {
+                return directory_string(value).map(Some);
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn directory_string(tlv: Tlv<'_>) -> Result<String, Asn1Error> {
+    let err = Asn1Error("directory string");
+    let c = tlv.content;
+    match tlv.tag {
+        tag::UTF8_STRING | tag::PRINTABLE_STRING | tag::IA5_STRING => {
+            String::from_utf8(c.to_vec()).map_err(|_| err)
+        }
+        tag::TELETEX_STRING => Ok(c.iter().map(|&b| char::from(b)).collect()),
+        tag::BMP_STRING if c.len().is_multiple_of(2) => {
+            char::decode_utf16(c.chunks_exact(2).map(|p| u16::from_be_bytes([p[0], p[1]])))
+                .collect::<Result<String, _>>()
+                .map_err(|_| err)
+        }
+        tag::UNIVERSAL_STRING if c.len().is_multiple_of(4) => c
+            .chunks_exact(4)
+            .map(|p| char::from_u32(u32::from_be_bytes([p[0], p[1], p[2], p[3]])).ok_or(err))
+            .collect(),
+        _ => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bmp_strings_with_surrogate_pairs() {
+        // "a🦄" in UTF-16BE.
+        let content = [0x00, 0x61, 0xd8, 0x3e, 0xdd, 0x84];
+        let tlv = Tlv {
+            tag: tag::BMP_STRING,
+            content: &content,
+            raw: &[],
+        };
+        assert_eq!(directory_string(tlv).expect("string"), "a🦄");
+        let unpaired = [0xd8, 0x3e];
+        let tlv = Tlv {
+            tag: tag::BMP_STRING,
+            content: &unpaired,
+            raw: &[],
+        };
+        assert!(directory_string(tlv).is_err());
+    }
+
+    #[test]
+    fn the_pss_parameters_references_write() {
+        let der = [
+            0x30, 0x41, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a, 0x30,
+            0x34, 0xa0, 0x0f, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04,
+            0x02, 0x01, 0x05, 0x00, 0xa1, 0x1c, 0x30, 0x1a, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86,
+            0xf7, 0x0d, 0x01, 0x01, 0x08, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65,
+            0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0xa2, 0x03, 0x02, 0x01, 0x20,
+        ];
+        let tlv = Reader::new(&der).any("x").expect("tlv");
+        assert_eq!(
+            SignatureAlgorithm::parse(tlv).expect("PSS"),
+            SignatureAlgorithm::Pss {
+                hash: Hash::Sha256,
+                salt_len: 32
+            }
+        );
+        // Without parameters fields, RFC 4055's defaults: SHA-1, salt 20.
+        let defaults = [
+            0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a, 0x30,
+            0x00,
+        ];
+        let tlv = Reader::new(&defaults).any("x").expect("tlv");
+        assert_eq!(
+            SignatureAlgorithm::parse(tlv).expect("PSS"),
+            SignatureAlgorithm::Pss {
+                hash: Hash::Sha1,
+                salt_len: 20
+            }
+        );
+    }
+}
