@@ -306,6 +306,21 @@ pub fn describe(config: &Config) -> String {
             .into(),
         ),
         (
+            "VeraId trust anchors",
+            {
+                let tags: Vec<String> = config
+                    .veraid_trust_anchors
+                    .key_tags()
+                    .iter()
+                    .map(u16::to_string)
+                    .collect();
+                match &config.veraid_trust_anchors_file {
+                    Some(file) => format!("key tags {} (from {})", tags.join(", "), file.display()),
+                    None => format!("key tags {} (IANA root, built in)", tags.join(", ")),
+                }
+            },
+        ),
+        (
             "header / body read timeouts",
             format!(
                 "{} / {}",

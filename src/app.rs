@@ -9,6 +9,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::bundles::BundleVerifier;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, DatabaseConfig, Secret, SqliteSync};
 use crate::domain::{Timestamp, VeraIdDigester};
@@ -201,6 +202,7 @@ impl App {
             message_ttl: config.message_ttl,
             limits: config.limits,
             match_order: config.tmp_match_order,
+            bundles: Arc::new(BundleVerifier::new(config.veraid_trust_anchors.clone())),
             body_read_timeout: config.body_read_timeout,
         };
         Ok(Self {

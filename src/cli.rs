@@ -1,13 +1,14 @@
 //! Command-line interface: every setting once, as a flag with an environment variable.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::codec::pairing::MatchOrder;
 use crate::config::{
     Config, ConfigError, DatabaseConfig, HumanDuration, PoolSettings, SqliteSync, defaults,
-    parse_ce_overrides, parse_secret, parse_sink,
+    load_trust_anchors, parse_ce_overrides, parse_secret, parse_sink,
 };
 use crate::domain::PendingLimits;
 use crate::telemetry::LogFormat;
@@ -217,6 +218,11 @@ pub struct ServeArgs {
     /// document) or recipient-first (the Letro for Android releases of 2023).
     #[arg(long, env = "LETRO_TMP_MATCH_ORDER", value_enum, default_value_t = MatchOrderArg::ContactFirst)]
     pub tmp_match_order: MatchOrderArg,
+    /// File of DNSSEC trust anchors for VeraId: DS records of the root zone in zone-file
+    /// form, one per line, `;` comments. Unset: IANA's root anchors (key tags 20326 and
+    /// 38696). For private roots and tests.
+    #[arg(long, env = "LETRO_VERAID_TRUST_ANCHORS")]
+    pub veraid_trust_anchors: Option<PathBuf>,
     /// Time a client has to send the request line and headers before it is disconnected.
     #[arg(long, env = "LETRO_HEADER_READ_TIMEOUT", default_value_t = HumanDuration(defaults::HEADER_READ_TIMEOUT))]
     pub header_read_timeout: HumanDuration,
@@ -269,6 +275,10 @@ impl ServeArgs {
             MatchOrderArg::ContactFirst => MatchOrder::ContactFirst,
             MatchOrderArg::RecipientFirst => MatchOrder::RecipientFirst,
         };
+        if let Some(path) = &self.veraid_trust_anchors {
+            config.veraid_trust_anchors = load_trust_anchors(path)?;
+            config.veraid_trust_anchors_file = Some(path.clone());
+        }
         config.header_read_timeout = self.header_read_timeout.0;
         config.body_read_timeout = self.body_read_timeout.0;
         config.noop_route = self.bench_noop_route;

@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use crate::codec::cloudevent::is_header_safe;
 use crate::codec::pairing::MatchOrder;
 use crate::domain::PendingLimits;
 use crate::telemetry::redacted_url;
+use veraid::TrustAnchors;
 
 /// A duration written the human way (`10s`, `90days`), for flags and env vars.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +230,17 @@ impl ConfigError {
     }
 }
 
+/// Reads `--veraid-trust-anchors`: DS records of the root in zone-file form, one per
+/// line. An unreadable file, a malformed line (named by number) or a file without any
+/// record is a configuration error.
+pub fn load_trust_anchors(path: &Path) -> Result<TrustAnchors, ConfigError> {
+    const SETTING: &str = "--veraid-trust-anchors (LETRO_VERAID_TRUST_ANCHORS)";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(SETTING, format!("{}: {e}", path.display())))?;
+    TrustAnchors::parse(&text)
+        .map_err(|e| ConfigError::new(SETTING, format!("{}: {e}", path.display())))
+}
+
 /// A secret that never shows in `Debug` output or logs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub Vec<u8>);
@@ -275,6 +287,11 @@ pub struct Config {
     /// How tmp matches list the two VeraIds: `contact-first` for clients built to the
     /// protocol document, `recipient-first` for the 2023 Letro for Android app.
     pub tmp_match_order: MatchOrder,
+    /// The DNSSEC trust anchors VeraId bundles are verified from: IANA's root anchors
+    /// unless `--veraid-trust-anchors` names a file.
+    pub veraid_trust_anchors: TrustAnchors,
+    /// The file the trust anchors were read from, if not the built-in ones.
+    pub veraid_trust_anchors_file: Option<PathBuf>,
     /// Time allowed for a client to send the request line and headers.
     pub header_read_timeout: Duration,
     /// Time allowed for a client to send the body, once the headers are in.
@@ -308,6 +325,8 @@ impl Config {
                 refuse_endpoint_replacement: false,
             },
             tmp_match_order: MatchOrder::ContactFirst,
+            veraid_trust_anchors: TrustAnchors::iana(),
+            veraid_trust_anchors_file: None,
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
             body_read_timeout: defaults::BODY_READ_TIMEOUT,
             noop_route: false,

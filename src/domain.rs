@@ -9,6 +9,7 @@ pub mod message;
 pub mod pairing;
 pub mod privacy;
 pub mod refusal;
+pub mod signed;
 
 pub use authorisation::{Authorisation, AuthorityKeyId, PdaFacts};
 pub use ids::{EndpointId, EventKey, VeraId};

@@ -7,6 +7,7 @@
 //! refusal. It decides nothing and renders nothing itself. Pure: imports `domain` and
 //! `codec` only.
 
+use crate::codec::contact_pairing::CONTACT_PAIRING_REQUEST_TYPE;
 use crate::codec::pairing::{MatchOrder, PAIRING_MATCH_TYPE, encode_match};
 use crate::domain::pairing::{admit, decide};
 use crate::domain::{
@@ -143,6 +144,13 @@ fn match_message(s: &PairingSubmission, m: &PairingMatch) -> OutgoingMessage {
             MessageKind::PAIRING_MATCH,
             PAIRING_MATCH_TYPE,
             encode_match(m, s.match_order),
+        ),
+        // Each party gets the other's signed request byte for byte: its app verifies
+        // the signature itself.
+        Protocol::Signed => (
+            MessageKind::CONTACT_PAIRING_REQUEST,
+            CONTACT_PAIRING_REQUEST_TYPE,
+            m.contact_offer.bytes.clone(),
         ),
     };
     OutgoingMessage::caused_by(

@@ -19,6 +19,7 @@ use axum::routing::get;
 pub use error::ApiError;
 pub use server::{ServeOptions, serve};
 
+use crate::bundles::BundleVerifier;
 use crate::clock::SharedClock;
 use crate::codec::pairing::MatchOrder;
 use crate::domain::{PendingLimits, VeraIdDigester};
@@ -49,6 +50,8 @@ pub struct AppState {
     pub limits: PendingLimits,
     /// How tmp matches list the two VeraIds.
     pub match_order: MatchOrder,
+    /// Verifies signed pairing requests' VeraId bundles.
+    pub bundles: Arc<BundleVerifier>,
     /// Time allowed to read a body once the headers are in.
     pub body_read_timeout: Duration,
 }

@@ -3,6 +3,7 @@
 //! Module map (ARCHITECTURE.md has the dependency rule and a walkthrough):
 //! - [`codec`]: wire formats (CloudEvents, pairing texts, Awala DER); pure.
 //! - [`domain`]: identifiers and the pairing rules; pure.
+//! - [`bundles`]: verification of signed pairing requests' VeraId bundles.
 //! - [`flow`]: what a pairing request does to its pair, planned once for every backend; pure.
 //! - [`store`]: the [`store::Store`] trait and its SQLite and PostgreSQL implementations.
 //! - [`http`]: ingress, readiness, metrics, the status mapping.
@@ -13,6 +14,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod bundles;
 pub mod cli;
 pub mod client;
 pub mod clock;

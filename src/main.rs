@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
     let _logs = init_logging(cli.log_format, target, filter);
     match cli.command {
         Command::Serve(args) => {
-            let config = args.to_config()?;
+            let config = args.to_config().unwrap_or_else(|e| invalid(&e));
             let app = App::build(config).await?;
             app.run(shutdown_signal()).await
         }
@@ -35,16 +35,11 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("database is up to date");
             Ok(())
         }
-        Command::CheckConfig(args) => match args.to_config() {
-            Ok(config) => {
-                print!("{}", admin::describe(&config));
-                Ok(())
-            }
-            Err(e) => {
-                eprintln!("invalid configuration: {e}");
-                std::process::exit(2);
-            }
-        },
+        Command::CheckConfig(args) => {
+            let config = args.to_config().unwrap_or_else(|e| invalid(&e));
+            print!("{}", admin::describe(&config));
+            Ok(())
+        }
         Command::Outbox(command) => {
             print!("{}", admin::outbox(command).await?);
             Ok(())
@@ -55,6 +50,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo::run(args, &mut std::io::stdout()).await,
     }
+}
+
+/// A configuration error ends the process with status 2, as a bad flag does (clap): the
+/// platform's restart loop and the operator both see a usage error, not a crash.
+fn invalid(e: &letro_server::config::ConfigError) -> ! {
+    eprintln!("invalid configuration: {e}");
+    std::process::exit(2);
 }
 
 /// Resolves on SIGTERM (what container platforms send) or Ctrl-C.

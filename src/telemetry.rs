@@ -283,6 +283,8 @@ pub struct Metrics {
     matches: Counter,
     completions: Counter,
     replaced_other_endpoint: Counter,
+    veraid_refusals: Family<Labels, Counter>,
+    pairing_failures: Family<Labels, Counter>,
     deliveries: Family<Labels, Counter>,
     outbox_depth: Gauge,
     outbox_oldest_age: Gauge,
@@ -331,6 +333,18 @@ impl Metrics {
             "Pairing requests for a waiting pair from a different endpoint (possible hijack attempts), whether they replaced it or were refused",
             replaced_other_endpoint.clone(),
         );
+        let veraid_refusals = Family::<Labels, Counter>::default();
+        registry.register(
+            "veraid_refusals",
+            "Signed pairing requests whose VeraId bundle did not verify, by the check that failed",
+            veraid_refusals.clone(),
+        );
+        let pairing_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "pairing_failures",
+            "Contact pairing failure messages queued for requesters, by reason",
+            pairing_failures.clone(),
+        );
         let deliveries = Family::<Labels, Counter>::default();
         registry.register(
             "outbox_deliveries",
@@ -376,6 +390,8 @@ impl Metrics {
             matches,
             completions,
             replaced_other_endpoint,
+            veraid_refusals,
+            pairing_failures,
             deliveries,
             outbox_depth,
             outbox_oldest_age,
@@ -413,6 +429,20 @@ impl Metrics {
     /// Counts a pending request replaced from another endpoint.
     pub fn replaced_other_endpoint(&self) {
         self.replaced_other_endpoint.inc();
+    }
+
+    /// Counts a VeraId bundle that did not verify, by the check that failed.
+    pub fn veraid_refusal(&self, check: &str) {
+        self.veraid_refusals
+            .get_or_create(&vec![("check".into(), check.into())])
+            .inc();
+    }
+
+    /// Counts a failure message queued for the requester of a signed request.
+    pub fn pairing_failure(&self, reason: &str) {
+        self.pairing_failures
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
     }
 
     /// Counts a delivery attempt's result: `delivered`, `retry` or `dropped`.

@@ -102,6 +102,21 @@ impl VeraId {
         })
     }
 
+    /// A VeraId whose syntax was checked elsewhere: the signer of a verified VeraId
+    /// bundle, or a prospective contact that passed the signed protocol's own rules
+    /// (which allow spaces and commas in user names). The domain is compared without
+    /// case, as for [`VeraId::parse`].
+    pub fn from_verified(s: &str) -> Self {
+        let canonical = match s.split_once('@') {
+            Some((user, domain)) => format!("{user}@{}", domain.to_lowercase()),
+            None => s.to_lowercase(),
+        };
+        Self {
+            text: s.to_owned(),
+            canonical,
+        }
+    }
+
     /// The id as the client wrote it.
     pub fn as_str(&self) -> &str {
         &self.text

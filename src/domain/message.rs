@@ -32,6 +32,10 @@ impl MessageKind {
     pub const PAIRING_COMPLETION: Self = Self(Cow::Borrowed("pairing-completion"));
     /// A pairing authorisation forwarded to its grantee unchanged (the 2023 app's phase 2).
     pub const PAIRING_AUTH: Self = Self(Cow::Borrowed("pairing-auth"));
+    /// A signed pairing request forwarded to its prospective contact on a match.
+    pub const CONTACT_PAIRING_REQUEST: Self = Self(Cow::Borrowed("contact-pairing-request"));
+    /// A `ContactPairingFailure` to the requester of a refused signed request.
+    pub const CONTACT_PAIRING_FAILURE: Self = Self(Cow::Borrowed("contact-pairing-failure"));
 
     /// The kind named `name`, as read back from storage.
     pub fn from_stored(name: String) -> Self {

@@ -10,6 +10,9 @@ pub enum Protocol {
     /// `pairing-request-tmp`: unsigned `requester,target,base64(key)`; the offer is the
     /// requester's endpoint key (SPKI DER).
     Tmp,
+    /// `contact-pairing.request`: a VeraId SignatureBundle whose plaintext names the
+    /// prospective contact; the offer is the bundle itself, forwarded unchanged.
+    Signed,
 }
 
 impl Protocol {
@@ -17,12 +20,15 @@ impl Protocol {
     pub fn name(self) -> &'static str {
         match self {
             Self::Tmp => "tmp",
+            Self::Signed => "signed",
         }
     }
 
     /// The protocol named `name`, if this build knows it.
     pub fn from_name(name: &str) -> Option<Self> {
-        [Self::Tmp].into_iter().find(|p| p.name() == name)
+        [Self::Tmp, Self::Signed]
+            .into_iter()
+            .find(|p| p.name() == name)
     }
 }
 
@@ -31,7 +37,8 @@ impl Protocol {
 pub struct Offer {
     /// The protocol that gives the bytes their meaning.
     pub protocol: Protocol,
-    /// For [`Protocol::Tmp`], the requester's endpoint identity key (canonical SPKI DER).
+    /// For [`Protocol::Tmp`], the requester's endpoint identity key (canonical SPKI DER);
+    /// for [`Protocol::Signed`], the request's SignatureBundle as received.
     pub bytes: Vec<u8>,
 }
 
@@ -273,6 +280,19 @@ mod tests {
     }
 
     #[test]
+    fn requests_of_different_protocols_never_match() {
+        let tmp = request("a@x.io", "b@y.io", b"ka");
+        let signed = PendingRequest {
+            endpoint_id: EndpointId::from_spki_der(b"kb"),
+            offer: Offer {
+                protocol: Protocol::Signed,
+                bytes: b"bundle".to_vec(),
+            },
+        };
+        assert_eq!(decide(&tmp, Some(signed)), Decision::Wait);
+    }
+
+    #[test]
     fn first_half_waits() {
         assert_eq!(
             decide(&request("a@x.io", "b@y.io", b"ka"), None),
@@ -311,11 +331,10 @@ mod tests {
 
     #[test]
     fn protocols_are_stored_by_name() {
-        assert_eq!(
-            Protocol::from_name(Protocol::Tmp.name()),
-            Some(Protocol::Tmp)
-        );
+        for protocol in [Protocol::Tmp, Protocol::Signed] {
+            assert_eq!(Protocol::from_name(protocol.name()), Some(protocol));
+        }
         // A row written by a newer build, in a protocol this one does not know.
-        assert_eq!(Protocol::from_name("signed"), None);
+        assert_eq!(Protocol::from_name("signed-v2"), None);
     }
 }

@@ -72,6 +72,13 @@ pub enum Refusal {
     /// The PDA is not valid yet.
     #[error("PDA is not valid yet")]
     PdaNotYetValid,
+    /// The VeraId signature bundle does not verify (for Letro, within the last 90 days,
+    /// from the configured trust anchors).
+    #[error("VeraId signature bundle does not verify")]
+    BundleInvalid,
+    /// The bundle verifies, but what it signs is not a DER ContactPairingRequest.
+    #[error("signed plaintext is not a contact pairing request")]
+    NotAContactPairingRequest,
 }
 
 impl Refusal {
@@ -100,6 +107,8 @@ impl Refusal {
             Self::PdaSignatureInvalid => "pda_signature_invalid",
             Self::PdaExpired => "pda_expired",
             Self::PdaNotYetValid => "pda_not_yet_valid",
+            Self::BundleInvalid => "bundle_invalid",
+            Self::NotAContactPairingRequest => "not_a_contact_pairing_request",
         }
     }
 }

@@ -3,6 +3,7 @@
 //! handler module parses, checks and decides; the steps every handler shares (refusing,
 //! committing, counting, logging) are written once, on [`Incoming`].
 
+mod contact_pairing_request;
 mod pairing_auth;
 mod pairing_request;
 
@@ -10,6 +11,7 @@ use std::future::Future;
 
 use super::{ApiError, AppState};
 use crate::codec::cloudevent::CloudEvent;
+use crate::codec::contact_pairing::CONTACT_PAIRING_REQUEST_TYPE;
 use crate::codec::pairing::{PAIRING_AUTH_TMP_TYPE, PAIRING_AUTH_TYPE, PAIRING_REQUEST_TYPE};
 use crate::domain::{EventKey, Refusal, Timestamp};
 use crate::store::StoreError;
@@ -27,6 +29,8 @@ pub(super) enum ServiceMessage {
     PairingAuthTmp,
     /// `pairing-auth` (the 2023 Letro for Android app): forwarded to the grantee unchanged.
     PairingAuth,
+    /// `contact-pairing.request` (Letro since late 2023): a VeraId-signed request.
+    ContactPairingRequest,
 }
 
 impl ServiceMessage {
@@ -36,6 +40,7 @@ impl ServiceMessage {
             PAIRING_REQUEST_TYPE => Some(Self::PairingRequest),
             PAIRING_AUTH_TMP_TYPE => Some(Self::PairingAuthTmp),
             PAIRING_AUTH_TYPE => Some(Self::PairingAuth),
+            CONTACT_PAIRING_REQUEST_TYPE => Some(Self::ContactPairingRequest),
             _ => None,
         }
     }
@@ -46,6 +51,7 @@ impl ServiceMessage {
             Self::PairingRequest => "pairing-request",
             Self::PairingAuthTmp => "pairing-auth-tmp",
             Self::PairingAuth => "pairing-auth",
+            Self::ContactPairingRequest => "contact-pairing-request",
         }
     }
 
@@ -65,6 +71,7 @@ impl ServiceMessage {
             Self::PairingAuth => {
                 pairing_auth::handle(&incoming, pairing_auth::Reply::Forward).await
             }
+            Self::ContactPairingRequest => contact_pairing_request::handle(&incoming).await,
         }
     }
 }

@@ -15,6 +15,7 @@ mod ops;
 mod outbox;
 mod pairing;
 mod replicas;
+mod signed;
 mod store_contract;
 mod support;
 mod upgrade;

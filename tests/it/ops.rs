@@ -273,6 +273,61 @@ fn check_config_prints_settings_without_secrets_and_exits_2_when_invalid() {
 }
 
 #[test]
+fn trust_anchors_are_listed_by_key_tag_and_a_bad_file_exits_2_naming_the_line() {
+    let text = stdout(&run(&["check-config"]));
+    assert!(
+        text.contains("key tags 20326, 38696 (IANA root, built in)"),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = dir.path().join("anchors.txt");
+    std::fs::write(
+        &good,
+        "; a private root\n. 86400 IN DS 23299 8 2 AB7B803E5336EE64A120DF690A12204B92B90042128DE2D228C7933FFE1D48DA\n",
+    )
+    .expect("write");
+    let text = stdout(&run(&[
+        "check-config",
+        "--veraid-trust-anchors",
+        good.to_str().expect("utf8"),
+    ]));
+    assert!(text.contains("key tags 23299 (from "), "{text}");
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "; comment\n. IN DS 23299 8 2 AB7B\n").expect("write");
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "; nothing here\n\n").expect("write");
+    let missing = dir.path().join("missing.txt");
+    for (file, expected) in [
+        (&bad, "line 2"),
+        (&empty, "no DS record"),
+        (&missing, "missing.txt"),
+    ] {
+        let out = run(&[
+            "check-config",
+            "--veraid-trust-anchors",
+            file.to_str().expect("utf8"),
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{}", file.display());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--veraid-trust-anchors") && err.contains(expected),
+            "{err}"
+        );
+    }
+    // The same through the environment, at serve's startup.
+    let url = format!("sqlite://{}", dir.path().join("x.db").display());
+    let out = Command::new("timeout")
+        .args(["10", BIN])
+        .env_clear()
+        .env("LETRO_VERAID_TRUST_ANCHORS", &bad)
+        .args(["serve", "--bind", "127.0.0.1:0", "--database", &url])
+        .output()
+        .expect("serve");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
+}
+
+#[test]
 fn the_demo_pairs_two_users_end_to_end() {
     let text = stdout(&run(&["demo"]));
     for line in [

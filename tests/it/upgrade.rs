@@ -331,7 +331,7 @@ async fn a_waiting_request_of_another_protocol_is_no_match(db: &TestDb) {
         &format!(
             "INSERT INTO pending_requests (requester_digest, target_digest, endpoint_id,
                                            protocol, offer, created_at, expires_at)
-             VALUES ({}, {}, '{}', 'signed', {}, {}, {});",
+             VALUES ({}, {}, '{}', 'signed-v2', {}, {}, {});",
             blob(db, &digest("b@y.io")),
             blob(db, &digest("a@x.io")),
             p[1].id,

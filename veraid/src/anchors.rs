@@ -115,7 +115,8 @@ fn parse_ds(fields: &[&str]) -> Result<Ds, &'static str> {
         .parse()
         .map_err(|_| "the digest type must be a number up to 255")?;
     let hex: String = digest.concat();
-    if hex.is_empty() || !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if hex.is_empty() || !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+    {
         return Err("the digest must be an even number of hexadecimal digits");
     }
     let digest = (0..hex.len())

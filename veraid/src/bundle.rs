@@ -161,6 +161,33 @@ pub enum VerifyError {
     InvalidUserName,
 }
 
+impl VerifyError {
+    /// A short, stable name of the check that failed (`dnssec`, `signature`, …), for
+    /// metric labels and logs: unlike the message, it names no domain or user.
+    pub fn check(&self) -> &'static str {
+        match self {
+            Self::TooLarge | Self::Malformed(_) | Self::UnsupportedVersion => "format",
+            Self::MalformedChain(_) => "chain_format",
+            Self::SignerCertificateMissing
+            | Self::Detached
+            | Self::SignedAttributesMissing
+            | Self::DigestMismatch
+            | Self::BadSignature => "signature",
+            Self::MetadataMissing | Self::MetadataMalformed => "metadata",
+            Self::WrongService(_) => "service",
+            Self::SignatureOutsidePeriod => "signature_period",
+            Self::NotIssuedByOrganisation | Self::OrganisationNotCa => "certificate_path",
+            Self::CertificateNotValidNow | Self::CertificatesOutsidePeriod => "certificate_period",
+            Self::OrganisationNameMissing | Self::UnsupportedOrganisationKey => {
+                "organisation_certificate"
+            }
+            Self::Record(_) | Self::NoRecord => "veraid_record",
+            Self::Dnssec(_) => "dnssec",
+            Self::InvalidUserName => "user_name",
+        }
+    }
+}
+
 impl From<CmsFailure> for VerifyError {
     fn from(failure: CmsFailure) -> Self {
         match failure {

@@ -1,4 +1,5 @@
-//! `pairing-request-tmp`: one half of a pair, stored until the other arrives.
+//! `pairing-request-tmp`: one half of a pair, stored until the other arrives; and the
+//! storing and matching that every protocol's requests share.
 
 use super::Incoming;
 use crate::codec::pairing::parse_request;
@@ -36,10 +37,23 @@ pub(super) async fn handle(incoming: &Incoming<'_>) -> Result<(), ApiError> {
         limits: state.limits,
         match_order: state.match_order,
     };
+    submit(incoming, submission).await
+}
+
+/// Stores or matches a validated request of any protocol, then counts and logs what
+/// became of it: the tail that the tmp and signed handlers share.
+pub(super) async fn submit(
+    incoming: &Incoming<'_>,
+    submission: PairingSubmission,
+) -> Result<(), ApiError> {
+    let (state, event) = (incoming.state, incoming.event);
+    let (requester, target) = (
+        submission.requester_digest.short(),
+        submission.target_digest.short(),
+    );
     let outcome = incoming
         .commit(state.store.submit_pairing_request(submission))
         .await?;
-    let (requester, target) = (requester_digest.short(), target_digest.short());
     match outcome {
         PairingOutcome::Duplicate => incoming.duplicate(),
         PairingOutcome::Refused(reason) => {
