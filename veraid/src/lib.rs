@@ -46,6 +46,8 @@ pub mod dns;
 pub mod dnssec;
 mod pki;
 mod record;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use anchors::{AnchorError, TrustAnchors};
 pub use asn1::Asn1Error;
