@@ -284,6 +284,7 @@ pub struct Metrics {
     completions: Counter,
     replaced_other_endpoint: Counter,
     veraid_refusals: Family<Labels, Counter>,
+    veraid_verified: Family<Labels, Counter>,
     pairing_failures: Family<Labels, Counter>,
     deliveries: Family<Labels, Counter>,
     outbox_depth: Gauge,
@@ -339,6 +340,12 @@ impl Metrics {
             "Signed pairing requests whose VeraId bundle did not verify, by the check that failed",
             veraid_refusals.clone(),
         );
+        let veraid_verified = Family::<Labels, Counter>::default();
+        registry.register(
+            "veraid_verified",
+            "VeraId bundles that verified, by whether the organisation's chain was remembered (hit) or validated (miss)",
+            veraid_verified.clone(),
+        );
         let pairing_failures = Family::<Labels, Counter>::default();
         registry.register(
             "pairing_failures",
@@ -391,6 +398,7 @@ impl Metrics {
             completions,
             replaced_other_endpoint,
             veraid_refusals,
+            veraid_verified,
             pairing_failures,
             deliveries,
             outbox_depth,
@@ -435,6 +443,14 @@ impl Metrics {
     pub fn veraid_refusal(&self, check: &str) {
         self.veraid_refusals
             .get_or_create(&vec![("check".into(), check.into())])
+            .inc();
+    }
+
+    /// Counts a bundle that verified, with its organisation remembered or not.
+    pub fn veraid_verified(&self, from_cache: bool) {
+        let cache = if from_cache { "hit" } else { "miss" };
+        self.veraid_verified
+            .get_or_create(&vec![("cache".into(), cache.into())])
             .inc();
     }
 

@@ -168,6 +168,10 @@ async fn every_vector_gets_the_expected_outcome(db: &TestDb) {
             .await
             >= 5
     );
+    // One organisation's chain, validated once and then remembered.
+    let verified = |cache: &str| format!("letro_veraid_verified_total{{cache=\"{cache}\"}}");
+    assert!(app.metric(&verified("hit")).await >= 20);
+    assert!(app.metric(&verified("miss")).await >= 1);
     app.stop().await;
 }
 

@@ -5,6 +5,7 @@ use base64::engine::general_purpose::STANDARD;
 
 use crate::anchors::TrustAnchors;
 use crate::asn1::{Asn1Error, Reader, oid_string, tag, time};
+use crate::cache::{Cache, ChainFacts};
 use crate::cms::{CmsFailure, SignedData};
 use crate::dns::{CLASS_IN, Message, Name, WireError, rtype, txt_strings};
 use crate::dnssec::{self, DnssecError, Window};
@@ -84,6 +85,9 @@ pub struct Verified {
     pub plaintext: Vec<u8>,
     /// The part of the requested period in which every piece of the bundle was valid.
     pub period: Period,
+    /// Whether the organisation's DNSSEC chain and certificate had been validated before
+    /// (by the same [`Verifier`]), so that no DNSSEC signature was checked this time.
+    pub from_cache: bool,
 }
 
 /// Why a bundle does not verify; each variant is one check of veraid.md §4.
@@ -263,8 +267,94 @@ pub struct Verification<'a> {
 }
 
 /// Verifies a SignatureBundle with an encapsulated plaintext, as veraid-js 3.x does
-/// (veraid.md §4), and returns the signer and the plaintext.
+/// (veraid.md §4), and returns the signer and the plaintext. Remembers nothing: a
+/// [`Verifier`] verifies many bundles of one organisation for less.
 pub fn verify(bundle: &[u8], verification: &Verification<'_>) -> Result<Verified, VerifyError> {
+    verify_with(bundle, verification, None)
+}
+
+/// Verifies bundles from fixed trust anchors, remembering what it verified of each
+/// organisation (its DNSSEC chain and certificate) and of each member certificate, so
+/// that the next bundle of the same organisation costs about one RSA signature check.
+///
+/// Its results are those of [`verify`]: it reuses only what a successful verification of
+/// the very same octets established, re-checks on every bundle what depends on time (each
+/// remembered DNSSEC signature must still overlap the new window, each certificate must
+/// be valid now), and forgets the oldest entries past its capacity.
+#[derive(Debug)]
+pub struct Verifier {
+    anchors: TrustAnchors,
+    cache: Cache,
+}
+
+impl Verifier {
+    /// Organisations remembered by [`Verifier::new`].
+    pub const DEFAULT_ORGANISATIONS: usize = 1024;
+    /// Member certificates remembered by [`Verifier::new`].
+    pub const DEFAULT_MEMBERS: usize = 65_536;
+
+    /// A verifier trusting `anchors`, remembering up to [`Verifier::DEFAULT_ORGANISATIONS`]
+    /// organisations and [`Verifier::DEFAULT_MEMBERS`] member certificates: about 8 MiB
+    /// at the most (an organisation takes at most ~3 KiB, a member certificate ~72
+    /// octets), a few hundred kilobytes in practice.
+    pub fn new(anchors: TrustAnchors) -> Self {
+        Self::with_capacity(anchors, Self::DEFAULT_ORGANISATIONS, Self::DEFAULT_MEMBERS)
+    }
+
+    /// A verifier remembering up to `organisations` chains and `members` member
+    /// certificates; zero remembers none.
+    pub fn with_capacity(anchors: TrustAnchors, organisations: usize, members: usize) -> Self {
+        Self {
+            anchors,
+            cache: Cache::new(organisations, members),
+        }
+    }
+
+    /// The trust anchors.
+    pub fn anchors(&self) -> &TrustAnchors {
+        &self.anchors
+    }
+
+    /// How many organisations and member certificates it remembers now.
+    pub fn remembered(&self) -> (usize, usize) {
+        self.cache.len()
+    }
+
+    /// Verifies `bundle` for `service`, valid at some point in `period`, with its
+    /// certificates valid at `now`.
+    pub fn verify(
+        &self,
+        bundle: &[u8],
+        service: &str,
+        period: Period,
+        now: i64,
+    ) -> Result<Verified, VerifyError> {
+        let verification = Verification {
+            service,
+            period,
+            now,
+            anchors: &self.anchors,
+        };
+        verify_with(bundle, &verification, Some(&self.cache))
+    }
+}
+
+/// The SHA-256 of length-prefixed parts: a cache key naming exactly these octets.
+fn cache_key(parts: &[&[u8]]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for part in parts {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
+}
+
+fn verify_with(
+    bundle: &[u8],
+    verification: &Verification<'_>,
+    cache: Option<&Cache>,
+) -> Result<Verified, VerifyError> {
     let bundle = Bundle::decode(bundle)?;
     let signed = &bundle.signature;
     let organisation = &bundle.organisation;
@@ -305,10 +395,26 @@ pub fn verify(bundle: &[u8], verification: &Verification<'_>) -> Result<Verified
         .ok_or(VerifyError::SignatureOutsidePeriod)?;
 
     // 6. The certificate path, and the certificates' validity.
-    let organisation_key =
-        RsaKey::from_spki(organisation.spki).ok_or(VerifyError::UnsupportedOrganisationKey)?;
+    // Parsed only when needed: with both the member certificate and the chain
+    // remembered, the organisation key is not used at all.
+    let mut parsed_key: Option<RsaKey> = None;
+    let mut organisation_key = || -> Result<RsaKey, VerifyError> {
+        if let Some(key) = &parsed_key {
+            return Ok(key.clone());
+        }
+        let key =
+            RsaKey::from_spki(organisation.spki).ok_or(VerifyError::UnsupportedOrganisationKey)?;
+        parsed_key = Some(key.clone());
+        Ok(key)
+    };
     if signed_by == SignedBy::Member {
-        check_issued(signer, organisation, &organisation_key)?;
+        let issued_key = cache_key(&[signer.raw, organisation.raw]);
+        if !cache.is_some_and(|c| c.issued(&issued_key)) {
+            check_issued(signer, organisation, &organisation_key()?)?;
+            if let Some(cache) = cache {
+                cache.remember_issued(issued_key);
+            }
+        }
     }
     if !organisation.is_ca || organisation.key_usage_forbids_signing_certificates {
         return Err(VerifyError::OrganisationNotCa);
@@ -334,39 +440,85 @@ pub fn verify(bundle: &[u8], verification: &Verification<'_>) -> Result<Verified
     let organisation_name = organisation_name
         .strip_suffix('.')
         .unwrap_or(organisation_name);
-    let (key_algorithm, key_id) = key_spec(organisation, &organisation_key)?;
-    let messages = bundle
-        .chain
-        .iter()
-        .map(|m| Message::parse(m))
-        .collect::<Result<Vec<_>, WireError>>()
-        .map_err(|e| VerifyError::MalformedChain(e.to_string()))?;
+    let chain_key = {
+        let mut parts: Vec<&[u8]> = bundle.chain.clone();
+        parts.push(organisation.raw);
+        cache_key(&parts)
+    };
+    let remembered = cache.and_then(|c| c.chain(&chain_key));
     let owner = Name::parse(&format!("_veraid.{organisation_name}."))
         .map_err(|_| VerifyError::OrganisationNameMissing)?;
-    let txt = unvalidated_txt(&messages, &owner)?;
-    let record = record::select(&txt, key_algorithm, &key_id, verification.service)?
-        .ok_or(VerifyError::NoRecord)?;
-
-    // 8. The window the DNSSEC signatures must reach: the TTL override's last seconds.
-    let p3 = Period::new(p2.end - i64::from(record.ttl_override), p2.end)
-        .intersect(p2)
-        .ok_or(VerifyError::CertificatesOutsidePeriod)?;
-
-    // 9. DNSSEC.
-    let window = Window {
-        start: u64::try_from(p3.start).unwrap_or(0),
-        end: u64::try_from(p3.end).unwrap_or(0),
+    let window_of = |ttl: u32| -> Result<Window, VerifyError> {
+        // 8. The window the DNSSEC signatures must reach: the TTL override's last seconds.
+        let p3 = Period::new(p2.end - i64::from(ttl), p2.end)
+            .intersect(p2)
+            .ok_or(VerifyError::CertificatesOutsidePeriod)?;
+        Ok(Window {
+            start: u64::try_from(p3.start).unwrap_or(0),
+            end: u64::try_from(p3.end).unwrap_or(0),
+        })
     };
-    let validated = dnssec::validate(
-        &messages,
-        &owner,
-        rtype::TXT,
-        verification.anchors.records(),
-        window,
-    )?;
-    if validated.len() != txt.len() {
-        return Err(VerifyError::NoRecord);
+    let mut from_cache = false;
+    let mut window = None;
+    if let Some(facts) = &remembered {
+        let record = record::select(
+            &facts.txt,
+            facts.key_algorithm,
+            &facts.key_id,
+            verification.service,
+        )?
+        .ok_or(VerifyError::NoRecord)?;
+        let w = window_of(record.ttl_override)?;
+        // 9, remembered: the same signatures, still reaching this window.
+        if facts.reaches(w) {
+            from_cache = true;
+            window = Some(w);
+        }
     }
+    if !from_cache {
+        // 7. The organisation key's VeraId record, from the chain as received.
+        let (key_algorithm, key_id) = key_spec(organisation, &organisation_key()?)?;
+        let messages = bundle
+            .chain
+            .iter()
+            .map(|m| Message::parse(m))
+            .collect::<Result<Vec<_>, WireError>>()
+            .map_err(|e| VerifyError::MalformedChain(e.to_string()))?;
+        let txt = unvalidated_txt(&messages, &owner)?;
+        let record = record::select(&txt, key_algorithm, &key_id, verification.service)?
+            .ok_or(VerifyError::NoRecord)?;
+        let w = window_of(record.ttl_override)?;
+        // 9. DNSSEC.
+        let validated = dnssec::validate_relying(
+            &messages,
+            &owner,
+            rtype::TXT,
+            verification.anchors.records(),
+            w,
+        )?;
+        if validated.rdatas.len() != txt.len() {
+            return Err(VerifyError::NoRecord);
+        }
+        if let Some(cache) = cache {
+            cache.remember_chain(
+                chain_key,
+                ChainFacts {
+                    key_algorithm,
+                    key_id,
+                    txt,
+                    signatures: validated.signatures,
+                },
+            );
+        }
+        window = Some(w);
+    }
+    let Some(window) = window else {
+        return Err(VerifyError::NoRecord);
+    };
+    let p3 = Period::new(
+        i64::try_from(window.start).unwrap_or(0),
+        i64::try_from(window.end).unwrap_or(0),
+    );
 
     // 10. The member.
     let user = match attribution {
@@ -396,6 +548,7 @@ pub fn verify(bundle: &[u8], verification: &Verification<'_>) -> Result<Verified
         signed_by,
         plaintext: plaintext.to_vec(),
         period: p3,
+        from_cache,
     })
 }
 

@@ -26,7 +26,7 @@ pub struct Window {
 impl Window {
     /// Whether an RRSIG valid from `inception` to `expiration` overlaps the window (both
     /// read as plain unsigned seconds, as the reference does: no serial arithmetic).
-    fn overlaps(&self, inception: u32, expiration: u32) -> bool {
+    pub fn overlaps(&self, inception: u32, expiration: u32) -> bool {
         u64::from(inception) <= self.end && u64::from(expiration) >= self.start
     }
 }
@@ -129,6 +129,8 @@ struct Chain<'a> {
     messages: &'a [Message],
     /// Signature verifications made so far, against [`MAX_SIGNATURE_CHECKS`].
     checks: std::cell::Cell<usize>,
+    /// The validity (inception, expiration) of each RRSIG that verified.
+    relied_on: std::cell::RefCell<Vec<(u32, u32)>>,
 }
 
 impl<'a> Chain<'a> {
@@ -259,6 +261,10 @@ impl<'a> SignedRrset<'a> {
                 let data =
                     data.get_or_insert_with(|| sig.signed_data(&self.owner, CLASS_IN, &rdatas));
                 if crypto::verifies(sig.algorithm, &key.public_key, data, &sig.signature) {
+                    chain
+                        .relied_on
+                        .borrow_mut()
+                        .push((sig.inception, sig.expiration));
                     return Ok(true);
                 }
             }
@@ -295,6 +301,18 @@ fn zone_keys(
     Ok(keys)
 }
 
+/// An RRset that validated, and the validity of the signatures it was validated with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validated {
+    /// The data of the RRset's records.
+    pub rdatas: Vec<Vec<u8>>,
+    /// The (inception, expiration) of every RRSIG the validation relied on. The same
+    /// chain validates for another window exactly when each of these overlaps it: the
+    /// signatures themselves do not depend on the time, which is what lets a verifier
+    /// remember a chain it validated.
+    pub signatures: Vec<(u32, u32)>,
+}
+
 /// Validates the RRset of `owner` and `rtype` in `messages` from the trust `anchors`
 /// (DS records of the root) within `window`, and returns its records' data.
 ///
@@ -308,9 +326,21 @@ pub fn validate(
     anchors: &[Ds],
     window: Window,
 ) -> Result<Vec<Vec<u8>>, DnssecError> {
+    validate_relying(messages, owner, rtype, anchors, window).map(|v| v.rdatas)
+}
+
+/// As [`validate`], and says which signatures the validation relied on.
+pub fn validate_relying(
+    messages: &[Message],
+    owner: &Name,
+    rtype: u16,
+    anchors: &[Ds],
+    window: Window,
+) -> Result<Validated, DnssecError> {
     let chain = Chain {
         messages,
         checks: std::cell::Cell::new(0),
+        relied_on: std::cell::RefCell::new(Vec::new()),
     };
     let answers: Vec<&Message> = messages
         .iter()
@@ -368,5 +398,8 @@ pub fn validate(
             rtype,
         });
     }
-    Ok(rrset.records.iter().map(|r| r.rdata.clone()).collect())
+    Ok(Validated {
+        rdatas: rrset.records.iter().map(|r| r.rdata.clone()).collect(),
+        signatures: chain.relied_on.into_inner(),
+    })
 }

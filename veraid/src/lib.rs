@@ -41,6 +41,7 @@
 mod anchors;
 mod asn1;
 mod bundle;
+mod cache;
 mod cms;
 pub mod dns;
 pub mod dnssec;
@@ -53,6 +54,6 @@ pub use anchors::{AnchorError, TrustAnchors};
 pub use asn1::Asn1Error;
 pub use bundle::{
     MAX_BUNDLE_OCTETS, MAX_CHAIN_MESSAGES, Member, Period, SignedBy, Verification, Verified,
-    VerifyError, verify,
+    Verifier, VerifyError, verify,
 };
 pub use record::{MAX_TTL_OVERRIDE, RecordError, VeraidRecord};

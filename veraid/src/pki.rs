@@ -233,6 +233,8 @@ impl RsaKey {
 /// path check looks at, and the signature with the octets it covers.
 #[derive(Debug, Clone)]
 pub(crate) struct Certificate<'a> {
+    /// The content octets of the Certificate SEQUENCE as received.
+    pub(crate) raw: &'a [u8],
     /// The TBSCertificate as received: what the issuer signed.
     pub(crate) tbs: &'a [u8],
     /// The serial number's content octets as received (not necessarily minimal).
@@ -292,6 +294,7 @@ impl<'a> Certificate<'a> {
         t.optional(tag::context(1), "issuerUniqueID")?;
         t.optional(tag::context(2), "subjectUniqueID")?;
         let mut certificate = Self {
+            raw: content,
             tbs: tbs.raw,
             serial,
             issuer,

@@ -16,7 +16,10 @@ pub(super) async fn handle(incoming: &Incoming<'_>) -> Result<(), ApiError> {
     let (state, event) = (incoming.state, incoming.event);
     let now = incoming.now();
     let verified = match state.bundles.verify(&event.data, now) {
-        Ok(verified) => verified,
+        Ok(verified) => {
+            state.metrics.veraid_verified(verified.from_cache);
+            verified
+        }
         Err(e) => {
             state.metrics.veraid_refusal(e.check());
             tracing::warn!(
