@@ -111,6 +111,11 @@ pub struct DemoArgs {
     /// pairing-auth and forwarded unchanged.
     #[arg(long)]
     pub android_2023: bool,
+    /// Play today's Letro apps: pairing requests signed with VeraId by members of two
+    /// mock organisations, whose mock DNSSEC root the server trusts; each party gets
+    /// the other's bundle byte for byte; then a replayed bundle gets a failure.
+    #[arg(long, conflicts_with = "android_2023")]
+    pub signed: bool,
 }
 
 /// Where the database is.

@@ -370,6 +370,62 @@ fn the_demo_pairs_two_users_end_to_end() {
     assert!(!android.contains("pairing-completion-tmp"), "{android}");
 }
 
+/// `demo --signed`: today's protocol, with mock VeraId organisations. Each request's
+/// signer is verified, each party gets the other's bundle byte for byte (as many bytes
+/// as were signed) and reads the right signer, endpoint and contact back from it, and a
+/// replayed bundle gets a failure of reason 2.
+#[test]
+fn the_signed_demo_verifies_each_signer_and_forwards_each_bundle_byte_for_byte() {
+    let text = stdout(&run(&["demo", "--signed"]));
+    let endpoint = |veraid: &str| {
+        let prefix = format!(" is {veraid} on endpoint ");
+        text.lines()
+            .find_map(|l| l.split_once(&prefix).map(|(_, id)| id.to_owned()))
+            .unwrap_or_else(|| panic!("no endpoint for {veraid} in:\n{text}"))
+    };
+    let (alice, bob) = (endpoint("alice@example.com"), endpoint("bob@example.org"));
+    let mut lines = vec![
+        "it trusts one VeraId root, a mock DNSSEC root made for this demo: . 3600 IN DS "
+            .to_owned(),
+        "  example.com: DNSSEC chain from the mock root, _veraid TXT record, certificate for alice\n".to_owned(),
+        "  example.org: DNSSEC chain from the mock root, _veraid TXT record, certificate for bob\n".to_owned(),
+        "1. Alice asks to pair with Bob, signing as alice@example.com\n".to_owned(),
+        "content-type: application/vnd.relaycorp.letro.contact-pairing.request\n".to_owned(),
+        "  verified with the server's own check (src/bundles.rs): signed by alice@example.com, a user of example.com, from the mock root\n  server answered 204 No Content: stored, waiting for Bob's request\n".to_owned(),
+        "  verified with the server's own check (src/bundles.rs): signed by bob@example.org, a user of example.org, from the mock root\n  server answered 204 No Content: it is the reverse of Alice's, so each gets the other's bundle\n".to_owned(),
+        format!("  Alice's app verifies it (Letro service, 90-day window): signed by bob@example.org, for alice@example.com, from endpoint {bob}\n"),
+        format!("  Bob's app verifies it (Letro service, 90-day window): signed by alice@example.com, for bob@example.org, from endpoint {alice}\n"),
+        "5. Each receives the other's authorisation, unchanged\n".to_owned(),
+        "Paired: Alice and Bob can now send each other parcels through Awala.\n".to_owned(),
+        format!("… for endpoint {bob}\n    content-type: application/vnd.relaycorp.letro.contact-pairing.failure\n"),
+        "  Bob's endpoint gets a ContactPairingFailure: bob@example.org, reason 2 (invalid_requester_awala_key)\n".to_owned(),
+    ];
+    // Each forwarded bundle is as long as the one its signer's app made.
+    for (sender, receiver) in [("Alice", "Bob"), ("Bob", "Alice")] {
+        let prefix =
+            format!("  {sender}'s app signs a ContactPairingRequest (its endpoint key and ");
+        let size = text
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .and_then(|l| l.rsplit_once("a VeraId bundle of "))
+            .and_then(|(_, n)| n.strip_suffix(" bytes"))
+            .unwrap_or_else(|| panic!("no bundle size for {sender} in:\n{text}"));
+        lines.push(format!(
+            "  {receiver} receives {sender}'s bundle: {size} bytes, byte for byte the one {sender} sent\n"
+        ));
+    }
+    for line in &lines {
+        assert!(text.contains(line.as_str()), "missing {line:?} in:\n{text}");
+    }
+    assert!(!text.contains("pairing-completion-tmp"), "{text}");
+    assert!(stdout(&run(&["demo", "--help"])).contains("--signed"));
+    // Today's apps and the 2023 dialect are different demos.
+    assert_eq!(
+        run(&["demo", "--signed", "--android-2023"]).status.code(),
+        Some(2)
+    );
+}
+
 #[tokio::test]
 async fn json_logs_carry_request_ids_and_never_veraids_keys_or_bodies() {
     let (_dir, db) = temp_db();
