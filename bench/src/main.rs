@@ -3,7 +3,7 @@
 //! `bench/run` builds in release mode and runs it; see README.md.
 
 mod keys;
-
+mod signed;
 mod sink;
 
 use std::net::SocketAddr;
@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::keys::{BenchKey, load_or_generate};
+use crate::signed::{SignedRequests, SignedWorld};
 use crate::sink::CountingSink;
 use anyhow::Context;
 use clap::Parser;
@@ -24,7 +25,8 @@ use letro_server::store::{PairingSubmission, Store, settings};
 use letro_testkit::load::{LoadReport, Pace, render_request, run};
 use letro_testkit::{PgDatabase, ServerProcess};
 
-const SERVER_ID: &str = "0bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+pub(crate) const SERVER_ID: &str =
+    "0bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 const SECRET_HEX: &str = "62656e63686d61726b2d7365637265742d6b6579";
 
 #[derive(Debug, Parser)]
@@ -54,6 +56,13 @@ struct Args {
     /// The server binary [default: letro-server next to this one].
     #[arg(long)]
     server: Option<PathBuf>,
+    /// Signed requests whose organisation is remembered (one organisation, new members);
+    /// 0 skips the signed rows.
+    #[arg(long, default_value_t = 10_000)]
+    signed_requests: usize,
+    /// Signed requests each from an organisation of its own.
+    #[arg(long, default_value_t = 2_000)]
+    signed_new_organisation_requests: usize,
 }
 
 /// Server CPU time, all threads and the SQLite writer's share.
@@ -231,13 +240,7 @@ async fn measure_backend(
     let cpu_before = server.cpu();
     let closed = run(server.addr, requests, args.connections, Pace::Closed, name).await;
     let delivered_within_load = sink.counts().distinct - before;
-    // Wait for the outbox to drain.
-    let expected = before + 2 * pairs as u64;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while sink.counts().distinct < expected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let drained_at = sink.last_delivery().unwrap_or_else(Instant::now);
+    let drained_at = drain(sink, before + 2 * pairs as u64).await;
     let cpu = cpu_before.per_request(server.cpu(), 2 * pairs);
     let delivery_rate = (2 * pairs) as f64
         / drained_at
@@ -273,6 +276,65 @@ async fn measure_backend(
         rss: server.rss_mib(),
         cpu,
     })
+}
+
+/// Waits (5 minutes at most) until the sink has `expected` distinct messages; returns
+/// when the last one arrived.
+async fn drain(sink: &CountingSink, expected: u64) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while sink.counts().distinct < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sink.last_delivery().unwrap_or_else(Instant::now)
+}
+
+/// A closed-loop run of signed requests: throughput, server CPU per request (bundles
+/// forwarded included), whether every bundle reached its recipient exactly once.
+struct SignedFigures {
+    closed: LoadReport,
+    cpu: (f64, f64),
+    exact: bool,
+}
+
+async fn measure_signed(
+    name: &str,
+    server: &Server,
+    sink: &CountingSink,
+    signed: &SignedRequests,
+    connections: usize,
+) -> SignedFigures {
+    let before = sink.counts().distinct;
+    let n = signed.requests.len();
+    eprintln!("{name}: closed loop, {n} requests");
+    let cpu_before = server.cpu();
+    let closed = run(
+        server.addr,
+        Arc::new(signed.requests.clone()),
+        connections,
+        Pace::Closed,
+        name,
+    )
+    .await;
+    drain(sink, before + n as u64).await;
+    let cpu = cpu_before.per_request(server.cpu(), n);
+    SignedFigures {
+        closed,
+        cpu,
+        exact: signed.all_forwarded(sink) && sink.counts().conflicting == 0,
+    }
+}
+
+/// A counter's value in the server's `/metrics` (0 when absent).
+async fn metric(server: &Server, name: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("http://{}/metrics", server.addr))
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0))
 }
 
 /// Stores `count` first halves straight through the store, as a long-running server
@@ -381,13 +443,35 @@ async fn main() -> anyhow::Result<()> {
     let mut table = Vec::new();
     let mut notes = Vec::new();
 
+    // Signed requests are made before any server runs: signing is slow, and its CPU
+    // would be the server's competition.
+    let anchors = dir.path().join("veraid-anchors.zone");
+    let signed = if args.signed_requests > 0 {
+        eprintln!(
+            "signing {} + {} pairing requests",
+            args.signed_requests, args.signed_new_organisation_requests
+        );
+        let mut world = SignedWorld::new();
+        world.write_anchors(&anchors)?;
+        Some((
+            world.one_organisation(&keys, "sw", args.signed_requests / 2),
+            world.new_organisations(&keys, "sn", args.signed_new_organisation_requests / 2),
+        ))
+    } else {
+        None
+    };
+
     // SQLite, durable (fsync before every 204), and the no-op ceiling on the same server.
     let db = dir.path().join("bench.db");
+    let anchors_flag = [
+        "--veraid-trust-anchors".to_owned(),
+        anchors.display().to_string(),
+    ];
     let server = Server::start(
         &binary,
         &format!("sqlite://{}", db.display()),
         sink.addr,
-        &[],
+        if signed.is_some() { &anchors_flag } else { &[] },
     )?;
     let empty_startup = server.startup;
     let warm = Arc::new(pair_requests(&keys, "warm", 0..1000, "/noop"));
@@ -432,9 +516,28 @@ async fn main() -> anyhow::Result<()> {
         "s",
     )
     .await?;
+    let mut signed_rows = Vec::new();
+    if let Some((warm, cold)) = &signed {
+        for (label, requests) in [
+            (
+                "signed requests, one organisation (its chain remembered)",
+                warm,
+            ),
+            ("signed requests, each from a new organisation", cold),
+        ] {
+            let f = measure_signed(label, &server, &sink, requests, args.connections).await;
+            signed_rows.push((label, f));
+        }
+        let hits = metric(&server, "letro_veraid_verified_total{cache=\"hit\"}").await?;
+        let misses = metric(&server, "letro_veraid_verified_total{cache=\"miss\"}").await?;
+        notes.push(format!(
+            "Signed requests: bundles made with the `veraid` crate's mock hierarchy (RSA-2048 organisation and member keys, \
+             Ed25519 DNSSEC), ~{} octets each; the server verified {hits:.0} with the organisation remembered and {misses:.0} without. \
+             Every member is new in both rows, so each request checks its member certificate (one RSA signature) besides the CMS signature.",
+            warm.requests.first().map_or(0, Vec::len),
+        ));
+    }
     server.stop()?;
-    let db_size = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
-    let _ = db_size;
 
     table.push(format!(
         "| no-op route (ceiling) | {:.0} req/s | 100% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | — | {:.0} µs | {} |",
@@ -487,6 +590,18 @@ async fn main() -> anyhow::Result<()> {
             if b.exact { "yes" } else { "NO" },
             b.rss.0,
             b.rss.1,
+        ));
+    }
+
+    for (label, f) in &signed_rows {
+        table.push(format!(
+            "| {label} (SQLite) | {:.0} req/s | {:.0}% | — | — | {} = {:.2}x a tmp request | {}; bundles forwarded exact: {} |",
+            f.closed.throughput(),
+            100.0 * f.closed.throughput() / ceiling.throughput(),
+            cpu_cell(f.cpu),
+            f.cpu.0 / backends[0].cpu.0.max(1e-9),
+            ok_share(&f.closed),
+            if f.exact { "yes" } else { "NO" },
         ));
     }
 

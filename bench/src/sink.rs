@@ -8,10 +8,13 @@ use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use letro_server::codec::contact_pairing::CONTACT_PAIRING_REQUEST_TYPE;
+use sha2::{Digest, Sha256};
 
 #[derive(Debug, Default)]
 struct Tally {
-    /// (recipient VeraId, contact VeraId) -> distinct ce-ids seen.
+    /// (recipient VeraId, contact VeraId) of a tmp match, or (recipient endpoint id,
+    /// SHA-256 of the bundle) of a forwarded signed request -> distinct ce-ids seen.
     matches: HashMap<(String, String), Vec<String>>,
     deliveries: u64,
     last: Option<Instant>,
@@ -70,6 +73,11 @@ impl CountingSink {
         self.tally().last
     }
 
+    /// Whether endpoint `recipient` was forwarded `bundle` exactly once.
+    pub(crate) fn forwarded_once(&self, recipient: &str, bundle: &[u8]) -> bool {
+        self.matched_once(recipient, &hex::encode(Sha256::digest(bundle)))
+    }
+
     /// Whether `recipient` got exactly one match naming `contact`.
     pub(crate) fn matched_once(&self, recipient: &str, contact: &str) -> bool {
         self.tally()
@@ -84,23 +92,32 @@ async fn receive(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> StatusCode {
-    let id = headers
-        .get("ce-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let text = String::from_utf8_lossy(&body);
-    let mut fields = text.split(',');
-    let (Some(contact), Some(recipient)) = (fields.next(), fields.next()) else {
-        return StatusCode::BAD_REQUEST;
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
     };
+    // A forwarded signed request is the other party's bundle, for the recipient's
+    // endpoint; a tmp match names its recipient and contact in its first fields.
+    let (recipient, contact) = if header("content-type") == CONTACT_PAIRING_REQUEST_TYPE {
+        (
+            header("ce-subject").to_owned(),
+            hex::encode(Sha256::digest(&body)),
+        )
+    } else {
+        let text = String::from_utf8_lossy(&body);
+        let mut fields = text.split(',');
+        let (Some(contact), Some(recipient)) = (fields.next(), fields.next()) else {
+            return StatusCode::BAD_REQUEST;
+        };
+        (recipient.to_owned(), contact.to_owned())
+    };
+    let id = header("ce-id").to_owned();
     let mut tally = tally.lock().unwrap_or_else(PoisonError::into_inner);
     tally.deliveries += 1;
     tally.last = Some(Instant::now());
-    let ids = tally
-        .matches
-        .entry((recipient.to_owned(), contact.to_owned()))
-        .or_default();
+    let ids = tally.matches.entry((recipient, contact)).or_default();
     if !ids.contains(&id) {
         ids.push(id);
     }

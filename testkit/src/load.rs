@@ -24,13 +24,34 @@ pub fn render_request(
     server_id: &str,
     body: &str,
 ) -> Vec<u8> {
-    format!(
+    render_event(
+        path,
+        sender,
+        parcel,
+        server_id,
+        PAIRING_REQUEST_TYPE,
+        body.as_bytes(),
+    )
+}
+
+/// One incoming event of any content type, ready to send.
+pub fn render_event(
+    path: &str,
+    sender: &str,
+    parcel: &str,
+    server_id: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut out = format!(
         "POST {path} HTTP/1.1\r\nhost: letro\r\nce-specversion: 1.0\r\nce-id: {parcel}\r\n\
          ce-source: {sender}\r\nce-type: {INCOMING_TYPE}\r\nce-subject: {server_id}\r\n\
-         content-type: {PAIRING_REQUEST_TYPE}\r\ncontent-length: {}\r\n\r\n{body}",
+         content-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
         body.len()
     )
-    .into_bytes()
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
 }
 
 /// How requests are paced.
