@@ -1,11 +1,19 @@
 //! `docs/operations.md` checked against the binary: every setting `serve --help` lists,
 //! every command `--help` lists, and every metric family and label `GET /metrics`
-//! exposes must be mentioned in it.
+//! exposes must be mentioned in it, and its trust anchors file must be the built-in
+//! anchors.
 
 use std::collections::BTreeSet;
 use std::process::Command;
 
+use letro_server::bundles::LETRO_SERVICE_OID;
+use letro_server::codec::contact_pairing::encode_contact_pairing_request;
+use veraid::testing::{KeyPair, MockHierarchy};
+use veraid::{Period, TrustAnchors};
+
 use crate::support::*;
+
+const SIGNED_REQUEST: &str = "application/vnd.relaycorp.letro.contact-pairing.request";
 
 /// The operator's guide, read at run time so that editing it needs no rebuild.
 fn operations_md() -> String {
@@ -117,9 +125,24 @@ fn every_command_is_documented() {
 async fn every_metric_and_label_is_documented() {
     let (_dir, db) = temp_db();
     let mut sink = FakeSink::start().await;
-    let app = TestApp::spawn(test_config(&db, Some(&sink.url))).await;
+    // A VeraId organisation under a root of its own, which the server trusts.
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs(),
+    )
+    .expect("i64");
+    let mut hierarchy = MockHierarchy::new(now);
+    let key = KeyPair::generate(2048);
+    let organisation = hierarchy.organisation("example.com", key.clone());
+    let mut config = test_config(&db, Some(&sink.url));
+    config.veraid_trust_anchors = hierarchy.trust_anchors();
+    let app = TestApp::spawn(config).await;
     // Traffic that gives every labelled family samples: a pair matched and delivered
-    // (`result`), a refusal (`reason`), answers (`status`) and commits.
+    // (`result`), a refusal (`reason`), answers (`status`) and commits; a signed request
+    // that does not verify (`check`), and one signed by the organisation's bot, which
+    // verifies (`cache`) and gets a failure message (`reason`).
     let p = parties();
     assert_eq!(
         app.post_request(&p[0], "docs-1", "a@x.io", "b@y.io").await,
@@ -134,11 +157,27 @@ async fn every_metric_and_label_is_documented() {
             .await,
         204
     );
-    sink.take(2).await;
-    // The sink has the matches; the delivery is counted once its 2xx is recorded.
+    assert_eq!(
+        app.post_message(&p[2].id, "docs-4", SIGNED_REQUEST, "not a bundle")
+            .await,
+        204
+    );
+    let bot = organisation.member(None, key, now).sign(
+        &encode_contact_pairing_request(&p[2].key_der, "b@y.io"),
+        LETRO_SERVICE_OID,
+        Period::new(now - 60, now + 86_400),
+    );
+    assert_eq!(
+        app.post_message(&p[2].id, "docs-5", SIGNED_REQUEST, bot)
+            .await,
+        204
+    );
+    sink.take(3).await;
+    // The sink has the matches and the failure; a delivery is counted once its 2xx is
+    // recorded.
     let delivered = "letro_outbox_deliveries_total{result=\"delivered\"}";
     for _ in 0..100 {
-        if app.metric(delivered).await == 2 {
+        if app.metric(delivered).await == 3 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -187,6 +226,8 @@ async fn every_metric_and_label_is_documented() {
         "result",
         "status",
         "le",
+        "check",
+        "cache",
     ] {
         assert!(labels.contains(label), "no {label} label in:\n{text}");
     }
@@ -203,4 +244,25 @@ async fn every_metric_and_label_is_documented() {
         .cloned()
         .collect();
     assert_none_missing(&missing, "metrics or labels of `GET /metrics`");
+}
+
+/// The trust anchors file shown in §2.2 ("The built-in anchors, as a file") is a valid
+/// `--veraid-trust-anchors` file holding exactly the anchors built in.
+#[test]
+fn the_documented_trust_anchors_file_is_the_built_in_one() {
+    let doc = operations_md();
+    let (_, after) = doc
+        .split_once("The built-in anchors, as a file:")
+        .expect("docs/operations.md §2.2 shows the built-in anchors as a file");
+    let block = after
+        .split("```")
+        .nth(1)
+        .and_then(|b| b.split_once('\n'))
+        .map(|(_fence, body)| body)
+        .expect("a code block");
+    let anchors = TrustAnchors::parse(block).unwrap_or_else(|e| panic!("{e}:\n{block}"));
+    assert_eq!(anchors, TrustAnchors::iana(), "{block}");
+    for tag in anchors.key_tags() {
+        assert!(mentions(&doc, &tag.to_string()), "key tag {tag}");
+    }
 }
