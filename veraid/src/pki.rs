@@ -169,6 +169,11 @@ impl SignatureAlgorithm {
                     .is_ok()
             })
         }
+        if let Some(params) = self.ring_parameters()
+            && ring_rsa_verifies(params, &key.n, &key.e, message, signature)
+        {
+            return true;
+        }
         let key = &key.key;
         match self {
             Self::Pss { hash, salt_len } => match hash {
@@ -187,6 +192,51 @@ impl SignatureAlgorithm {
     }
 }
 
+impl SignatureAlgorithm {
+    /// ring's parameters for this algorithm, where ring has them (PSS only with a salt
+    /// as long as the digest, which is what producers write).
+    fn ring_parameters(self) -> Option<&'static ring::signature::RsaParameters> {
+        use ring::signature as r;
+        Some(match self {
+            Self::Pss {
+                hash: Hash::Sha256,
+                salt_len: 32,
+            } => &r::RSA_PSS_2048_8192_SHA256,
+            Self::Pss {
+                hash: Hash::Sha384,
+                salt_len: 48,
+            } => &r::RSA_PSS_2048_8192_SHA384,
+            Self::Pss {
+                hash: Hash::Sha512,
+                salt_len: 64,
+            } => &r::RSA_PSS_2048_8192_SHA512,
+            Self::Pkcs1v15(Hash::Sha1) => &r::RSA_PKCS1_1024_8192_SHA1_FOR_LEGACY_USE_ONLY,
+            Self::Pkcs1v15(Hash::Sha256) => &r::RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY,
+            Self::Pkcs1v15(Hash::Sha384) => &r::RSA_PKCS1_2048_8192_SHA384,
+            Self::Pkcs1v15(Hash::Sha512) => &r::RSA_PKCS1_1024_8192_SHA512_FOR_LEGACY_USE_ONLY,
+            Self::Pss { .. } => return None,
+        })
+    }
+}
+
+/// Whether ring verifies an RSA `signature` with the key (`n`, `e`: big-endian, no
+/// leading zeros). ring's assembly takes a fifth of the `rsa` crate's time, so it is
+/// asked first; but its `false` is not final: it refuses some keys the `rsa` crate
+/// takes (exponents of more than 33 bits, moduli of fewer than 2048 bits for some
+/// algorithms), so callers then ask the `rsa` crate, and every outcome stays what the
+/// `rsa` crate alone decides, or a signature both libraries agree holds.
+pub(crate) fn ring_rsa_verifies(
+    params: &'static ring::signature::RsaParameters,
+    n: &[u8],
+    e: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> bool {
+    ring::signature::RsaPublicKeyComponents { n, e }
+        .verify(params, message, signature)
+        .is_ok()
+}
+
 /// An INTEGER of at most four octets, non-negative.
 fn small_integer(tlv: Tlv<'_>) -> Result<usize, Asn1Error> {
     let err = Asn1Error("integer");
@@ -203,6 +253,9 @@ fn small_integer(tlv: Tlv<'_>) -> Result<usize, Asn1Error> {
 #[derive(Debug, Clone)]
 pub(crate) struct RsaKey {
     key: rsa::PublicKey,
+    /// The modulus and the exponent, big-endian without leading zeros, for ring.
+    n: Box<[u8]>,
+    e: Box<[u8]>,
 }
 
 impl RsaKey {
@@ -210,7 +263,11 @@ impl RsaKey {
     pub(crate) fn from_spki(spki: &[u8]) -> Option<Self> {
         rsa::PublicKey::from_public_key_der(spki)
             .ok()
-            .map(|key| Self { key })
+            .map(|key| Self {
+                n: key.n_bytes(),
+                e: key.e_bytes(),
+                key,
+            })
     }
 
     /// The modulus length in bits.
@@ -419,6 +476,69 @@ fn directory_string(tlv: Tlv<'_>) -> Result<String, Asn1Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Signs `message` with `key` for `algorithm`, with the `rsa` crate.
+    fn sign(key: &rsa::PrivateKey, algorithm: SignatureAlgorithm, message: &[u8]) -> Vec<u8> {
+        use rsa::signature::{RandomizedSigner, SignatureEncoding, Signer};
+        match algorithm {
+            SignatureAlgorithm::Pss {
+                hash: Hash::Sha256,
+                salt_len,
+            } => rsa::pss::SigningKey::<sha2::Sha256>::new_with_salt_len(key.clone(), salt_len)
+                .sign_with_rng(&mut rand::rng(), message)
+                .to_vec(),
+            SignatureAlgorithm::Pkcs1v15(Hash::Sha384) => {
+                rsa::pkcs1v15::SigningKey::<sha2::Sha384>::new(key.clone())
+                    .sign(message)
+                    .to_vec()
+            }
+            other => panic!("no signer for {other:?} here"),
+        }
+    }
+
+    #[test]
+    fn ring_first_never_changes_what_verifies() {
+        let small = rsa::PrivateKey::new(&mut rand::rng(), 1024).expect("key");
+        let large = rsa::PrivateKey::new(&mut rand::rng(), 2048).expect("key");
+        let spki = |k: &rsa::PrivateKey| {
+            use rsa::pkcs8::EncodePublicKey;
+            rsa::PublicKey::from(k)
+                .to_public_key_der()
+                .expect("spki")
+                .as_bytes()
+                .to_vec()
+        };
+        let pss = |salt_len| SignatureAlgorithm::Pss {
+            hash: Hash::Sha256,
+            salt_len,
+        };
+        let pkcs1 = SignatureAlgorithm::Pkcs1v15(Hash::Sha384);
+        // (key, algorithm, whether ring decides it): ring takes PSS with a digest-long
+        // salt and 2048-bit keys for PKCS#1 SHA-384; the `rsa` crate takes the rest.
+        for (key, algorithm, ring_decides) in [
+            (&large, pss(32), true),
+            (&large, pss(20), false),
+            (&large, pkcs1, true),
+            (&small, pkcs1, false),
+        ] {
+            let public = RsaKey::from_spki(&spki(key)).expect("key");
+            let signature = sign(key, algorithm, b"message");
+            let by_ring = algorithm.ring_parameters().is_some_and(|p| {
+                ring_rsa_verifies(p, &public.n, &public.e, b"message", &signature)
+            });
+            assert_eq!(
+                by_ring,
+                ring_decides,
+                "{algorithm:?}, {} bits",
+                public.bits()
+            );
+            assert!(algorithm.verifies(&public, b"message", &signature));
+            assert!(!algorithm.verifies(&public, b"massage", &signature));
+            let mut tampered = signature.clone();
+            tampered[10] ^= 1;
+            assert!(!algorithm.verifies(&public, b"message", &tampered));
+        }
+    }
 
     #[test]
     fn bmp_strings_with_surrogate_pairs() {

@@ -36,9 +36,24 @@ pub fn supported(algorithm: u8) -> bool {
 pub fn verifies(algorithm: u8, key: &[u8], data: &[u8], signature: &[u8]) -> bool {
     use algorithm::*;
     match algorithm {
-        RSASHA1 => rsa_verifies::<sha1::Sha1>(key, data, signature),
-        RSASHA256 => rsa_verifies::<sha2::Sha256>(key, data, signature),
-        RSASHA512 => rsa_verifies::<sha2::Sha512>(key, data, signature),
+        RSASHA1 => rsa_verifies::<sha1::Sha1>(
+            &ring::signature::RSA_PKCS1_1024_8192_SHA1_FOR_LEGACY_USE_ONLY,
+            key,
+            data,
+            signature,
+        ),
+        RSASHA256 => rsa_verifies::<sha2::Sha256>(
+            &ring::signature::RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY,
+            key,
+            data,
+            signature,
+        ),
+        RSASHA512 => rsa_verifies::<sha2::Sha512>(
+            &ring::signature::RSA_PKCS1_1024_8192_SHA512_FOR_LEGACY_USE_ONLY,
+            key,
+            data,
+            signature,
+        ),
         ECDSAP256SHA256 => {
             let Ok(key) = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1(key, 64)) else {
                 return false;
@@ -92,13 +107,25 @@ fn sec1(key: &[u8], len: usize) -> Vec<u8> {
     point
 }
 
-/// RSA with PKCS#1 v1.5 and digest `D`; the key as RFC 3110 writes it: the exponent's
-/// length in one octet (or `00` and two octets), the exponent, the modulus.
-fn rsa_verifies<D>(key: &[u8], data: &[u8], signature: &[u8]) -> bool
+/// RSA with PKCS#1 v1.5 and digest `D` (`ring_params` in ring's terms, asked first:
+/// see [`crate::pki::ring_rsa_verifies`]); the key as RFC 3110 writes it: the
+/// exponent's length in one octet (or `00` and two octets), the exponent, the modulus.
+fn rsa_verifies<D>(
+    ring_params: &'static ring::signature::RsaParameters,
+    key: &[u8],
+    data: &[u8],
+    signature: &[u8],
+) -> bool
 where
     D: sha2::Digest + const_oid_shim::AssociatedOid + sha2::digest::FixedOutputReset,
 {
-    let Some(key) = rsa_key(key) else {
+    let Some((exponent, modulus)) = rfc3110(key) else {
+        return false;
+    };
+    if crate::pki::ring_rsa_verifies(ring_params, modulus, exponent, data, signature) {
+        return true;
+    }
+    let Some(key) = rsa_key(exponent, modulus) else {
         return false;
     };
     let Ok(signature) = rsa::pkcs1v15::Signature::try_from(signature) else {
@@ -119,7 +146,8 @@ fn without_leading_zeros(b: &[u8]) -> &[u8] {
     &b[zeros..]
 }
 
-fn rsa_key(key: &[u8]) -> Option<rsa::PublicKey> {
+/// The exponent and the modulus of an RFC 3110 key, without leading zeros; neither empty.
+fn rfc3110(key: &[u8]) -> Option<(&[u8], &[u8])> {
     let (&first, rest) = key.split_first()?;
     let (exponent_len, rest) = if first == 0 {
         let (len, rest) = rest.split_at_checked(2)?;
@@ -135,6 +163,10 @@ fn rsa_key(key: &[u8]) -> Option<rsa::PublicKey> {
     if modulus.is_empty() || exponent.is_empty() {
         return None;
     }
+    Some((exponent, modulus))
+}
+
+fn rsa_key(exponent: &[u8], modulus: &[u8]) -> Option<rsa::PublicKey> {
     let key = pkcs1::RsaPublicKey {
         modulus: UintRef::new(modulus).ok()?,
         public_exponent: UintRef::new(exponent).ok()?,
