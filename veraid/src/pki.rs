@@ -4,7 +4,6 @@
 
 use rsa::pkcs8::DecodePublicKey;
 use rsa::signature::Verifier;
-use rsa::traits::PublicKeyParts;
 
 use crate::asn1::{Asn1Error, Reader, Tlv, oid_string, tag, time};
 
@@ -174,7 +173,9 @@ impl SignatureAlgorithm {
         {
             return true;
         }
-        let key = &key.key;
+        let Some(key) = key.rsa() else {
+            return false;
+        };
         match self {
             Self::Pss { hash, salt_len } => match hash {
                 Hash::Sha1 => pss::<sha1::Sha1>(key, salt_len, message, signature),
@@ -250,40 +251,94 @@ fn small_integer(tlv: Tlv<'_>) -> Result<usize, Asn1Error> {
 }
 
 /// An RSA public key read from a SubjectPublicKeyInfo.
+///
+/// It takes exactly the keys the `rsa` crate takes, but builds the `rsa` crate's key
+/// (whose Montgomery set-up costs as much as ring's whole verification) only when
+/// asked: when ring does not decide a signature, and for the canonical encoding.
 #[derive(Debug, Clone)]
 pub(crate) struct RsaKey {
-    key: rsa::PublicKey,
+    /// The SubjectPublicKeyInfo as received.
+    spki: Box<[u8]>,
     /// The modulus and the exponent, big-endian without leading zeros, for ring.
     n: Box<[u8]>,
     e: Box<[u8]>,
+    /// The `rsa` crate's key, once needed.
+    key: std::sync::OnceLock<Option<rsa::PublicKey>>,
 }
 
 impl RsaKey {
-    /// Reads an `rsaEncryption` SubjectPublicKeyInfo (DER).
+    /// Reads an `rsaEncryption` (or parameterless RSASSA-PSS) SubjectPublicKeyInfo
+    /// (DER), with the `rsa` crate's rules: a modulus of 1024 to 8192 bits, odd; an odd
+    /// exponent from 2 to 2^33 - 1.
     pub(crate) fn from_spki(spki: &[u8]) -> Option<Self> {
-        rsa::PublicKey::from_public_key_der(spki)
-            .ok()
-            .map(|key| Self {
-                n: key.n_bytes(),
-                e: key.e_bytes(),
-                key,
-            })
+        use rsa::pkcs8::spki::SubjectPublicKeyInfoRef;
+        let info = SubjectPublicKeyInfoRef::try_from(spki).ok()?;
+        let algorithm = &info.algorithm;
+        let parameters_ok = match algorithm.oid.to_string().as_str() {
+            oid::RSA_ENCRYPTION => algorithm
+                .parameters
+                .is_some_and(|p| der::Tagged::tag(&p) == der::Tag::Null && p.value().is_empty()),
+            oid::RSASSA_PSS => algorithm.parameters.is_none(),
+            _ => false,
+        };
+        if !parameters_ok {
+            return None;
+        }
+        let key = pkcs1::RsaPublicKeyRef::try_from(info.subject_public_key.as_bytes()?).ok()?;
+        let (n, e) = (
+            key.modulus.as_bytes().to_vec().into_boxed_slice(),
+            key.public_exponent.as_bytes().to_vec().into_boxed_slice(),
+        );
+        let exponent = match e.len() {
+            1..=8 => e.iter().fold(0u64, |v, &b| (v << 8) | u64::from(b)),
+            _ => return None,
+        };
+        let bits = bit_length(&n);
+        let odd = |b: &[u8]| b.last().is_some_and(|&x| x & 1 == 1);
+        if !(1024..=8192).contains(&bits)
+            || !(2..=(1 << 33) - 1).contains(&exponent)
+            || !odd(&n)
+            || !odd(&e)
+        {
+            return None;
+        }
+        Some(Self {
+            spki: spki.into(),
+            n,
+            e,
+            key: std::sync::OnceLock::new(),
+        })
     }
 
-    /// The modulus length in bits.
+    /// The `rsa` crate's key.
+    fn rsa(&self) -> Option<&rsa::PublicKey> {
+        self.key
+            .get_or_init(|| rsa::PublicKey::from_public_key_der(&self.spki).ok())
+            .as_ref()
+    }
+
+    /// The modulus length in bits, rounded up to whole octets as the `rsa` crate does.
     pub(crate) fn bits(&self) -> usize {
-        self.key.size() * 8
+        bit_length(&self.n).div_ceil(8) * 8
     }
 
     /// The SubjectPublicKeyInfo re-encoded in canonical DER (`rsaEncryption`, NULL
     /// parameters, minimal integers): what VeraId key ids and Awala ids hash.
     pub(crate) fn canonical_spki(&self) -> Vec<u8> {
         use rsa::pkcs8::EncodePublicKey;
-        self.key
-            .to_public_key_der()
+        self.rsa()
+            .and_then(|key| key.to_public_key_der().ok())
             .map(|doc| doc.as_bytes().to_vec())
             .unwrap_or_default()
     }
+}
+
+/// The bit length of a big-endian unsigned integer.
+fn bit_length(bytes: &[u8]) -> usize {
+    let bytes = &bytes[bytes.iter().take_while(|&&b| b == 0).count()..];
+    bytes.first().map_or(0, |&first| {
+        8 * bytes.len() - usize::try_from(first.leading_zeros()).unwrap_or(0)
+    })
 }
 
 /// A certificate, read far enough for VeraId: names, validity, key, the extensions a
@@ -494,6 +549,107 @@ mod tests {
             }
             other => panic!("no signer for {other:?} here"),
         }
+    }
+
+    /// A DER TLV with a definite length.
+    fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        match content.len() {
+            n if n < 0x80 => out.push(n as u8),
+            n if n < 0x100 => out.extend([0x81, n as u8]),
+            n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+        }
+        out.extend(content);
+        out
+    }
+
+    /// A SubjectPublicKeyInfo with algorithm `oid` (content octets), `parameters`
+    /// (whole TLVs) and the INTEGERs `n` and `e` given as content octets.
+    fn spki(oid: &[u8], parameters: &[u8], n: &[u8], e: &[u8]) -> Vec<u8> {
+        let algorithm = der(0x30, &[der(0x06, oid), parameters.to_vec()].concat());
+        let key = der(0x30, &[der(0x02, n), der(0x02, e)].concat());
+        let bits = der(0x03, &[&[0][..], &key].concat());
+        der(0x30, &[algorithm, bits].concat())
+    }
+
+    #[test]
+    fn keys_are_taken_exactly_as_the_rsa_crate_takes_them() {
+        const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+        const PSS: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a];
+        const NULL: &[u8] = &[0x05, 0x00];
+        let modulus = |bits: usize, odd: bool| {
+            let mut n = vec![0xff; bits.div_ceil(8)];
+            n[0] = 0xff >> ((8 - bits % 8) % 8);
+            if !odd {
+                *n.last_mut().expect("octets") = 0xfe;
+            }
+            // A leading zero keeps the INTEGER positive.
+            [&[0][..], &n].concat()
+        };
+        let n2048 = modulus(2048, true);
+        let mut cases = vec![
+            spki(RSA, NULL, &n2048, &[0x01, 0x00, 0x01]),
+            spki(RSA, &[], &n2048, &[0x01, 0x00, 0x01]),
+            spki(RSA, &[0x05, 0x01, 0x00], &n2048, &[0x01, 0x00, 0x01]),
+            spki(PSS, &[], &n2048, &[0x01, 0x00, 0x01]),
+            spki(PSS, NULL, &n2048, &[0x01, 0x00, 0x01]),
+        ];
+        for e in [
+            &[0x01][..],
+            &[0x02],
+            &[0x03],
+            &[0x04],
+            &[0x01, 0xff, 0xff, 0xff, 0xff],
+            &[0x02, 0x00, 0x00, 0x00, 0x01],
+            &[0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01],
+        ] {
+            cases.push(spki(RSA, NULL, &n2048, e));
+        }
+        for (bits, odd) in [
+            (1023, true),
+            (1024, true),
+            (4096, true),
+            (8192, true),
+            (8193, true),
+            (2048, false),
+        ] {
+            cases.push(spki(RSA, NULL, &modulus(bits, odd), &[0x01, 0x00, 0x01]));
+        }
+        // Every octet of a real key flipped, and every truncation.
+        let real = rsa::PrivateKey::new(&mut rand::rng(), 1024).expect("key");
+        let real = {
+            use rsa::pkcs8::EncodePublicKey;
+            rsa::PublicKey::from(&real)
+                .to_public_key_der()
+                .expect("spki")
+                .as_bytes()
+                .to_vec()
+        };
+        for i in 0..real.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut mutated = real.clone();
+                mutated[i] ^= flip;
+                cases.push(mutated);
+            }
+            cases.push(real[..i].to_vec());
+        }
+        let mut taken = 0;
+        for case in &cases {
+            let ours = RsaKey::from_spki(case);
+            let theirs = rsa::PublicKey::from_public_key_der(case).ok();
+            assert_eq!(ours.is_some(), theirs.is_some(), "{}", hex(case));
+            if let (Some(ours), Some(theirs)) = (ours, theirs) {
+                use rsa::traits::PublicKeyParts;
+                assert_eq!(ours.bits(), theirs.size() * 8);
+                assert!(ours.rsa().is_some());
+                taken += 1;
+            }
+        }
+        assert!(taken >= 8, "{taken} keys taken");
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]
