@@ -10,7 +10,7 @@ use letro_server::codec::contact_pairing::{
 };
 use letro_testkit::load::render_event;
 use veraid::Period;
-use veraid::testing::{KeyPair, MockHierarchy, Organisation};
+use veraid::testing::{KeyPair, MockHierarchy, Organisation, SigningMember};
 
 use crate::keys::BenchKey;
 use crate::sink::CountingSink;
@@ -48,6 +48,8 @@ impl SignedRequests {
 struct Draft<'a> {
     organisation: Organisation,
     user: String,
+    /// The signer's certificate, where it signs more than this request.
+    member: Option<SigningMember>,
     key: &'a BenchKey,
     target: String,
     parcel: String,
@@ -76,7 +78,7 @@ impl SignedWorld {
 
     /// `pairs` pairs, every party a member of one organisation named after `tag`: its
     /// chain is validated on the first request and remembered for the rest. Every
-    /// member is new, so its certificate is checked once, as for a user's first request.
+    /// member is new, so its certificate is checked, as for a user's first request.
     pub(crate) fn one_organisation(
         &mut self,
         keys: &[BenchKey],
@@ -84,7 +86,28 @@ impl SignedWorld {
         pairs: usize,
     ) -> SignedRequests {
         let organisation = self.organisation(&format!("{tag}.bench.test"));
-        self.make(keys, tag, pairs, |_| organisation.clone())
+        let users = (0..pairs).map(|i| (i, i)).collect();
+        self.make(keys, tag, users, |_| organisation.clone(), false)
+    }
+
+    /// `pairs` pairs among `members` users on each side of one organisation, each user
+    /// signing about `pairs / members` requests with one certificate: after its first
+    /// request, a user's certificate is remembered too, as for a user pairing with
+    /// several contacts.
+    pub(crate) fn returning_members(
+        &mut self,
+        keys: &[BenchKey],
+        tag: &str,
+        pairs: usize,
+        members: usize,
+    ) -> SignedRequests {
+        let organisation = self.organisation(&format!("{tag}.bench.test"));
+        let members = members.max(1);
+        // Distinct (a, b) for up to members² pairs.
+        let users = (0..pairs.min(members * members))
+            .map(|i| (i % members, i / members))
+            .collect();
+        self.make(keys, tag, users, |_| organisation.clone(), true)
     }
 
     /// `pairs` pairs, every request from an organisation of its own: nothing about it can
@@ -98,34 +121,51 @@ impl SignedWorld {
         let organisations: Vec<Organisation> = (0..2 * pairs)
             .map(|n| self.organisation(&format!("o{n}.{tag}.bench.test")))
             .collect();
-        self.make(keys, tag, pairs, |n| organisations[n].clone())
+        let users = (0..pairs).map(|i| (i, i)).collect();
+        self.make(keys, tag, users, |n| organisations[n].clone(), false)
     }
 
-    /// Both halves of each pair `i`: `a{i}` asks for `b{i}` and back, the `n`th request
-    /// signed by a member of `organisation(n)`. Signing takes a few milliseconds a
-    /// request, so it runs on every core.
+    /// Both halves of each pair `i` of `users` (`(x, y)`): `a{x}` asks for `b{y}` and
+    /// back, the `n`th request signed by a member of `organisation(n)`, each user with
+    /// one certificate for all its requests if `returning`. Signing takes a few
+    /// milliseconds a request, so it runs on every core.
     fn make(
         &self,
         keys: &[BenchKey],
         tag: &str,
-        pairs: usize,
+        users: Vec<(usize, usize)>,
         organisation: impl Fn(usize) -> Organisation,
+        returning: bool,
     ) -> SignedRequests {
-        let mut drafts = Vec::with_capacity(2 * pairs);
-        for i in 0..pairs {
+        let mut members = std::collections::HashMap::<String, SigningMember>::new();
+        let mut member = |organisation: &Organisation, user: &str| {
+            returning.then(|| {
+                members
+                    .entry(format!("{user}@{}", organisation.name()))
+                    .or_insert_with(|| {
+                        organisation.member(Some(user), self.member_key.clone(), self.now)
+                    })
+                    .clone()
+            })
+        };
+        let mut drafts = Vec::with_capacity(2 * users.len());
+        for (i, &(x, y)) in users.iter().enumerate() {
             let (a, b) = (2 * i, 2 * i + 1);
             let (oa, ob) = (organisation(a), organisation(b));
-            let (ida, idb) = (format!("a{i}@{}", oa.name()), format!("b{i}@{}", ob.name()));
+            let (ua, ub) = (format!("a{x}"), format!("b{y}"));
+            let (ida, idb) = (format!("{ua}@{}", oa.name()), format!("{ub}@{}", ob.name()));
             drafts.push(Draft {
+                member: member(&oa, &ua),
                 organisation: oa,
-                user: format!("a{i}"),
+                user: ua,
                 key: &keys[a % keys.len()],
                 target: idb.clone(),
                 parcel: format!("{tag}-A{i}"),
             });
             drafts.push(Draft {
+                member: member(&ob, &ub),
                 organisation: ob,
-                user: format!("b{i}"),
+                user: ub,
                 key: &keys[b % keys.len()],
                 target: ida,
                 parcel: format!("{tag}-B{i}"),
@@ -180,13 +220,15 @@ impl SignedWorld {
         )
         .unwrap_or_default();
         let plaintext = encode_contact_pairing_request(&key, &draft.target);
-        draft
-            .organisation
-            .member(Some(&draft.user), self.member_key.clone(), self.now)
-            .sign(
-                &plaintext,
-                LETRO_SERVICE_OID,
-                Period::new(self.now - 60, self.now + DAY),
-            )
+        let member = draft.member.clone().unwrap_or_else(|| {
+            draft
+                .organisation
+                .member(Some(&draft.user), self.member_key.clone(), self.now)
+        });
+        member.sign(
+            &plaintext,
+            LETRO_SERVICE_OID,
+            Period::new(self.now - 60, self.now + DAY),
+        )
     }
 }
