@@ -339,6 +339,22 @@ impl Verifier {
     }
 }
 
+/// The period the DNSSEC signatures must reach (veraid.md §4 step 8): the last
+/// `ttl_override` seconds of `p2`, the period in which everything else is valid.
+fn dnssec_period(p2: Period, ttl_override: u32) -> Result<Period, VerifyError> {
+    Period::new(p2.end - i64::from(ttl_override), p2.end)
+        .intersect(p2)
+        .ok_or(VerifyError::CertificatesOutsidePeriod)
+}
+
+/// `period` as DNSSEC compares times: unsigned seconds, negative times as 0.
+fn dnssec_window(period: Period) -> Window {
+    Window {
+        start: u64::try_from(period.start).unwrap_or(0),
+        end: u64::try_from(period.end).unwrap_or(0),
+    }
+}
+
 /// The SHA-256 of length-prefixed parts: a cache key naming exactly these octets.
 fn cache_key(parts: &[&[u8]]) -> [u8; 32] {
     use sha2::Digest;
@@ -395,22 +411,12 @@ fn verify_with(
         .ok_or(VerifyError::SignatureOutsidePeriod)?;
 
     // 6. The certificate path, and the certificates' validity.
-    // Parsed only when needed: with both the member certificate and the chain
-    // remembered, the organisation key is not used at all.
-    let mut parsed_key: Option<RsaKey> = None;
-    let mut organisation_key = || -> Result<RsaKey, VerifyError> {
-        if let Some(key) = &parsed_key {
-            return Ok(key.clone());
-        }
-        let key =
-            RsaKey::from_spki(organisation.spki).ok_or(VerifyError::UnsupportedOrganisationKey)?;
-        parsed_key = Some(key.clone());
-        Ok(key)
-    };
+    let organisation_key =
+        RsaKey::from_spki(organisation.spki).ok_or(VerifyError::UnsupportedOrganisationKey)?;
     if signed_by == SignedBy::Member {
         let issued_key = cache_key(&[signer.raw, organisation.raw]);
         if !cache.is_some_and(|c| c.issued(&issued_key)) {
-            check_issued(signer, organisation, &organisation_key()?)?;
+            check_issued(signer, organisation, &organisation_key)?;
             if let Some(cache) = cache {
                 cache.remember_issued(issued_key);
             }
@@ -445,80 +451,66 @@ fn verify_with(
         parts.push(organisation.raw);
         cache_key(&parts)
     };
-    let remembered = cache.and_then(|c| c.chain(&chain_key));
-    let owner = Name::parse(&format!("_veraid.{organisation_name}."))
-        .map_err(|_| VerifyError::OrganisationNameMissing)?;
-    let window_of = |ttl: u32| -> Result<Window, VerifyError> {
-        // 8. The window the DNSSEC signatures must reach: the TTL override's last seconds.
-        let p3 = Period::new(p2.end - i64::from(ttl), p2.end)
-            .intersect(p2)
-            .ok_or(VerifyError::CertificatesOutsidePeriod)?;
-        Ok(Window {
-            start: u64::try_from(p3.start).unwrap_or(0),
-            end: u64::try_from(p3.end).unwrap_or(0),
-        })
-    };
-    let mut from_cache = false;
-    let mut window = None;
-    if let Some(facts) = &remembered {
-        let record = record::select(
-            &facts.txt,
-            facts.key_algorithm,
-            &facts.key_id,
-            verification.service,
-        )?
-        .ok_or(VerifyError::NoRecord)?;
-        let w = window_of(record.ttl_override)?;
-        // 9, remembered: the same signatures, still reaching this window.
-        if facts.reaches(w) {
-            from_cache = true;
-            window = Some(w);
-        }
-    }
-    if !from_cache {
-        // 7. The organisation key's VeraId record, from the chain as received.
-        let (key_algorithm, key_id) = key_spec(organisation, &organisation_key()?)?;
-        let messages = bundle
-            .chain
-            .iter()
-            .map(|m| Message::parse(m))
-            .collect::<Result<Vec<_>, WireError>>()
-            .map_err(|e| VerifyError::MalformedChain(e.to_string()))?;
-        let txt = unvalidated_txt(&messages, &owner)?;
-        let record = record::select(&txt, key_algorithm, &key_id, verification.service)?
+
+    // 7-9, remembered: this chain and certificate validated before, by signatures that
+    // must still reach this bundle's window.
+    let remembered = match cache.and_then(|c| c.chain(&chain_key)) {
+        Some(facts) => {
+            let record = record::select(
+                &facts.txt,
+                facts.key_algorithm,
+                &facts.key_id,
+                verification.service,
+            )?
             .ok_or(VerifyError::NoRecord)?;
-        let w = window_of(record.ttl_override)?;
-        // 9. DNSSEC.
-        let validated = dnssec::validate_relying(
-            &messages,
-            &owner,
-            rtype::TXT,
-            verification.anchors.records(),
-            w,
-        )?;
-        if validated.rdatas.len() != txt.len() {
-            return Err(VerifyError::NoRecord);
+            let p3 = dnssec_period(p2, record.ttl_override)?;
+            facts.reaches(dnssec_window(p3)).then_some(p3)
         }
-        if let Some(cache) = cache {
-            cache.remember_chain(
-                chain_key,
-                ChainFacts {
-                    key_algorithm,
-                    key_id,
-                    txt,
-                    signatures: validated.signatures,
-                },
-            );
-        }
-        window = Some(w);
-    }
-    let Some(window) = window else {
-        return Err(VerifyError::NoRecord);
+        None => None,
     };
-    let p3 = Period::new(
-        i64::try_from(window.start).unwrap_or(0),
-        i64::try_from(window.end).unwrap_or(0),
-    );
+    let from_cache = remembered.is_some();
+    let p3 = match remembered {
+        Some(p3) => p3,
+        None => {
+            let (key_algorithm, key_id) = key_spec(organisation, &organisation_key)?;
+            let messages = bundle
+                .chain
+                .iter()
+                .map(|m| Message::parse(m))
+                .collect::<Result<Vec<_>, WireError>>()
+                .map_err(|e| VerifyError::MalformedChain(e.to_string()))?;
+            let owner = Name::parse(&format!("_veraid.{organisation_name}."))
+                .map_err(|_| VerifyError::OrganisationNameMissing)?;
+            let txt = unvalidated_txt(&messages, &owner)?;
+            let record = record::select(&txt, key_algorithm, &key_id, verification.service)?
+                .ok_or(VerifyError::NoRecord)?;
+            // 8. The window the DNSSEC signatures must reach.
+            let p3 = dnssec_period(p2, record.ttl_override)?;
+            // 9. DNSSEC.
+            let validated = dnssec::validate_relying(
+                &messages,
+                &owner,
+                rtype::TXT,
+                verification.anchors.records(),
+                dnssec_window(p3),
+            )?;
+            if validated.rdatas.len() != txt.len() {
+                return Err(VerifyError::NoRecord);
+            }
+            if let Some(cache) = cache {
+                cache.remember_chain(
+                    chain_key,
+                    ChainFacts {
+                        key_algorithm,
+                        key_id,
+                        txt,
+                        signatures: validated.signatures,
+                    },
+                );
+            }
+            p3
+        }
+    };
 
     // 10. The member.
     let user = match attribution {
