@@ -5,6 +5,7 @@
 mod keys;
 mod signed;
 mod sink;
+mod soak;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,10 @@ struct Args {
     /// 0 skips the signed rows.
     #[arg(long, default_value_t = 10_000)]
     signed_requests: usize,
+    /// Seconds of the soak: a closed loop on a fresh SQLite database, reported per tenth
+    /// (0 skips it).
+    #[arg(long, default_value_t = 300)]
+    soak: u64,
     /// Signed requests each from an organisation of its own.
     #[arg(long, default_value_t = 2_000)]
     signed_new_organisation_requests: usize,
@@ -150,6 +155,29 @@ impl Server {
     }
 }
 
+/// Request `n` of a run named after `tag`, rendered for `path`: the first (`n` even) or
+/// second half of pair `n / 2`, `a{i}` and `b{i}` asking for each other.
+fn pair_half(keys: &[BenchKey], tag: &str, n: usize, path: &str) -> Vec<u8> {
+    let i = n / 2;
+    let (a, b) = (
+        format!("a{i}@{tag}.bench.test"),
+        format!("b{i}@{tag}.bench.test"),
+    );
+    let key = &keys[n % keys.len()];
+    let (half, requester, target) = if n.is_multiple_of(2) {
+        ("A", a, b)
+    } else {
+        ("B", b, a)
+    };
+    render_request(
+        path,
+        key.id.as_str(),
+        &format!("{tag}-{half}{i}"),
+        SERVER_ID,
+        &format!("{requester},{target},{}", key.spki_b64),
+    )
+}
+
 /// Both halves of `pairs` pairs named after `tag`, rendered for `path`.
 fn pair_requests(
     keys: &[BenchKey],
@@ -157,29 +185,9 @@ fn pair_requests(
     pairs: std::ops::Range<usize>,
     path: &str,
 ) -> Vec<Vec<u8>> {
-    let mut out = Vec::with_capacity(2 * pairs.len());
-    for i in pairs {
-        let (a, b) = (
-            format!("a{i}@{tag}.bench.test"),
-            format!("b{i}@{tag}.bench.test"),
-        );
-        let (ka, kb) = (&keys[(2 * i) % keys.len()], &keys[(2 * i + 1) % keys.len()]);
-        out.push(render_request(
-            path,
-            ka.id.as_str(),
-            &format!("{tag}-A{i}"),
-            SERVER_ID,
-            &format!("{a},{b},{}", ka.spki_b64),
-        ));
-        out.push(render_request(
-            path,
-            kb.id.as_str(),
-            &format!("{tag}-B{i}"),
-            SERVER_ID,
-            &format!("{b},{a},{}", kb.spki_b64),
-        ));
-    }
-    out
+    (2 * pairs.start..2 * pairs.end)
+        .map(|n| pair_half(keys, tag, n, path))
+        .collect()
 }
 
 /// Checks every party of every pair got exactly one match.
@@ -676,6 +684,21 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
 
+    let soak = if args.soak > 0 {
+        eprintln!("soak: {} s", args.soak);
+        soak::soak(
+            &binary,
+            &dir.path().join("soak.db"),
+            &sink,
+            &keys,
+            args.connections,
+            Duration::from_secs(args.soak),
+        )
+        .await?
+    } else {
+        "Soak: skipped (`--soak 0`).\n".to_owned()
+    };
+
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
@@ -690,7 +713,7 @@ async fn main() -> anyhow::Result<()> {
          Server CPU is the server process's CPU time per request over the closed loop and, for a database, the outbox drain after it \
          (so it includes delivering the matches; PostgreSQL's own processes are not counted).\n\n\
          | Route / database | Closed-loop throughput | vs no-op | Latency p50 / p99 / p99.9 | Outbox delivery | Server CPU per request | Notes |\n\
-         | --- | --- | --- | --- | --- | --- | --- |\n{}\n\n{}\n",
+         | --- | --- | --- | --- | --- | --- | --- |\n{}\n\n{}\n\n{}",
         date,
         git_commit(),
         cores,
@@ -703,6 +726,7 @@ async fn main() -> anyhow::Result<()> {
             .map(|n| format!("- {n}"))
             .collect::<Vec<_>>()
             .join("\n"),
+        soak,
     );
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;

@@ -1,5 +1,5 @@
 //! A lean keep-alive HTTP/1.1 load generator. Requests are rendered to bytes before the
-//! clock starts, and answers are parsed only as far as the status line and
+//! clock starts (or, for long runs, on demand: a few microseconds each), and answers are parsed only as far as the status line and
 //! `Content-Length`, so the generator costs far less CPU than the server it loads (they
 //! share the machine).
 
@@ -95,11 +95,71 @@ impl LoadReport {
     }
 }
 
+/// Renders request `i` on demand, for runs too long to render beforehand.
+pub type MakeRequest = Arc<dyn Fn(usize) -> Vec<u8> + Send + Sync>;
+
+/// What a run sends.
+#[derive(Clone)]
+enum Requests {
+    /// These, each once.
+    List(Arc<Vec<Vec<u8>>>),
+    /// Requests `first`, `first + 1`, … made on demand, until `until` (none is sent
+    /// after it; those in flight are answered).
+    Made {
+        make: MakeRequest,
+        first: usize,
+        until: Instant,
+    },
+}
+
+impl Requests {
+    fn get(&self, i: usize) -> Option<std::borrow::Cow<'_, [u8]>> {
+        match self {
+            Self::List(list) => list.get(i).map(|r| std::borrow::Cow::Borrowed(&r[..])),
+            Self::Made { make, first, until } => {
+                (Instant::now() < *until).then(|| std::borrow::Cow::Owned(make(first + i)))
+            }
+        }
+    }
+
+    fn total(&self) -> String {
+        match self {
+            Self::List(list) => list.len().to_string(),
+            Self::Made { .. } => "?".to_owned(),
+        }
+    }
+}
+
 /// Sends every request once over `connections` keep-alive connections to `addr`, paced
 /// by `pace`, printing progress to stderr every second under `label`.
 pub async fn run(
     addr: std::net::SocketAddr,
     requests: Arc<Vec<Vec<u8>>>,
+    connections: usize,
+    pace: Pace,
+    label: &str,
+) -> LoadReport {
+    run_requests(addr, Requests::List(requests), connections, pace, label).await
+}
+
+/// A closed loop of requests `first`, `first + 1`, … made by `make`, until `until`.
+/// Every request sent is in the report (answered or failed), so the next run can start
+/// where this one stopped.
+pub async fn run_until(
+    addr: std::net::SocketAddr,
+    make: MakeRequest,
+    first: usize,
+    until: Instant,
+    connections: usize,
+    label: &str,
+) -> LoadReport {
+    let requests = Requests::Made { make, first, until };
+    run_requests(addr, requests, connections, Pace::Closed, label).await
+}
+
+async fn run_requests(
+    addr: std::net::SocketAddr,
+    requests: Requests,
     connections: usize,
     pace: Pace,
     label: &str,
@@ -113,7 +173,7 @@ pub async fn run(
     )));
     let start = Instant::now();
     let progress = {
-        let (done, label, total) = (done.clone(), label.to_owned(), requests.len());
+        let (done, label, total) = (done.clone(), label.to_owned(), requests.total());
         tokio::spawn(async move {
             let mut last = 0;
             loop {
@@ -141,6 +201,7 @@ pub async fn run(
                 let Some(request) = requests.get(i) else {
                     break;
                 };
+                let request = &request[..];
                 let due = match pace {
                     Pace::Closed => Instant::now(),
                     Pace::Open { rate } => {

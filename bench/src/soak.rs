@@ -1,0 +1,160 @@
+//! The soak: one server on a fresh SQLite database under a closed loop of pairing
+//! requests for minutes, reported per tenth of the time, to show whether throughput,
+//! latency or CPU per request drift as the database and its WAL grow.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use letro_testkit::load::{LoadReport, MakeRequest, run_until};
+
+use crate::keys::BenchKey;
+use crate::sink::CountingSink;
+use crate::{Server, cpu_cell, drain, pair_half};
+
+/// Slices the soak is reported in.
+const SLICES: u32 = 10;
+
+/// What the database holds at one moment.
+struct DatabaseState {
+    file_mib: f64,
+    wal_mib: f64,
+    pending: i64,
+    processed_events: i64,
+    outbox: i64,
+}
+
+impl DatabaseState {
+    /// Reads `path` (and its WAL) through a read-only connection beside the server's.
+    fn read(path: &Path) -> anyhow::Result<Self> {
+        let mib = |p: &Path| std::fs::metadata(p).map_or(0.0, |m| m.len() as f64 / 1048576.0);
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?;
+        let count = |table: &str| -> anyhow::Result<i64> {
+            Ok(conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)
+        };
+        Ok(Self {
+            file_mib: mib(path),
+            wal_mib: mib(Path::new(&wal)),
+            pending: count("pending_requests")?,
+            processed_events: count("processed_events")?,
+            outbox: count("outbox")?,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "database {:.1} MiB, WAL {:.1} MiB; rows: {} pending requests, {} processed-event keys, {} outbox",
+            self.file_mib, self.wal_mib, self.pending, self.processed_events, self.outbox
+        )
+    }
+}
+
+/// One tenth of the soak.
+struct Slice {
+    report: LoadReport,
+    /// Server CPU µs per request: (all threads, SQLite writer).
+    cpu: (f64, f64),
+    /// Matches delivered by the slice's end, of those the requests answered so far owe.
+    delivered: u64,
+    owed: u64,
+}
+
+/// Runs the soak for `duration` against a fresh server on `db`, and returns its section
+/// of the results.
+pub(crate) async fn soak(
+    binary: &Path,
+    db: &Path,
+    sink: &CountingSink,
+    keys: &[BenchKey],
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<String> {
+    let server = Server::start(
+        binary,
+        &format!("sqlite://{}", db.display()),
+        sink.addr,
+        &[],
+    )?;
+    let keys: Arc<Vec<BenchKey>> = Arc::new(keys.to_vec());
+    let make: MakeRequest = Arc::new(move |n| pair_half(&keys, "soak", n, "/"));
+    let before = DatabaseState::read(db)?;
+    let delivered_before = sink.counts().distinct;
+    let start = Instant::now();
+    let slice_time = duration / SLICES;
+    let mut sent = 0usize;
+    let mut slices = Vec::new();
+    for k in 1..=SLICES {
+        let label = format!("soak {k}/{SLICES}");
+        let cpu_before = server.cpu();
+        let report = run_until(
+            server.addr,
+            make.clone(),
+            sent,
+            start + slice_time * k,
+            connections,
+            &label,
+        )
+        .await;
+        let n = report.statuses.values().sum::<u64>() + report.failures;
+        sent += usize::try_from(n)?;
+        // A pair is owed its two matches once both halves were answered.
+        let owed = (sent / 2 * 2) as u64;
+        slices.push(Slice {
+            cpu: cpu_before.per_request(server.cpu(), usize::try_from(n)?),
+            delivered: sink.counts().distinct - delivered_before,
+            owed,
+            report,
+        });
+    }
+    let soaked = start.elapsed();
+    let owed = (sent / 2 * 2) as u64;
+    let drained = drain(sink, delivered_before + owed)
+        .await
+        .saturating_duration_since(start);
+    let after = DatabaseState::read(db)?;
+    let (rss, peak) = server.rss_mib();
+    server.stop()?;
+
+    let mut rows = Vec::new();
+    for (k, s) in slices.iter().enumerate() {
+        rows.push(format!(
+            "| {} | {:.0} req/s | {:.2} / {:.2} ms | {} | {} of {} |",
+            k + 1,
+            s.report.throughput(),
+            s.report.latency_ms(0.5),
+            s.report.latency_ms(0.99),
+            cpu_cell(s.cpu),
+            s.delivered,
+            s.owed,
+        ));
+    }
+    let (first, last) = (&slices[0], &slices[slices.len() - 1]);
+    Ok(format!(
+        "## Soak\n\n\
+         One server on a fresh SQLite database (synchronous=full), a closed loop of pairing requests over {} connections for {:.0} s, \
+         every match delivered to the sink during the load. Latency here is the closed loop's (from sending to the answer).\n\n\
+         | Slice | Throughput | Latency p50 / p99 | Server CPU per request | Matches delivered by its end |\n\
+         | --- | --- | --- | --- | --- |\n{}\n\n\
+         - Last slice vs first: throughput {:.0}% (target >= 90%), p99 {:.2}x (target <= 2x).\n\
+         - {} requests in {:.0} s; the last match delivered {:.1} s after the load began; server RSS {:.0} MiB (peak {:.0}).\n\
+         - Start: {}.\n\
+         - End: {}.\n",
+        connections,
+        soaked.as_secs_f64(),
+        rows.join("\n"),
+        100.0 * last.report.throughput() / first.report.throughput().max(1e-9),
+        last.report.latency_ms(0.99) / first.report.latency_ms(0.99).max(1e-9),
+        sent,
+        soaked.as_secs_f64(),
+        drained.as_secs_f64(),
+        rss,
+        peak,
+        before.describe(),
+        after.describe(),
+    ))
+}
