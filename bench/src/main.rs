@@ -149,6 +149,18 @@ impl Server {
         cpu
     }
 
+    /// Bytes the server has had written to storage so far (`write_bytes` of
+    /// `/proc/<pid>/io`: WAL frames, checkpoints, the database file).
+    fn storage_writes(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/io", self.process.pid()))
+            .ok()
+            .and_then(|io| {
+                io.lines()
+                    .find_map(|l| l.strip_prefix("write_bytes:")?.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     fn stop(self) -> anyhow::Result<()> {
         self.process.stop()?;
         Ok(())
@@ -172,9 +184,25 @@ fn pair_half(keys: &[BenchKey], tag: &str, n: usize, path: &str) -> Vec<u8> {
     render_request(
         path,
         key.id.as_str(),
-        &format!("{tag}-{half}{i}"),
+        &parcel_id(&format!("{tag}-{half}{i}")),
         SERVER_ID,
         &format!("{requester},{target},{}", key.spki_b64),
+    )
+}
+
+/// A parcel id as Letro makes them, a random-looking UUID (version 4 layout), derived
+/// from `name` so that a run is repeatable. Ids in arrival order would sit side by side
+/// in the server's index of processed events; real ones land all over it.
+fn parcel_id(name: &str) -> String {
+    use sha2::Digest;
+    let h = hex::encode(sha2::Sha256::digest(name.as_bytes()));
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
     )
 }
 
@@ -385,7 +413,7 @@ async fn preload(path: &Path, keys: &[BenchKey], count: usize) -> anyhow::Result
         let submission = PairingSubmission {
             event: EventKey {
                 source: key.id.as_str().to_owned(),
-                id: format!("pre-{i}"),
+                id: parcel_id(&format!("pre-{i}")),
             },
             server_id: SERVER_ID.to_owned(),
             requester_digest: digester.digest(&request.requester),

@@ -160,7 +160,7 @@ impl SignedWorld {
                 user: ua,
                 key: &keys[a % keys.len()],
                 target: idb.clone(),
-                parcel: format!("{tag}-A{i}"),
+                parcel: crate::parcel_id(&format!("{tag}-A{i}")),
             });
             drafts.push(Draft {
                 member: member(&ob, &ub),
@@ -168,7 +168,7 @@ impl SignedWorld {
                 user: ub,
                 key: &keys[b % keys.len()],
                 target: ida,
-                parcel: format!("{tag}-B{i}"),
+                parcel: crate::parcel_id(&format!("{tag}-B{i}")),
             });
         }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -54,11 +54,32 @@ impl DatabaseState {
     }
 }
 
+/// The machine's CPU time so far, from `/proc/stat`: (idle and waiting for I/O, all), in
+/// ticks.
+fn machine_cpu() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (idle, ticks.iter().take(8).sum())
+}
+
 /// One tenth of the soak.
 struct Slice {
     report: LoadReport,
     /// Server CPU µs per request: (all threads, SQLite writer).
     cpu: (f64, f64),
+    /// Share of the machine idle or waiting for I/O (server, generator and sink share it).
+    idle: f64,
+    /// Bytes the server had written to storage, per request.
+    written: f64,
     /// Matches delivered by the slice's end, of those the requests answered so far owe.
     delivered: u64,
     owed: u64,
@@ -90,7 +111,8 @@ pub(crate) async fn soak(
     let mut slices = Vec::new();
     for k in 1..=SLICES {
         let label = format!("soak {k}/{SLICES}");
-        let cpu_before = server.cpu();
+        let (cpu_before, machine_before, written_before) =
+            (server.cpu(), machine_cpu(), server.storage_writes());
         let report = run_until(
             server.addr,
             make.clone(),
@@ -104,8 +126,13 @@ pub(crate) async fn soak(
         sent += usize::try_from(n)?;
         // A pair is owed its two matches once both halves were answered.
         let owed = (sent / 2 * 2) as u64;
+        let machine = machine_cpu();
         slices.push(Slice {
             cpu: cpu_before.per_request(server.cpu(), usize::try_from(n)?),
+            idle: (machine.0 - machine_before.0) as f64
+                / (machine.1 - machine_before.1).max(1) as f64,
+            written: server.storage_writes().saturating_sub(written_before) as f64
+                / n.max(1) as f64,
             delivered: sink.counts().distinct - delivered_before,
             owed,
             report,
@@ -123,12 +150,14 @@ pub(crate) async fn soak(
     let mut rows = Vec::new();
     for (k, s) in slices.iter().enumerate() {
         rows.push(format!(
-            "| {} | {:.0} req/s | {:.2} / {:.2} ms | {} | {} of {} |",
+            "| {} | {:.0} req/s | {:.2} / {:.2} ms | {} | {:.0}% | {:.1} KiB | {} of {} |",
             k + 1,
             s.report.throughput(),
             s.report.latency_ms(0.5),
             s.report.latency_ms(0.99),
             cpu_cell(s.cpu),
+            100.0 * s.idle,
+            s.written / 1024.0,
             s.delivered,
             s.owed,
         ));
@@ -137,9 +166,10 @@ pub(crate) async fn soak(
     Ok(format!(
         "## Soak\n\n\
          One server on a fresh SQLite database (synchronous=full), a closed loop of pairing requests over {} connections for {:.0} s, \
-         every match delivered to the sink during the load. Latency here is the closed loop's (from sending to the answer).\n\n\
-         | Slice | Throughput | Latency p50 / p99 | Server CPU per request | Matches delivered by its end |\n\
-         | --- | --- | --- | --- | --- |\n{}\n\n\
+         every match delivered to the sink during the load; parcel ids are random-looking UUIDs, as Letro's are. Latency here is the closed loop's (from sending to the answer); \
+         idle is the whole machine's (generator and sink included), from /proc/stat; storage writes are the server's `write_bytes` (/proc/<pid>/io).\n\n\
+         | Slice | Throughput | Latency p50 / p99 | Server CPU per request | Machine idle or in I/O wait | Written to storage per request | Matches delivered by its end |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n{}\n\n\
          - Last slice vs first: throughput {:.0}% (target >= 90%), p99 {:.2}x (target <= 2x).\n\
          - {} requests in {:.0} s; the last match delivered {:.1} s after the load began; server RSS {:.0} MiB (peak {:.0}).\n\
          - Start: {}.\n\
