@@ -306,10 +306,12 @@ fn zone_keys(
 pub struct Validated {
     /// The data of the RRset's records.
     pub rdatas: Vec<Vec<u8>>,
-    /// The (inception, expiration) of every RRSIG the validation relied on. The same
-    /// chain validates for another window exactly when each of these overlaps it: the
-    /// signatures themselves do not depend on the time, which is what lets a verifier
-    /// remember a chain it validated.
+    /// The (inception, expiration) of every RRSIG that verified during the validation
+    /// (those it relied on, and any verified on a path it then left). The same chain
+    /// validates for another window if each of these overlaps it, since the
+    /// signatures themselves do not depend on the time: that is what lets a verifier
+    /// remember a chain it validated. (It may validate in other windows too, through
+    /// other signatures; a verifier then validates it afresh.)
     pub signatures: Vec<(u32, u32)>,
 }
 
@@ -329,7 +331,7 @@ pub fn validate(
     validate_relying(messages, owner, rtype, anchors, window).map(|v| v.rdatas)
 }
 
-/// As [`validate`], and says which signatures the validation relied on.
+/// As [`validate`], and says which signatures verified on the way.
 pub fn validate_relying(
     messages: &[Message],
     owner: &Name,
