@@ -5,25 +5,26 @@
 //! serialises the read-then-write of two reverse requests, wherever they arrive; the
 //! processed-event key is inserted first, so a redelivery racing its original waits for
 //! it and then sees it; and outbox claims take a lease with `FOR UPDATE SKIP LOCKED`, so
-//! two replicas never hold the same message.
+//! two replicas never hold the same message. Writes go through each replica's batcher
+//! ([`batch`]): whatever arrives together commits together, in a few round trips.
 
+mod batch;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
+use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
 
 use super::{
     EventMessages, OutboxEntry, OutboxStatus, OutboxSummary, PairingOutcome, PairingSubmission,
     PurgeReport, QueueOutcome, RequestStats, Result, Stats, Store, StoreError, StoredMessage,
     check_schema_version, deliverable,
 };
-use crate::domain::{
-    EndpointId, EventKey, MessageId, MessageKind, Offer, OutgoingMessage, PendingCounts,
-    PendingRequest, Protocol, Timestamp, VeraIdDigest,
-};
-use crate::flow::{PairState, Plan, plan};
+use crate::domain::{MessageId, MessageKind, Timestamp, VeraIdDigest};
 
 /// The schema version this build migrates PostgreSQL databases to.
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -88,10 +89,15 @@ const MIGRATIONS: &[&str] = &[
 /// Advisory lock key of migrations ("letro" in ASCII).
 const MIGRATION_LOCK: i64 = 0x006c_6574_726f;
 
+pub use batch::{BatchAnswer, BatchOp};
+use batch::{Batcher, Counters};
+
 /// The PostgreSQL implementation of [`Store`].
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    batcher: Batcher,
+    counters: Arc<Counters>,
 }
 
 fn unavailable(e: sqlx::Error) -> StoreError {
@@ -102,8 +108,9 @@ fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
-fn corrupt(what: &str) -> StoreError {
-    StoreError::Unavailable(format!("corrupt row: {what}"))
+/// The batcher answered an operation with another operation's answer: a bug.
+fn mismatched(answer: &BatchAnswer) -> StoreError {
+    StoreError::Unavailable(format!("the batch answered {answer:?}"))
 }
 
 impl PostgresStore {
@@ -161,7 +168,23 @@ impl PostgresStore {
             .connect(url)
             .await
             .map_err(unavailable)?;
-        Ok(Self { pool })
+        let counters = Arc::new(Counters::default());
+        Ok(Self {
+            batcher: Batcher::start(pool.clone(), counters.clone()),
+            pool,
+            counters,
+        })
+    }
+
+    /// Runs `ops` in one batch of their own, as the batcher would had they arrived
+    /// together, and answers each. For tests of what a batch must get right.
+    #[doc(hidden)]
+    pub async fn run_as_one_batch(&self, ops: Vec<BatchOp>) -> Vec<Result<BatchAnswer>> {
+        self.batcher.call_together(ops).await
+    }
+
+    async fn call(&self, op: BatchOp) -> Result<BatchAnswer> {
+        self.batcher.call(op).await
     }
 
     /// Applies the migrations up to `target` that are not applied yet.
@@ -221,170 +244,6 @@ fn pair_lock(a: &VeraIdDigest, b: &VeraIdDigest) -> i64 {
     i64::from_be_bytes(bytes)
 }
 
-/// Records the event key, after taking the advisory lock `lock` if given (in the same
-/// statement: one round trip); false if the key was already recorded (a redelivery). A
-/// racing transaction with the same key makes this wait for it to finish.
-async fn record_event(
-    tx: &mut Transaction<'_, Postgres>,
-    event: &EventKey,
-    expiry: Timestamp,
-    lock: Option<i64>,
-) -> Result<bool> {
-    let inserted = match lock {
-        Some(key) => {
-            // The lock is taken in FROM, so before the row is inserted.
-            sqlx::query(
-                "INSERT INTO processed_events (source, id, expires_at)
-                 SELECT $1, $2, $3 FROM (SELECT pg_advisory_xact_lock($4)) AS locked
-                 ON CONFLICT (source, id) DO NOTHING",
-            )
-            .bind(&event.source)
-            .bind(&event.id)
-            .bind(expiry.0)
-            .bind(key)
-            .execute(&mut **tx)
-            .await
-        }
-        None => {
-            sqlx::query(
-                "INSERT INTO processed_events (source, id, expires_at) VALUES ($1, $2, $3)
-                 ON CONFLICT (source, id) DO NOTHING",
-            )
-            .bind(&event.source)
-            .bind(&event.id)
-            .bind(expiry.0)
-            .execute(&mut **tx)
-            .await
-        }
-    }
-    .map_err(unavailable)?;
-    Ok(inserted.rows_affected() == 1)
-}
-
-/// Queues `messages` in one statement, in order. A stable id that is already queued is
-/// the same message: the first is kept. With `matched`, the same statement deletes the
-/// pair's two pending requests (a round trip fewer than a statement of its own).
-async fn insert_messages(
-    tx: &mut Transaction<'_, Postgres>,
-    messages: &[OutgoingMessage],
-    matched: Option<(&VeraIdDigest, &VeraIdDigest)>,
-) -> Result<()> {
-    let column = |f: fn(&OutgoingMessage) -> String| messages.iter().map(f).collect::<Vec<_>>();
-    let (a, b) = matched.map_or((None, None), |(a, b)| (Some(&a.0[..]), Some(&b.0[..])));
-    sqlx::query(
-        "WITH matched AS (
-             DELETE FROM pending_requests
-             WHERE (requester_digest = $9 AND target_digest = $10)
-                OR (requester_digest = $10 AND target_digest = $9))
-         INSERT INTO outbox (id, source, recipient, kind, content_type, content, time_ms,
-                             expiry_ms, next_attempt_at)
-         SELECT id, source, recipient, kind, content_type, content, time_ms, expiry_ms, time_ms
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[],
-                     $7::int8[], $8::int8[])
-              AS m(id, source, recipient, kind, content_type, content, time_ms, expiry_ms)
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(column(|m| m.id.as_str().to_owned()))
-    .bind(column(|m| m.source.clone()))
-    .bind(column(|m| m.recipient.as_str().to_owned()))
-    .bind(column(|m| m.kind.name().to_owned()))
-    .bind(column(|m| m.content_type.clone()))
-    .bind(
-        messages
-            .iter()
-            .map(|m| m.content.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(messages.iter().map(|m| m.time.0).collect::<Vec<_>>())
-    .bind(messages.iter().map(|m| m.expiry.0).collect::<Vec<_>>())
-    .bind(a)
-    .bind(b)
-    .execute(&mut **tx)
-    .await
-    .map_err(unavailable)?;
-    Ok(())
-}
-
-/// What a pairing request is decided on, read in one round trip.
-struct PairRead {
-    state: PairState,
-    /// What the caps look at, each counted up to its cap; u32::MAX is no cap, and its
-    /// count is skipped. Counted whether or not a match makes them moot: a query is
-    /// cheaper than a round trip.
-    counts: PendingCounts,
-}
-
-/// Reads both pending requests between the pair and the cap counts in one query: one
-/// row per pending request found, or a single row of counts alone.
-async fn pair_state(tx: &mut Transaction<'_, Postgres>, s: &PairingSubmission) -> Result<PairRead> {
-    let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    type Row = (
-        Option<Vec<u8>>,
-        Option<String>,
-        Option<String>,
-        Option<Vec<u8>>,
-        i64,
-        i64,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT p.requester_digest, p.endpoint_id, p.protocol, p.offer, c.from_sender,
-                c.for_target
-         FROM (SELECT
-                 CASE WHEN $6 THEN 0 ELSE (SELECT count(*) FROM (
-                     SELECT 1 FROM pending_requests
-                     WHERE endpoint_id = $1 AND expires_at > $2
-                       AND NOT (requester_digest = $3 AND target_digest = $4)
-                     LIMIT $5) AS capped) END AS from_sender,
-                 (SELECT count(*) FROM (
-                     SELECT 1 FROM pending_requests
-                     WHERE target_digest = $4 AND expires_at > $2 AND requester_digest <> $3
-                     LIMIT $7) AS capped) AS for_target) AS c
-         LEFT JOIN pending_requests AS p
-           ON ((p.requester_digest = $3 AND p.target_digest = $4)
-               OR (p.requester_digest = $4 AND p.target_digest = $3))
-              AND p.expires_at > $2",
-    )
-    .bind(s.request.endpoint_id.as_str())
-    .bind(s.now.0)
-    .bind(requester)
-    .bind(target)
-    .bind(i64::from(s.limits.per_sender))
-    .bind(s.limits.per_sender == u32::MAX)
-    .bind(i64::from(s.limits.per_target))
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(unavailable)?;
-    let mut read = PairRead {
-        state: PairState::default(),
-        counts: PendingCounts {
-            from_sender: 0,
-            for_target: 0,
-        },
-    };
-    for (from, id, protocol, offer, from_sender, for_target) in rows {
-        read.counts = PendingCounts {
-            from_sender: u64::try_from(from_sender).unwrap_or(0),
-            for_target: u64::try_from(for_target).unwrap_or(0),
-        };
-        let (Some(from), Some(id), Some(protocol), Some(bytes)) = (from, id, protocol, offer)
-        else {
-            continue;
-        };
-        let endpoint_id = EndpointId::parse(&id).map_err(|_| corrupt("pending endpoint id"))?;
-        if from == target {
-            // A protocol this build does not know (a newer replica's row) matches nothing here.
-            read.state.counterpart =
-                Protocol::from_name(&protocol).map(|protocol| PendingRequest {
-                    endpoint_id,
-                    offer: Offer { protocol, bytes },
-                });
-        } else {
-            read.state.previous = Some(endpoint_id);
-        }
-    }
-    Ok(read)
-}
-
 fn stored_message(row: &PgRow) -> Result<StoredMessage> {
     let get = |e: sqlx::Error| unavailable(e);
     let attempts: i32 = row.try_get("attempts").map_err(get)?;
@@ -405,6 +264,7 @@ fn stored_message(row: &PgRow) -> Result<StoredMessage> {
 #[async_trait]
 impl Store for PostgresStore {
     async fn ping(&self) -> Result<()> {
+        self.counters.statement();
         sqlx::query("SELECT 1")
             .execute(&self.pool)
             .await
@@ -435,6 +295,7 @@ impl Store for PostgresStore {
     }
 
     async fn setting(&self, name: &'static str) -> Result<Option<Vec<u8>>> {
+        self.counters.statement();
         sqlx::query_scalar("SELECT value FROM settings WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
@@ -443,58 +304,17 @@ impl Store for PostgresStore {
     }
 
     async fn submit_pairing_request(&self, s: PairingSubmission) -> Result<PairingOutcome> {
-        // Round trips are what a PostgreSQL transaction costs here (five): BEGIN; the lock
-        // with the event key; both pending rows with the cap counts; the insert, or the
-        // deletes with the matches; COMMIT.
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let lock = pair_lock(&s.requester_digest, &s.target_digest);
-        if !record_event(&mut tx, &s.event, s.request_expiry, Some(lock)).await? {
-            return Ok(PairingOutcome::Duplicate);
+        match self.call(BatchOp::Pair(Box::new(s))).await? {
+            BatchAnswer::Pair(outcome) => Ok(outcome),
+            other => Err(mismatched(&other)),
         }
-        let read = pair_state(&mut tx, &s).await?;
-        let counts = read.counts;
-        let plan = plan(&s, read.state, || Ok::<_, StoreError>(counts))?;
-        match &plan {
-            // Nothing is kept, not even the event key: dropping `tx` rolls back.
-            Plan::Refuse(_) => return Ok(plan.outcome()),
-            Plan::Wait { .. } => {
-                sqlx::query(
-                    "INSERT INTO pending_requests (requester_digest, target_digest, endpoint_id,
-                                                   protocol, offer, created_at, expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)
-                     ON CONFLICT (requester_digest, target_digest) DO UPDATE SET
-                         endpoint_id = excluded.endpoint_id, protocol = excluded.protocol,
-                         offer = excluded.offer, created_at = excluded.created_at,
-                         expires_at = excluded.expires_at",
-                )
-                .bind(&s.requester_digest.0[..])
-                .bind(&s.target_digest.0[..])
-                .bind(s.request.endpoint_id.as_str())
-                .bind(s.request.offer.protocol.name())
-                .bind(&s.request.offer.bytes)
-                .bind(s.now.0)
-                .bind(s.request_expiry.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-            }
-            Plan::Match { messages } => {
-                let both = (&s.requester_digest, &s.target_digest);
-                insert_messages(&mut tx, messages, Some(both)).await?;
-            }
-        }
-        tx.commit().await.map_err(unavailable)?;
-        Ok(plan.outcome())
     }
 
     async fn record_and_queue(&self, s: EventMessages) -> Result<QueueOutcome> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        if !record_event(&mut tx, &s.event, s.event_expiry, None).await? {
-            return Ok(QueueOutcome::Duplicate);
+        match self.call(BatchOp::Queue(s)).await? {
+            BatchAnswer::Queue(outcome) => Ok(outcome),
+            other => Err(mismatched(&other)),
         }
-        insert_messages(&mut tx, &s.messages, None).await?;
-        tx.commit().await.map_err(unavailable)?;
-        Ok(QueueOutcome::Queued)
     }
 
     async fn claim_due_messages(
@@ -503,6 +323,7 @@ impl Store for PostgresStore {
         lease_until: Timestamp,
         limit: usize,
     ) -> Result<Vec<OutboxEntry>> {
+        self.counters.statement();
         let rows = sqlx::query(
             "UPDATE outbox SET next_attempt_at = $1
              WHERE seq IN (
@@ -539,6 +360,7 @@ impl Store for PostgresStore {
     }
 
     async fn next_due(&self) -> Result<Option<Timestamp>> {
+        self.counters.statement();
         let next: Option<i64> = sqlx::query_scalar("SELECT min(next_attempt_at) FROM outbox")
             .fetch_one(&self.pool)
             .await
@@ -547,26 +369,18 @@ impl Store for PostgresStore {
     }
 
     async fn mark_delivered(&self, entry: &OutboxEntry) -> Result<()> {
-        sqlx::query("DELETE FROM outbox WHERE seq = $1")
-            .bind(entry.seq)
-            .execute(&self.pool)
-            .await
-            .map(drop)
-            .map_err(unavailable)
+        self.call(BatchOp::Remove(entry.seq)).await.map(drop)
     }
 
     async fn schedule_retry(&self, entry: &OutboxEntry, at: Timestamp, error: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3
-             WHERE seq = $1",
-        )
-        .bind(entry.seq)
-        .bind(at.0)
-        .bind(error)
-        .execute(&self.pool)
+        let error = error.to_owned();
+        self.call(BatchOp::Retry {
+            seq: entry.seq,
+            at,
+            error,
+        })
         .await
         .map(drop)
-        .map_err(unavailable)
     }
 
     async fn drop_message(&self, entry: &OutboxEntry) -> Result<()> {
@@ -574,6 +388,7 @@ impl Store for PostgresStore {
     }
 
     async fn stats(&self) -> Result<Stats> {
+        self.counters.statement();
         let (depth, oldest, pending): (i64, Option<i64>, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM outbox), (SELECT min(time_ms) FROM outbox),
                     (SELECT count(*) FROM pending_requests)",
@@ -719,6 +534,15 @@ impl Store for PostgresStore {
     }
 
     async fn close(&self) {
+        self.batcher.close().await;
+        let c = &self.counters;
+        tracing::info!(
+            transactions = c.transactions.load(Ordering::Relaxed),
+            round_trips = c.round_trips.load(Ordering::Relaxed),
+            batched_operations = c.operations.load(Ordering::Relaxed),
+            conflicts = c.conflicts.load(Ordering::Relaxed),
+            "PostgreSQL store closed"
+        );
         self.pool.close().await;
     }
 }
