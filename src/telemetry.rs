@@ -51,6 +51,41 @@ pub fn redacted_url(url: &reqwest::Url) -> String {
     url.to_string()
 }
 
+/// The most bytes of a value chosen by a client (a CloudEvent attribute, a raw header,
+/// a redirect's `Location`) that a log line shows. It is the ingress's limit on `ce-id`
+/// and `ce-source` (`codec::cloudevent::ATTRIBUTE_LIMITS`), so every id the server takes
+/// is logged whole.
+pub const LOGGED_VALUE_MAX: usize = 256;
+
+/// `value` for a log line: whole up to [`LOGGED_VALUE_MAX`] bytes; beyond, its first
+/// bytes (whole characters) followed by `…(truncated, N bytes)`.
+pub fn clipped(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.len() <= LOGGED_VALUE_MAX {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut end = LOGGED_VALUE_MAX;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{}…(truncated, {} bytes)",
+        value.get(..end).unwrap_or_default(),
+        value.len()
+    ))
+}
+
+/// Raw bytes (a header value that may not be UTF-8) for a log line, as [`clipped`]:
+/// invalid UTF-8 shown as U+FFFD.
+pub fn clipped_bytes(value: &[u8]) -> String {
+    let shown = value.get(..LOGGED_VALUE_MAX).unwrap_or(value);
+    let text = String::from_utf8_lossy(shown);
+    if shown.len() == value.len() {
+        text.into_owned()
+    } else {
+        format!("{text}…(truncated, {} bytes)", value.len())
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -523,5 +558,22 @@ mod tests {
             })
         );
         assert_eq!(JsonObject::default().finish(), "{}");
+    }
+
+    #[test]
+    fn long_values_are_clipped_and_marked() {
+        let at_limit = "a".repeat(LOGGED_VALUE_MAX);
+        assert_eq!(clipped(&at_limit), at_limit.as_str());
+        assert_eq!(clipped_bytes(at_limit.as_bytes()), at_limit);
+        let over = format!("{at_limit}b");
+        let shown = clipped(&over);
+        assert_eq!(shown, format!("{at_limit}…(truncated, 257 bytes)"));
+        assert_eq!(clipped_bytes(over.as_bytes()), shown);
+        // Multi-byte characters are never split.
+        let wide = "é".repeat(1000);
+        let shown = clipped(&wide);
+        assert!(shown.starts_with(&"é".repeat(LOGGED_VALUE_MAX / 2)));
+        assert!(shown.ends_with("…(truncated, 2000 bytes)"), "{shown}");
+        assert!(clipped_bytes(&vec![0xff; 100_000]).len() < 1024);
     }
 }
