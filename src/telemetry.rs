@@ -322,6 +322,7 @@ pub struct Metrics {
     veraid_verified: Family<Labels, Counter>,
     pairing_failures: Family<Labels, Counter>,
     deliveries: Family<Labels, Counter>,
+    delivery_failures: Family<Labels, Counter>,
     outbox_depth: Gauge,
     outbox_oldest_age: Gauge,
     pending_requests: Gauge,
@@ -393,6 +394,12 @@ impl Metrics {
             "Outbox delivery attempts by result (delivered, retry, dropped)",
             deliveries.clone(),
         );
+        let delivery_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "outbox_delivery_failures",
+            "Failed outbox delivery attempts by cause (unreachable, timeout, redirect, client_error, server_error, other)",
+            delivery_failures.clone(),
+        );
         let outbox_depth = Gauge::default();
         registry.register(
             "outbox_depth",
@@ -436,6 +443,7 @@ impl Metrics {
             veraid_verified,
             pairing_failures,
             deliveries,
+            delivery_failures,
             outbox_depth,
             outbox_oldest_age,
             pending_requests,
@@ -500,6 +508,13 @@ impl Metrics {
     pub fn delivery(&self, result: &str) {
         self.deliveries
             .get_or_create(&vec![("result".into(), result.into())])
+            .inc();
+    }
+
+    /// Counts a failed delivery attempt by its cause (`FailureCause::label`).
+    pub fn delivery_failure(&self, cause: &str) {
+        self.delivery_failures
+            .get_or_create(&vec![("cause".into(), cause.into())])
             .inc();
     }
 

@@ -312,6 +312,7 @@ async fn attempt(inner: Arc<Inner>, entry: OutboxEntry) -> Attempted {
                 AttemptResult::Delivered
             }
             Err(e) => {
+                inner.metrics.delivery_failure(e.cause.label());
                 if e.sink_down {
                     inner.sink_down(e.retry_after);
                 }

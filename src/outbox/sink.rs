@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::codec::cloudevent::encode_binary_headers;
 use crate::domain::OutgoingMessage;
+use crate::telemetry::{clipped, redacted_url};
 
 /// Why a delivery did not succeed. Every failure is retried until the message expires:
 /// a broker that refuses today (4xx) may accept after an operator fixes it, and dropping
@@ -19,6 +20,40 @@ pub struct DeliveryError {
     /// (unreachable, timed out, 5xx, 408, 429): then every delivery pauses, not just
     /// this one, so that an outage costs a probe now and then instead of a storm.
     pub sink_down: bool,
+    /// What kind of failure it was, for the `cause` label of
+    /// `letro_outbox_delivery_failures_total`.
+    pub cause: FailureCause,
+}
+
+/// What kind of failure a delivery met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureCause {
+    /// No connection to the sink (refused, reset, DNS).
+    Unreachable,
+    /// No answer within `--sink-timeout`.
+    Timeout,
+    /// A 3xx: the sink URL points at a redirect, which is never followed.
+    Redirect,
+    /// A 4xx.
+    ClientError,
+    /// A 5xx.
+    ServerError,
+    /// Anything else (a 1xx, a broken response).
+    Other,
+}
+
+impl FailureCause {
+    /// Its name in the metric's `cause` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Unreachable => "unreachable",
+            Self::Timeout => "timeout",
+            Self::Redirect => "redirect",
+            Self::ClientError => "client_error",
+            Self::ServerError => "server_error",
+            Self::Other => "other",
+        }
+    }
 }
 
 /// Makes ring the process's TLS provider (reqwest is built without a default one).
@@ -46,7 +81,12 @@ impl HttpSink {
         install_crypto_provider();
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)));
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            // Never follow a redirect: a 301-303 would turn the delivery into a GET
+            // without a body, and its 2xx would count as delivered; a 307 or 308 would
+            // re-POST the message (VeraIds, keys) to wherever the Location says. A 3xx
+            // is a failed delivery, retried, logged with its Location and counted.
+            .redirect(reqwest::redirect::Policy::none());
         // HTTP_PROXY and friends are for leaving the machine; a sink on loopback (a
         // sidecar, the demo, tests) is never meant to go through one.
         if is_loopback(&url) {
@@ -65,7 +105,8 @@ impl HttpSink {
         &self.url
     }
 
-    /// POSTs `message`; only a 2xx answer counts as delivered.
+    /// POSTs `message`; only a 2xx answer counts as delivered. A redirect is not
+    /// followed: it is a failure like any other non-2xx.
     pub async fn deliver(&self, message: &OutgoingMessage) -> Result<(), DeliveryError> {
         let mut request = self.client.post(self.url.clone());
         for (name, value) in encode_binary_headers(message, &self.overrides) {
@@ -75,10 +116,14 @@ impl HttpSink {
             .body(message.content.clone())
             .send()
             .await
-            .map_err(|e| DeliveryError {
-                reason: describe(&e),
-                retry_after: None,
-                sink_down: true,
+            .map_err(|e| {
+                let (reason, cause) = describe(&e);
+                DeliveryError {
+                    reason,
+                    retry_after: None,
+                    sink_down: true,
+                    cause,
+                }
             })?;
         let status = response.status();
         if status.is_success() {
@@ -90,24 +135,63 @@ impl HttpSink {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        if status.is_redirection() {
+            // The sink URL itself is wrong (http for https, a missing trailing slash):
+            // every message would get the same answer, so the whole sink counts as down
+            // and is probed with backoff until the operator fixes `--sink`.
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .map(|v| describe_location(&self.url, v.as_bytes()))
+                .unwrap_or_else(|| "no Location".into());
+            return Err(DeliveryError {
+                reason: format!(
+                    "sink answered {status} redirecting to {location}; redirects are not followed (set the sink URL to where it redirects, if that is the broker)"
+                ),
+                retry_after,
+                sink_down: true,
+                cause: FailureCause::Redirect,
+            });
+        }
         let sink_down = status.is_server_error()
             || status == reqwest::StatusCode::REQUEST_TIMEOUT
             || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+        let cause = if status.is_server_error() {
+            FailureCause::ServerError
+        } else if status.is_client_error() {
+            FailureCause::ClientError
+        } else {
+            FailureCause::Other
+        };
         Err(DeliveryError {
             reason: format!("sink answered {status}"),
             retry_after,
             sink_down,
+            cause,
         })
     }
 }
 
-fn describe(e: &reqwest::Error) -> String {
+fn describe(e: &reqwest::Error) -> (String, FailureCause) {
     if e.is_timeout() {
-        "sink timed out".into()
+        ("sink timed out".into(), FailureCause::Timeout)
     } else if e.is_connect() {
-        "could not connect to sink".into()
+        (
+            "could not connect to sink".into(),
+            FailureCause::Unreachable,
+        )
     } else {
-        format!("sink request failed: {e}")
+        (format!("sink request failed: {e}"), FailureCause::Other)
+    }
+}
+
+/// A redirect's `Location`, resolved against the sink URL, without credentials, and
+/// bounded: it goes into a log line and the outbox row.
+fn describe_location(sink: &reqwest::Url, location: &[u8]) -> String {
+    let text = String::from_utf8_lossy(location);
+    match sink.join(&text) {
+        Ok(url) => clipped(&redacted_url(&url)).into_owned(),
+        Err(_) => format!("{:?} (not a URL)", clipped(&text)),
     }
 }
 
@@ -133,5 +217,27 @@ mod tests {
         assert!(at("http://127.0.0.1:8080/") && at("http://[::1]/") && at("http://LOCALHOST/"));
         assert!(!at("http://broker-ingress.knative-eventing.svc/ns/default"));
         assert!(!at("http://10.0.0.1/"));
+    }
+
+    #[test]
+    fn a_location_is_resolved_redacted_and_bounded() {
+        let sink = reqwest::Url::parse("http://broker.svc/ns/default").expect("url");
+        assert_eq!(
+            describe_location(&sink, b"/ns/default/"),
+            "http://broker.svc/ns/default/"
+        );
+        assert_eq!(
+            describe_location(&sink, b"https://user:secret@broker.svc/ns/default"),
+            redacted_url(
+                &reqwest::Url::parse("https://user:secret@broker.svc/ns/default").expect("url")
+            )
+        );
+        assert!(!describe_location(&sink, b"https://user:secret@x/").contains("secret"));
+        let long = format!("https://x/{}", "a".repeat(10_000));
+        let described = describe_location(&sink, long.as_bytes());
+        assert!(
+            described.len() < 400 && described.contains("truncated"),
+            "{described}"
+        );
     }
 }

@@ -220,3 +220,142 @@ async fn during_an_outage_the_dispatcher_probes_instead_of_storming() {
     println!("sink outage of 1 s with 40 messages queued: {attempts} attempts");
     app.stop().await;
 }
+
+/// What a [`RecordingSink`] saw: the method, the `ce-id` and the body of each request.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>;
+
+/// A sink on a real socket that takes any method on any path and records it. While
+/// `redirect_to` is set, it answers 301, 307 and 308 in turn with that `Location`;
+/// otherwise 202.
+struct RecordingSink {
+    url: String,
+    seen: Seen,
+    redirect_to: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl RecordingSink {
+    async fn start() -> Self {
+        use axum::http::{HeaderMap, Method, StatusCode, header};
+        use axum::response::IntoResponse;
+
+        let seen = Seen::default();
+        let redirect_to = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let (s, r) = (seen.clone(), redirect_to.clone());
+        let handler = move |method: Method, headers: HeaderMap, body: axum::body::Bytes| {
+            let (seen, redirect_to) = (s.clone(), r.clone());
+            async move {
+                let id = headers
+                    .get("ce-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let mut seen = seen.lock().expect("lock");
+                seen.push((method.to_string(), id, body.to_vec()));
+                let codes = [301, 307, 308];
+                match redirect_to.lock().expect("lock").clone() {
+                    Some(to) => (
+                        StatusCode::from_u16(codes[(seen.len() - 1) % codes.len()])
+                            .expect("status"),
+                        [(header::LOCATION, to)],
+                    )
+                        .into_response(),
+                    None => StatusCode::ACCEPTED.into_response(),
+                }
+            }
+        };
+        let app = axum::Router::new().fallback(handler);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            url,
+            seen,
+            redirect_to,
+        }
+    }
+
+    fn seen(&self) -> Vec<(String, String, Vec<u8>)> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+#[tokio::test]
+async fn a_redirect_is_a_failed_delivery_and_is_never_followed() {
+    // The sink redirects (301, 307, 308 in turn) to another sink, as an http->https or
+    // trailing-slash redirect in front of a broker would.
+    let elsewhere = RecordingSink::start().await;
+    let sink = RecordingSink::start().await;
+    *sink.redirect_to.lock().expect("lock") = Some(format!("{}elsewhere", elsewhere.url));
+    let (_dir, db) = temp_db();
+    let app = TestApp::spawn(test_config(&db, Some(&sink.url))).await;
+    make_match(&app, "redirect").await;
+
+    // Every answer is a failure: the messages stay and are retried, each 3xx counted.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while sink.seen().len() < 6 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the messages were not retried: {:?}",
+            sink.seen().len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let failed_attempts = sink.seen().len() as u64;
+    assert_eq!(app.stats().await.outbox_depth, 2, "nothing was delivered");
+    assert!(
+        elsewhere.seen().is_empty(),
+        "the redirect was followed: {:?}",
+        elsewhere.seen()
+    );
+    // Counted once each attempt's result is recorded.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let redirects = app
+            .metric("letro_outbox_delivery_failures_total{cause=\"redirect\"}")
+            .await;
+        let retries = app
+            .metric("letro_outbox_deliveries_total{result=\"retry\"}")
+            .await;
+        if redirects >= failed_attempts && retries >= failed_attempts {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{redirects} redirects and {retries} retries counted for {failed_attempts} attempts"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        app.metric("letro_outbox_deliveries_total{result=\"delivered\"}")
+            .await,
+        0
+    );
+
+    // The sink accepts again: both messages are delivered there, and only there.
+    *sink.redirect_to.lock().expect("lock") = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while app.stats().await.outbox_depth > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the messages were not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen = sink.seen();
+    assert!(
+        seen.iter()
+            .all(|(method, _, body)| method == "POST" && !body.is_empty())
+    );
+    assert_eq!(distinct(seen.iter().map(|(_, id, _)| id.clone())), 2);
+    assert!(elsewhere.seen().is_empty());
+    assert_eq!(
+        app.metric("letro_outbox_deliveries_total{result=\"delivered\"}")
+            .await,
+        2
+    );
+    app.stop().await;
+}
