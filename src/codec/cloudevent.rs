@@ -62,7 +62,39 @@ pub enum DecodeError {
     /// A structured-mode body that is not a valid JSON event.
     #[error("malformed structured event: {0}")]
     Structured(String),
+    /// An attribute is longer than any real one ([`ATTRIBUTE_LIMITS`]).
+    #[error("attribute {attribute} is {len} bytes, over the limit of {limit}")]
+    TooLong {
+        /// The attribute's name.
+        attribute: &'static str,
+        /// Its length in bytes, once percent-decoded.
+        len: usize,
+        /// The most it may have.
+        limit: usize,
+    },
 }
+
+/// The longest value taken for each core attribute, in bytes once percent-decoded; a
+/// longer one is refused (400). Each is a margin of about four times over real values:
+/// a parcel id is at most 64 printable ASCII characters (RAMF; on GCP `ce-id` is a
+/// Pub/Sub message id, about 20 digits), an endpoint id (`ce-source`, `ce-subject`) 65,
+/// the event type 63, a Letro content type under 70, a time 24. Without a bound, a
+/// sender could make the server keep (an event key lives 90 days) and log whatever it
+/// likes.
+pub const ATTRIBUTE_LIMITS: [(&str, usize); 7] = [
+    ("specversion", 16),
+    ("id", 256),
+    ("source", 256),
+    ("type", 256),
+    ("subject", 256),
+    ("datacontenttype", 256),
+    ("time", 64),
+];
+
+/// The longest extension value kept, and the longest extension name. Extensions are
+/// never used, so one beyond these is ignored like any unknown one, not refused: a
+/// broker may add its own (Knative's `knativeerrordata` holds up to 1024 characters).
+pub const EXTENSION_LIMITS: (usize, usize) = (64, 4096);
 
 const CORE: [&str; 7] = [
     "specversion",
@@ -140,6 +172,25 @@ fn from_attributes(
     content_type: Option<String>,
     data: Vec<u8>,
 ) -> Result<CloudEvent, DecodeError> {
+    for (attribute, limit) in ATTRIBUTE_LIMITS {
+        let value = if attribute == "datacontenttype" {
+            content_type.as_ref()
+        } else {
+            attrs.get(attribute)
+        };
+        if let Some(len) = value.map(String::len).filter(|len| *len > limit) {
+            return Err(DecodeError::TooLong {
+                attribute,
+                len,
+                limit,
+            });
+        }
+    }
+    let (name_limit, value_limit) = EXTENSION_LIMITS;
+    attrs.retain(|name, value| {
+        ATTRIBUTE_LIMITS.iter().any(|(core, _)| core == name)
+            || (name.len() <= name_limit && value.len() <= value_limit)
+    });
     let spec_version = attrs
         .remove("specversion")
         .ok_or(DecodeError::Missing("specversion"))?;
@@ -386,6 +437,62 @@ mod tests {
             structured.into_bytes(),
         );
         assert_eq!(e, Err(DecodeError::Invalid("id".into())));
+    }
+
+    #[test]
+    fn over_long_attributes_are_refused_and_over_long_extensions_ignored() {
+        for (attribute, limit) in ATTRIBUTE_LIMITS {
+            let header = if attribute == "datacontenttype" {
+                "content-type".to_owned()
+            } else {
+                format!("ce-{attribute}")
+            };
+            let over = "a".repeat(limit + 1);
+            let mut h: Vec<(&str, &str)> =
+                BASE.iter().copied().filter(|(n, _)| *n != header).collect();
+            h.push((&header, &over));
+            assert_eq!(
+                binary(&h, b""),
+                Err(DecodeError::TooLong {
+                    attribute,
+                    len: limit + 1,
+                    limit
+                }),
+                "{attribute}"
+            );
+        }
+        // At the limit, and measured once percent-decoded (`%41` is one byte).
+        let mut h = BASE.to_vec();
+        let at_limit = "p".repeat(256);
+        h[1] = ("ce-id", &at_limit);
+        assert_eq!(binary(&h, b"").expect("valid").id, at_limit);
+        let encoded = "%41".repeat(256);
+        h[1] = ("ce-id", &encoded);
+        assert_eq!(binary(&h, b"").expect("valid").id, "A".repeat(256));
+        // Structured mode has the same limits.
+        let structured = serde_json::json!({
+            "specversion": "1.0", "id": "p", "source": "s".repeat(257), "type": "t",
+        });
+        assert!(matches!(
+            binary(
+                &[("content-type", "application/cloudevents+json")],
+                structured.to_string().as_bytes()
+            ),
+            Err(DecodeError::TooLong {
+                attribute: "source",
+                ..
+            })
+        ));
+        // Extensions beyond their limits are dropped; the event is taken.
+        let (name_limit, value_limit) = EXTENSION_LIMITS;
+        let long_name = format!("ce-{}", "n".repeat(name_limit + 1));
+        let long_value = "v".repeat(value_limit + 1);
+        let mut h = BASE.to_vec();
+        h.push((&long_name, "1"));
+        h.push(("ce-big", &long_value));
+        h.push(("ce-small", "1"));
+        let e = binary(&h, b"").expect("valid");
+        assert_eq!(e.extensions.keys().collect::<Vec<_>>(), ["small"]);
     }
 
     #[test]

@@ -10,8 +10,10 @@ use tracing::Instrument;
 
 use super::messages::ServiceMessage;
 use super::{ApiError, AppState};
-use crate::codec::cloudevent::{CloudEvent, INCOMING_TYPE, decode_http, is_header_safe};
-use crate::telemetry::request_id;
+use crate::codec::cloudevent::{
+    CloudEvent, DecodeError, INCOMING_TYPE, decode_http, is_header_safe,
+};
+use crate::telemetry::{clipped, clipped_bytes, request_id};
 
 /// Reads, decodes and routes one event.
 pub(super) async fn ingest(State(state): State<AppState>, request: Request) -> Response {
@@ -83,7 +85,10 @@ async fn read_event(
         headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
         bytes.to_vec(),
     )
-    .map_err(|e| reject(state, headers, "not_cloudevent", e.to_string()))?;
+    .map_err(|e| match e {
+        DecodeError::TooLong { attribute, .. } => too_long(state, headers, attribute, &e),
+        e => reject(state, headers, "not_cloudevent", e.to_string()),
+    })?;
     if event.ty != INCOMING_TYPE {
         return Err(reject(
             state,
@@ -131,20 +136,19 @@ fn too_large(state: &AppState) -> ApiError {
     ApiError::TooLarge
 }
 
-/// Whatever a header says, shortened, for correlating a request that did not parse.
+/// Whatever a header says, as received and clipped (`telemetry::clipped`), for
+/// correlating a request that did not parse.
 fn raw_header(headers: &HeaderMap, name: &str) -> String {
     headers
         .get(name)
-        .map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .chars()
-                .take(100)
-                .collect::<String>()
-        })
+        .map(|v| clipped_bytes(v.as_bytes()))
         .unwrap_or_default()
 }
 
 fn reject(state: &AppState, headers: &HeaderMap, outcome: &str, reason: String) -> ApiError {
+    // The reason may quote what the sender sent (a type, a format, a JSON key): clipped,
+    // in the log and in the answer.
+    let reason = clipped(&reason).into_owned();
     tracing::info!(
         parcel.id = %raw_header(headers, "ce-id"),
         sender = %raw_header(headers, "ce-source"),
@@ -153,6 +157,28 @@ fn reject(state: &AppState, headers: &HeaderMap, outcome: &str, reason: String) 
     );
     state.metrics.event("unknown", outcome);
     ApiError::BadRequest(reason)
+}
+
+/// An attribute longer than any real one (`ATTRIBUTE_LIMITS`): refused with 400 before
+/// anything is stored, counted as a refusal, and logged with the parcel id and sender
+/// clipped.
+fn too_long(
+    state: &AppState,
+    headers: &HeaderMap,
+    attribute: &'static str,
+    error: &DecodeError,
+) -> ApiError {
+    const REASON: &str = "attribute_too_long";
+    tracing::warn!(
+        parcel.id = %raw_header(headers, "ce-id"),
+        sender = %raw_header(headers, "ce-source"),
+        reason = REASON,
+        attribute,
+        "refused: {error}; answering 400"
+    );
+    state.metrics.refusal(REASON);
+    state.metrics.event("unknown", REASON);
+    ApiError::BadRequest(error.to_string())
 }
 
 /// The service message type: the media type without parameters, lower-cased.

@@ -323,3 +323,58 @@ async fn header_floods_and_odd_headers_get_the_contracts_answer() {
     assert_eq!(app.health().await, StatusCode::OK);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn over_long_attributes_are_refused_and_logged_truncated() {
+    // The real binary, for its JSON log lines.
+    let (_dir, db) = temp_db();
+    let server = ServerProcess::start(&db, None, &[]);
+    let p = parties();
+    let client = client();
+    // As in issue 19: a 350 KB parcel id, and a 350 KB sender, each sent a few times.
+    let huge = "q".repeat(350_000);
+    let huge_source = format!("{}{huge}", p[0].id);
+    for i in 0..5 {
+        for (source, id) in [(p[0].id.as_str(), huge.as_str()), (&huge_source, "x")] {
+            let mut request = client.post(&server.url);
+            for (name, value) in event_headers(source, id, REQUEST_TYPE) {
+                request = request.header(name, value);
+            }
+            let response = request
+                .body(p[0].request("a@x.io", &format!("b{i}@y.io")))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+            let answer = response.text().await.expect("body");
+            assert!(answer.len() < 1024, "a 400 of {} bytes", answer.len());
+        }
+    }
+    // The log pipe is read by another thread: wait until the last refusal is in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = server.recent_log();
+        if log.matches("attribute_too_long").count() >= 10 || std::time::Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("attribute_too_long"))
+        .collect();
+    assert_eq!(refusals.len(), 10, "{log}");
+    for line in &refusals {
+        assert!(line.len() < 2048, "a log line of {} bytes", line.len());
+        assert!(line.contains("truncated"), "{line}");
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON");
+        assert!(
+            v["parcel.id"].is_string() && v["sender"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(log.lines().all(|l| l.len() < 4096), "no log line is long");
+    assert_eq!(pending_count(&db), 0);
+    let stats = server.terminate().await;
+    assert!(stats.success());
+}

@@ -345,3 +345,67 @@ async fn the_veraid_secret_is_generated_once_and_kept() {
     assert_eq!(sink.take(2).await.len(), 2);
     app.stop().await;
 }
+
+/// Rows in a database file's `processed_events` (event keys kept against redelivery).
+fn event_keys(db: &std::path::Path) -> u64 {
+    let conn = rusqlite::Connection::open(db).expect("open database");
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM processed_events", [], |r| r.get(0))
+        .expect("count");
+    u64::try_from(n).expect("count")
+}
+
+#[tokio::test]
+async fn over_long_attributes_get_400_and_store_nothing() {
+    let (_dir, db) = temp_db();
+    let app = TestApp::spawn(test_config(&db, None)).await;
+    let p = parties();
+    let body = p[0].request("a@b.io", "c@d.io");
+    let too_long = "letro_refusals_total{reason=\"attribute_too_long\"}";
+    // The documented limits (docs/protocol.md §5): 256 bytes for id and source.
+    let id_over = "p".repeat(257);
+    let huge_id = "p".repeat(350_000);
+    // The sender's own id, padded: the source of a request that would otherwise be taken.
+    let source_over = format!("{}{}", p[0].id, "0".repeat(257 - p[0].id.len()));
+    let cases: [(&str, &str, &str); 3] = [
+        ("ce-id one byte over", &p[0].id, &id_over),
+        ("ce-id of 350 KB", &p[0].id, &huge_id),
+        ("ce-source one byte over", &source_over, "src-over"),
+    ];
+    for (what, source, id) in cases {
+        assert_eq!(
+            app.post_message(source, id, REQUEST_TYPE, body.clone())
+                .await,
+            StatusCode::BAD_REQUEST,
+            "{what}"
+        );
+    }
+    // The same in structured mode.
+    let structured = serde_json::json!({
+        "specversion": "1.0", "id": id_over, "source": p[0].id, "type": INCOMING_TYPE,
+        "subject": SERVER_ID, "datacontenttype": REQUEST_TYPE, "data": body,
+    });
+    assert_eq!(
+        app.post(
+            &[("content-type", "application/cloudevents+json")],
+            structured.to_string()
+        )
+        .await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(app.metric(too_long).await, 4);
+    assert_eq!(app.stats().await.pending_requests, 0);
+    assert_eq!(event_keys(&db), 0, "no event key kept");
+
+    // An id at the limit is an ordinary parcel id: taken, and its key kept.
+    let at_limit = "p".repeat(256);
+    assert_eq!(
+        app.post_message(&p[0].id, &at_limit, REQUEST_TYPE, body.clone())
+            .await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(app.stats().await.pending_requests, 1);
+    assert_eq!(event_keys(&db), 1);
+    assert_eq!(app.metric(too_long).await, 4);
+    app.stop().await;
+}
