@@ -665,3 +665,241 @@ contract!(
     concurrent_claims_never_overlap,
     an_event_queues_all_its_messages_once,
 );
+
+/// What a PostgreSQL replica's batch must get right when the requests that arrive
+/// together share pairs, events and caps: each batch below runs as one transaction, and
+/// its answers must be those of the same requests one after the other.
+mod postgres_batches {
+    use letro_server::store::postgres::{BatchAnswer, BatchOp};
+
+    use super::*;
+
+    async fn store_on(db: &PgDatabase) -> PostgresStore {
+        PostgresStore::connect(&db.url, 4, Duration::from_secs(5))
+            .await
+            .expect("connect to the test database")
+    }
+
+    fn pair(s: PairingSubmission) -> BatchOp {
+        BatchOp::Pair(Box::new(s))
+    }
+
+    fn answers(results: Vec<letro_server::store::Result<BatchAnswer>>) -> Vec<BatchAnswer> {
+        results.into_iter().map(|r| r.expect("answer")).collect()
+    }
+
+    fn stored() -> BatchAnswer {
+        BatchAnswer::Pair(PairingOutcome::Stored { replaced: None })
+    }
+
+    fn is_match(a: &BatchAnswer) -> bool {
+        matches!(a, BatchAnswer::Pair(PairingOutcome::Matched { messages }) if messages.len() == 2)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_halves_in_one_batch_match() {
+        let Some(db) = PgDatabase::create().await else {
+            return;
+        };
+        let store = store_on(&db).await;
+        let p = parties();
+        let got = answers(
+            store
+                .run_as_one_batch(vec![
+                    pair(submission(&p[0], "a", "a@x.io", "b@y.io")),
+                    pair(submission(&p[2], "c", "c@x.io", "d@y.io")),
+                    pair(submission(&p[1], "b", "b@y.io", "a@x.io")),
+                ])
+                .await,
+        );
+        assert_eq!(got[0], stored());
+        assert_eq!(got[1], stored());
+        assert!(is_match(&got[2]), "{got:?}");
+        let stats = store.stats().await.expect("stats");
+        assert_eq!((stats.pending_requests, stats.outbox_depth), (1, 2));
+        let claimed = store
+            .claim_due_messages(NOW, NOW.plus(DAY), 10)
+            .await
+            .expect("claim");
+        let recipients: Vec<&str> = claimed
+            .iter()
+            .map(|e| e.message.recipient.as_str())
+            .collect();
+        assert_eq!(recipients, [p[1].id.as_str(), p[0].id.as_str()]);
+        store.close().await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_twice_in_one_batch_is_a_redelivery_the_second_time() {
+        let Some(db) = PgDatabase::create().await else {
+            return;
+        };
+        let store = store_on(&db).await;
+        let p = parties();
+        let a = submission(&p[0], "a", "a@x.io", "b@y.io");
+        let b = submission(&p[1], "b", "b@y.io", "a@x.io");
+        let c = completion("auth", &p[1]);
+        let got = answers(
+            store
+                .run_as_one_batch(vec![
+                    pair(a.clone()),
+                    pair(a),
+                    BatchOp::Queue(c.clone()),
+                    pair(b.clone()),
+                    BatchOp::Queue(c),
+                    pair(b),
+                ])
+                .await,
+        );
+        let duplicate = BatchAnswer::Pair(PairingOutcome::Duplicate);
+        assert_eq!(got[0], stored());
+        assert_eq!(got[1], duplicate);
+        assert_eq!(got[2], BatchAnswer::Queue(QueueOutcome::Queued));
+        assert!(is_match(&got[3]), "{got:?}");
+        assert_eq!(got[4], BatchAnswer::Queue(QueueOutcome::Duplicate));
+        assert_eq!(got[5], duplicate);
+        let stats = store.stats().await.expect("stats");
+        assert_eq!((stats.pending_requests, stats.outbox_depth), (0, 3));
+        assert_eq!(
+            store
+                .request_stats(NOW)
+                .await
+                .expect("stats")
+                .processed_events,
+            3
+        );
+        store.close().await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn caps_count_what_the_batch_stored_and_freed() {
+        let Some(db) = PgDatabase::create().await else {
+            return;
+        };
+        let store = store_on(&db).await;
+        let p = parties();
+        let capped = |mut s: PairingSubmission| {
+            s.limits.per_sender = 2;
+            s.limits.per_target = 2;
+            s
+        };
+        // One waiting before the batch, for target t@y.io.
+        store
+            .submit_pairing_request(capped(submission(&p[0], "0", "f0@x.io", "t@y.io")))
+            .await
+            .expect("submit");
+        let got = answers(
+            store
+                .run_as_one_batch(vec![
+                    // The second for t@y.io fits, the third does not.
+                    pair(capped(submission(&p[1], "1", "f1@x.io", "t@y.io"))),
+                    pair(capped(submission(&p[2], "2", "f2@x.io", "t@y.io"))),
+                    // t@y.io answers f0: a slot frees up, and the refused request's event,
+                    // delivered again in the same batch, is judged afresh and fits.
+                    pair(capped(submission(&p[3], "ans", "t@y.io", "f0@x.io"))),
+                    pair(capped(submission(&p[2], "2", "f2@x.io", "t@y.io"))),
+                    // Per sender: p[4] may have two waiting.
+                    pair(capped(submission(&p[4], "s1", "g@x.io", "u1@y.io"))),
+                    pair(capped(submission(&p[4], "s2", "g@x.io", "u2@y.io"))),
+                    pair(capped(submission(&p[4], "s3", "g@x.io", "u3@y.io"))),
+                    // Replacing one's own waiting request takes no new slot.
+                    pair(capped(submission(&p[4], "s1b", "g@x.io", "u1@y.io"))),
+                ])
+                .await,
+        );
+        let refused = |r| BatchAnswer::Pair(PairingOutcome::Refused(r));
+        assert_eq!(got[0], stored());
+        assert_eq!(got[1], refused(Refusal::TargetPendingLimit));
+        assert!(is_match(&got[2]), "{got:?}");
+        assert_eq!(got[3], stored());
+        assert_eq!(got[4], stored());
+        assert_eq!(got[5], stored());
+        assert_eq!(got[6], refused(Refusal::SenderPendingLimit));
+        assert_eq!(
+            got[7],
+            BatchAnswer::Pair(PairingOutcome::Stored {
+                replaced: Some(EndpointId::parse(&p[4].id).expect("id"))
+            })
+        );
+        let stats = store.request_stats(NOW).await.expect("stats");
+        // f1, f2, g->u1, g->u2 wait; of the eight events, the refused s3 left no key.
+        assert_eq!((stats.live, stats.processed_events), (4, 7));
+        store.close().await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_operation_the_database_refuses_fails_alone() {
+        let Some(db) = PgDatabase::create().await else {
+            return;
+        };
+        let store = store_on(&db).await;
+        let p = parties();
+        // PostgreSQL text cannot hold a NUL: this one statement fails the whole batch.
+        let mut bad = completion("bad", &p[1]);
+        bad.messages[0].content_type = "text/plain\0".into();
+        let results = store
+            .run_as_one_batch(vec![
+                pair(submission(&p[0], "a", "a@x.io", "b@y.io")),
+                BatchOp::Queue(bad),
+                pair(submission(&p[1], "b", "b@y.io", "a@x.io")),
+            ])
+            .await;
+        assert_eq!(results[0].as_ref().expect("alone, it succeeds"), &stored());
+        assert!(results[1].is_err(), "{results:?}");
+        assert!(is_match(results[2].as_ref().expect("alone, it succeeds")));
+        let stats = store.stats().await.expect("stats");
+        assert_eq!((stats.pending_requests, stats.outbox_depth), (0, 2));
+        store.close().await;
+        db.drop_database().await;
+    }
+
+    /// Two replicas' batches, each holding one half of the same pairs, at the same time:
+    /// every pair matches exactly once, whichever commits first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_batches_on_the_same_pairs_match_each_once() {
+        const PAIRS: usize = 100;
+        let Some(db) = PgDatabase::create().await else {
+            return;
+        };
+        let (one, two) = (store_on(&db).await, store_on(&db).await);
+        let p = parties();
+        for round in 0..3 {
+            let halves = |first: bool| -> Vec<BatchOp> {
+                (0..PAIRS)
+                    .map(|i| {
+                        let (a, b) = (format!("a{i}r{round}@x.io"), format!("b{i}r{round}@y.io"));
+                        pair(if first {
+                            submission(&p[0], &format!("A{i}r{round}"), &a, &b)
+                        } else {
+                            submission(&p[1], &format!("B{i}r{round}"), &b, &a)
+                        })
+                    })
+                    .collect()
+            };
+            let (x, y) = tokio::join!(
+                one.run_as_one_batch(halves(true)),
+                two.run_as_one_batch(halves(false))
+            );
+            let (x, y) = (answers(x), answers(y));
+            for i in 0..PAIRS {
+                let matched = usize::from(is_match(&x[i])) + usize::from(is_match(&y[i]));
+                assert_eq!(
+                    matched, 1,
+                    "pair {i} of round {round}: {:?} / {:?}",
+                    x[i], y[i]
+                );
+            }
+        }
+        let stats = one.stats().await.expect("stats");
+        assert_eq!(
+            (stats.pending_requests, stats.outbox_depth),
+            (0, 2 * 3 * PAIRS as u64)
+        );
+        one.close().await;
+        two.close().await;
+        db.drop_database().await;
+    }
+}
