@@ -56,6 +56,11 @@ struct Args {
     /// PostgreSQL connections per server (`--db-max-connections`) [default: the server's].
     #[arg(long)]
     pg_connections: Option<u32>,
+    /// Replica counts of the closed-loop PostgreSQL rows: each runs that many servers on
+    /// one fresh database, the two halves of a pair sent to different replicas (empty:
+    /// none).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pg_replicas: Vec<usize>,
     /// The server binary [default: letro-server next to this one].
     #[arg(long)]
     server: Option<PathBuf>,
@@ -165,6 +170,35 @@ impl Server {
         self.process.stop()?;
         Ok(())
     }
+
+    /// Stops a PostgreSQL server and returns what its store says it cost the database
+    /// over its life (the line it logs on closing): (transactions, round trips); `None`
+    /// from a server that logs no such line (an older build).
+    fn stop_counting(self) -> anyhow::Result<Option<(u64, u64)>> {
+        let pid = self.process.pid().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let counts = loop {
+            let log = self.process.recent_log();
+            if let Some(line) = log.lines().find(|l| l.contains("PostgreSQL store closed")) {
+                break json_number(line, "transactions").zip(json_number(line, "round_trips"));
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.stop()?;
+        Ok(counts)
+    }
+}
+
+/// The number after `"key":` in a JSON log line.
+fn json_number(line: &str, key: &str) -> Option<u64> {
+    let rest = &line[line.find(&format!("\"{key}\":"))? + key.len() + 3..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// Request `n` of a run named after `tag`, rendered for `path`: the first (`n` even) or
@@ -313,6 +347,108 @@ async fn measure_backend(
         exact,
         rss: server.rss_mib(),
         cpu,
+    })
+}
+
+/// A closed loop on several replicas sharing one PostgreSQL database.
+struct ReplicaFigures {
+    replicas: usize,
+    throughput: f64,
+    closed: Vec<LoadReport>,
+    exact: bool,
+    /// Server CPU µs per request, all replicas, over the closed loop and the drain.
+    cpu: f64,
+    /// Per request, over the replicas' whole lives: transactions as the servers count
+    /// them, as PostgreSQL counts them, and round trips as the servers count them.
+    transactions: Option<f64>,
+    pg_transactions: f64,
+    round_trips: Option<f64>,
+}
+
+/// Starts `replicas` servers on a fresh database of `url` and sends them a closed loop,
+/// request `n` to replica `n % replicas` (so the two halves of a pair reach different
+/// replicas), `connections` shared among them.
+async fn measure_replicas(
+    url: &str,
+    binary: &Path,
+    sink: &CountingSink,
+    keys: &[BenchKey],
+    args: &Args,
+    replicas: usize,
+) -> anyhow::Result<ReplicaFigures> {
+    let db = PgDatabase::create_on(url, "letro_bench").await?;
+    let pg_before = db.transactions().await?;
+    let mut extra: Vec<String> = args
+        .pg_connections
+        .map(|n| vec!["--db-max-connections".into(), n.to_string()])
+        .unwrap_or_default();
+    // The replicas share the machine's cores: a smaller outbox concurrency each keeps
+    // the total the single server's.
+    extra.extend([
+        "--delivery-concurrency".to_owned(),
+        (256 / replicas).max(1).to_string(),
+    ]);
+    let servers = (0..replicas)
+        .map(|_| Server::start(binary, &db.url, sink.addr, &extra))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let tag = format!("r{replicas}");
+    let pairs = args.requests / 2;
+    let all = pair_requests(keys, &tag, 0..pairs, "/");
+    let total = all.len();
+    let mut shares = vec![Vec::new(); replicas];
+    for (n, request) in all.into_iter().enumerate() {
+        shares[n % replicas].push(request);
+    }
+    let name = format!("PostgreSQL, {replicas} replica(s)");
+    eprintln!("{name}: closed loop, {total} requests");
+    let before = sink.counts().distinct;
+    let cpu_before: Vec<CpuTime> = servers.iter().map(Server::cpu).collect();
+    let started = Instant::now();
+    let connections = (args.connections / replicas).max(1);
+    let mut loads = tokio::task::JoinSet::new();
+    for (server, share) in servers.iter().zip(shares) {
+        let (addr, name) = (server.addr, name.clone());
+        loads.spawn(
+            async move { run(addr, Arc::new(share), connections, Pace::Closed, &name).await },
+        );
+    }
+    let mut closed = Vec::with_capacity(replicas);
+    while let Some(report) = loads.join_next().await {
+        closed.push(report?);
+    }
+    let answered: u64 = closed
+        .iter()
+        .map(|r| r.statuses.values().sum::<u64>())
+        .sum();
+    let throughput = answered as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    drain(sink, before + total as u64).await;
+    let cpu: f64 = servers
+        .iter()
+        .zip(cpu_before)
+        .map(|(s, before)| before.per_request(s.cpu(), total).0)
+        .sum();
+    let exact = all_matched(sink, &tag, 0..pairs) && sink.counts().conflicting == 0;
+    let mut counted = Some((0, 0));
+    for server in servers {
+        let counts = server.stop_counting()?;
+        counted = counted
+            .zip(counts)
+            .map(|((t, r), (dt, dr))| (t + dt, r + dr));
+    }
+    // The replicas' backends have exited, and so reported every transaction.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pg_transactions = db.transactions().await? - pg_before;
+    db.drop_database().await;
+    let per = |n: f64| n / total.max(1) as f64;
+    Ok(ReplicaFigures {
+        replicas,
+        throughput,
+        closed,
+        exact,
+        cpu,
+        transactions: counted.map(|(t, _)| per(t as f64)),
+        pg_transactions: per(pg_transactions as f64),
+        round_trips: counted.map(|(_, r)| per(r as f64)),
     })
 }
 
@@ -601,6 +737,7 @@ async fn main() -> anyhow::Result<()> {
         ok_share(&ceiling),
     ));
     let mut backends = vec![sqlite];
+    let mut replica_rows = Vec::new();
 
     // PostgreSQL on a fresh database.
     if let Some(url) = &args.postgres {
@@ -619,6 +756,9 @@ async fn main() -> anyhow::Result<()> {
         server.stop()?;
         db.drop_database().await;
         backends.push(figures?);
+        for &replicas in args.pg_replicas.iter().filter(|r| **r > 0) {
+            replica_rows.push(measure_replicas(url, &binary, &sink, &keys, &args, replicas).await?);
+        }
     } else {
         notes.push("PostgreSQL: skipped (no --postgres / TEST_DATABASE_URL).".to_owned());
     }
@@ -644,6 +784,30 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
 
+    for r in &replica_rows {
+        let ok = r.closed.iter().all(|c| ok_share(c) == "all 204");
+        table.push(format!(
+            "| PostgreSQL, {} replica(s) on one database, closed loop only | {:.0} req/s ({:.2}x SQLite) | {:.0}% | — | — | {:.0} µs (all replicas) | {}; matches exact: {}; per request: {} transactions ({:.3} as PostgreSQL counts them), {} round trips |",
+            r.replicas,
+            r.throughput,
+            r.throughput / backends[0].closed.throughput().max(1e-9),
+            100.0 * r.throughput / ceiling.throughput(),
+            r.cpu,
+            if ok { "all 204".to_owned() } else { r.closed.iter().map(ok_share).collect::<Vec<_>>().join(" / ") },
+            if r.exact { "yes" } else { "NO" },
+            r.transactions.map_or("?".to_owned(), |t| format!("{t:.3}")),
+            r.pg_transactions,
+            r.round_trips.map_or("?".to_owned(), |t| format!("{t:.3}")),
+        ));
+    }
+    if !replica_rows.is_empty() {
+        notes.push(
+            "PostgreSQL replica rows: each on a fresh database, the two halves of every pair sent to different replicas, the connections shared among them; \
+             transactions and round trips are over the replicas' whole lives (start, load, drain, stop) per request of the load, as each server's store counts them \
+             (a statement on its own is a transaction and a round trip; a batch is `BEGIN`, three statements and `COMMIT`) and as `pg_stat_database` counts them (xact_commit + xact_rollback)."
+                .to_owned(),
+        );
+    }
     for (label, f) in &signed_rows {
         table.push(format!(
             "| {label} (SQLite) | {:.0} req/s | {:.0}% | — | — | {} = {:.2}x a tmp request | {}; bundles forwarded exact: {} |",

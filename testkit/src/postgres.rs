@@ -54,6 +54,23 @@ impl PgDatabase {
         })
     }
 
+    /// Transactions committed and rolled back in it so far, as PostgreSQL counts them
+    /// (`pg_stat_database`, which a backend updates when it finishes a transaction,
+    /// at most once a second, and when it exits), asked over a connection to another
+    /// database, which it does not count.
+    pub async fn transactions(&self) -> Result<i64, sqlx::Error> {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.admin).await?;
+        let n: Option<i64> = sqlx::query_scalar(
+            "SELECT (xact_commit + xact_rollback)::int8 FROM pg_stat_database WHERE datname = $1",
+        )
+        .bind(&self.name)
+        .fetch_optional(&mut conn)
+        .await?;
+        let _ = conn.close().await;
+        Ok(n.unwrap_or(0))
+    }
+
     /// Drops the database, whoever is still connected to it.
     pub async fn drop_database(self) {
         use sqlx::Connection;
