@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use super::{
     EventMessages, OutboxEntry, OutboxStatus, OutboxSummary, PairingOutcome, PairingSubmission,
@@ -244,23 +244,6 @@ fn pair_lock(a: &VeraIdDigest, b: &VeraIdDigest) -> i64 {
     i64::from_be_bytes(bytes)
 }
 
-fn stored_message(row: &PgRow) -> Result<StoredMessage> {
-    let get = |e: sqlx::Error| unavailable(e);
-    let attempts: i32 = row.try_get("attempts").map_err(get)?;
-    Ok(StoredMessage {
-        seq: row.try_get("seq").map_err(get)?,
-        id: row.try_get("id").map_err(get)?,
-        source: row.try_get("source").map_err(get)?,
-        recipient: row.try_get("recipient").map_err(get)?,
-        kind: row.try_get("kind").map_err(get)?,
-        content_type: row.try_get("content_type").map_err(get)?,
-        content: row.try_get("content").map_err(get)?,
-        time: row.try_get("time_ms").map_err(get)?,
-        expiry: row.try_get("expiry_ms").map_err(get)?,
-        attempts: i64::from(attempts),
-    })
-}
-
 #[async_trait]
 impl Store for PostgresStore {
     async fn ping(&self) -> Result<()> {
@@ -323,26 +306,30 @@ impl Store for PostgresStore {
         lease_until: Timestamp,
         limit: usize,
     ) -> Result<Vec<OutboxEntry>> {
-        self.counters.statement();
-        let rows = sqlx::query(
-            "UPDATE outbox SET next_attempt_at = $1
-             WHERE seq IN (
-                 SELECT seq FROM outbox WHERE next_attempt_at <= $2
-                 ORDER BY next_attempt_at, seq LIMIT $3
-                 FOR UPDATE SKIP LOCKED)
-             RETURNING seq, id, source, recipient, kind, content_type, content, time_ms,
-                       expiry_ms, attempts",
-        )
-        .bind(lease_until.0)
-        .bind(now.0)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        let op = BatchOp::Claim {
+            now,
+            lease_until,
+            limit: i64::try_from(limit).unwrap_or(i64::MAX),
+        };
+        let rows = match self.call(op).await? {
+            BatchAnswer::Claimed(rows) => rows,
+            other => return Err(mismatched(&other)),
+        };
         let rows = rows
-            .iter()
-            .map(stored_message)
-            .collect::<Result<Vec<_>>>()?;
+            .into_iter()
+            .map(|r| StoredMessage {
+                seq: r.seq,
+                id: r.id,
+                source: r.source,
+                recipient: r.recipient,
+                kind: r.kind,
+                content_type: r.content_type,
+                content: r.content,
+                time: r.time,
+                expiry: r.expiry,
+                attempts: i64::from(r.attempts),
+            })
+            .collect();
         let (entries, undeliverable) = deliverable(rows, now);
         // Rare (rows of another build): a statement each, outside the claim, which
         // already holds them under its lease.
@@ -360,12 +347,10 @@ impl Store for PostgresStore {
     }
 
     async fn next_due(&self) -> Result<Option<Timestamp>> {
-        self.counters.statement();
-        let next: Option<i64> = sqlx::query_scalar("SELECT min(next_attempt_at) FROM outbox")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(next.map(Timestamp))
+        match self.call(BatchOp::NextDue).await? {
+            BatchAnswer::NextDue(next) => Ok(next.map(Timestamp)),
+            other => Err(mismatched(&other)),
+        }
     }
 
     async fn mark_delivered(&self, entry: &OutboxEntry) -> Result<()> {

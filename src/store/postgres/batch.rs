@@ -61,6 +61,34 @@ pub enum BatchOp {
         /// What the attempt said.
         error: String,
     },
+    /// [`Store::claim_due_messages`](crate::store::Store::claim_due_messages): run in the
+    /// batch's transaction when it has one (a round trip more, not a transaction).
+    Claim {
+        /// Due at or before this.
+        now: Timestamp,
+        /// Hidden from other claims until this.
+        lease_until: Timestamp,
+        /// At most this many.
+        limit: i64,
+    },
+    /// [`Store::next_due`](crate::store::Store::next_due), likewise.
+    NextDue,
+}
+
+/// An outbox row a claim took, as read.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedRow {
+    pub seq: i64,
+    pub id: String,
+    pub source: String,
+    pub recipient: String,
+    pub kind: String,
+    pub content_type: String,
+    pub content: Vec<u8>,
+    pub time: i64,
+    pub expiry: i64,
+    pub attempts: i32,
 }
 
 /// What became of a [`BatchOp`].
@@ -73,6 +101,10 @@ pub enum BatchAnswer {
     Queue(QueueOutcome),
     /// Of a [`BatchOp::Remove`] or [`BatchOp::Retry`].
     Done,
+    /// Of a [`BatchOp::Claim`].
+    Claimed(Vec<ClaimedRow>),
+    /// Of a [`BatchOp::NextDue`].
+    NextDue(Option<i64>),
 }
 
 /// What the store has cost the database so far, for the benchmark and the close log.
@@ -483,7 +515,7 @@ async fn attempt(
         .filter_map(|op| match op {
             BatchOp::Pair(s) => Some((&s.event, s.request_expiry)),
             BatchOp::Queue(q) => Some((&q.event, q.event_expiry)),
-            BatchOp::Remove(_) | BatchOp::Retry { .. } => None,
+            _ => None,
         })
         .collect();
     let mut writes = Writes::default();
@@ -491,14 +523,26 @@ async fn attempt(
         match op {
             BatchOp::Remove(seq) => writes.removed.push(*seq),
             BatchOp::Retry { seq, at, error } => writes.retried.push((*seq, *at, error.clone())),
-            BatchOp::Pair(_) | BatchOp::Queue(_) => {}
+            _ => {}
         }
     }
     if events.is_empty() {
-        // Delivery results alone: one statement is its own transaction.
-        counters.statement();
-        write(pool, &writes, &Pairs::default()).await?;
-        return Ok(ops.iter().map(|_| BatchAnswer::Done).collect());
+        // No pairing: each statement is its own transaction.
+        if !writes.removed.is_empty() || !writes.retried.is_empty() {
+            counters.statement();
+            write(pool, &writes, &Pairs::default()).await?;
+        }
+        let mut answers = Vec::with_capacity(ops.len());
+        for op in ops {
+            answers.push(match read_outbox(pool, op).await? {
+                Some(answer) => {
+                    counters.statement();
+                    answer
+                }
+                None => BatchAnswer::Done,
+            });
+        }
+        return Ok(answers);
     }
 
     let mut tx = pool.begin().await?;
@@ -583,7 +627,10 @@ async fn attempt(
                     BatchAnswer::Pair(PairingOutcome::Duplicate)
                 }
             }
-            BatchOp::Remove(_) | BatchOp::Retry { .. } => BatchAnswer::Done,
+            BatchOp::Remove(_)
+            | BatchOp::Retry { .. }
+            | BatchOp::Claim { .. }
+            | BatchOp::NextDue => BatchAnswer::Done,
         };
         answers.push(answer);
     }
@@ -598,6 +645,12 @@ async fn attempt(
         }
     }
     write(&mut *tx, &writes, &pairs).await?;
+    for (op, answer) in ops.iter().zip(answers.iter_mut()) {
+        if let Some(read) = read_outbox(&mut *tx, op).await? {
+            round_trips += 1;
+            *answer = read;
+        }
+    }
     tx.commit().await?;
     counters.add(1, round_trips + 2);
     Ok(answers)
@@ -784,6 +837,65 @@ fn plan_one(
     }
     Ok(plan)
 }
+
+/// Runs a claim or reads the next due time; `None` for any other operation.
+async fn read_outbox<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    op: &BatchOp,
+) -> std::result::Result<Option<BatchAnswer>, sqlx::Error> {
+    match op {
+        BatchOp::Claim {
+            now,
+            lease_until,
+            limit,
+        } => {
+            let rows = sqlx::query(CLAIM)
+                .bind(lease_until.0)
+                .bind(now.0)
+                .bind(*limit)
+                .fetch_all(executor)
+                .await?;
+            let claimed = rows
+                .iter()
+                .map(|row| {
+                    Ok(ClaimedRow {
+                        seq: row.try_get("seq")?,
+                        id: row.try_get("id")?,
+                        source: row.try_get("source")?,
+                        recipient: row.try_get("recipient")?,
+                        kind: row.try_get("kind")?,
+                        content_type: row.try_get("content_type")?,
+                        content: row.try_get("content")?,
+                        time: row.try_get("time_ms")?,
+                        expiry: row.try_get("expiry_ms")?,
+                        attempts: row.try_get("attempts")?,
+                    })
+                })
+                .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
+            Ok(Some(BatchAnswer::Claimed(claimed)))
+        }
+        BatchOp::NextDue => {
+            let next: Option<i64> = sqlx::query_scalar("SELECT min(next_attempt_at) FROM outbox")
+                .fetch_one(executor)
+                .await?;
+            Ok(Some(BatchAnswer::NextDue(next)))
+        }
+        BatchOp::Pair(_) | BatchOp::Queue(_) | BatchOp::Remove(_) | BatchOp::Retry { .. } => {
+            Ok(None)
+        }
+    }
+}
+
+/// Leases up to `$3` messages due at `$2` until `$1`, earliest due first; rows another
+/// transaction holds are skipped.
+const CLAIM: &str = "
+    UPDATE outbox SET next_attempt_at = $1
+    WHERE seq IN (
+        SELECT seq FROM outbox WHERE next_attempt_at <= $2
+        ORDER BY next_attempt_at, seq LIMIT $3
+        FOR UPDATE SKIP LOCKED)
+    RETURNING seq, id, source, recipient, kind, content_type, content, time_ms,
+              expiry_ms, attempts";
 
 /// Carries out `writes` and the pending requests `pairs` left changed, in one statement.
 async fn write<'e>(
