@@ -261,3 +261,100 @@ async fn a_postgresql_restart_mid_load_loses_nothing_acknowledged() {
 async fn health(client: &reqwest::Client, url: &str) -> StatusCode {
     client.get(url).send().await.expect("health").status()
 }
+
+/// `kill -9` of a replica in the middle of a burst of requests, on PostgreSQL: every
+/// request answered 204 before the kill is kept (its pair matches once the broker has
+/// redelivered the unanswered ones to a fresh replica), and none matches twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_replica_mid_burst_loses_nothing_acknowledged() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const PAIRS: usize = 300;
+    const KILL_AFTER: usize = 300;
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let mut sink = FakeSink::start().await;
+    let server = ServerProcess::start_on(&db.url, Some(&sink.url), &[]);
+    let url = server.url.clone();
+    let halves: Vec<(usize, bool)> = (0..PAIRS).flat_map(|i| [(i, false), (i, true)]).collect();
+    let send = |client: reqwest::Client, url: String, (i, b_side): (usize, bool)| async move {
+        let p = parties();
+        let (a, b) = (format!("a{i}@x.io"), format!("b{i}@y.io"));
+        let answer = if b_side {
+            send_request(&client, &url, &p[1], &format!("B{i}"), &b, &a).await
+        } else {
+            send_request(&client, &url, &p[0], &format!("A{i}"), &a, &b).await
+        };
+        answer.ok()
+    };
+    // 16 senders; the replica dies when the 300th 204 arrives.
+    let acks = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let kill = Arc::new(tokio::sync::Notify::new());
+    let killer = {
+        let kill = kill.clone();
+        tokio::spawn(async move {
+            kill.notified().await;
+            server.kill_9();
+        })
+    };
+    let mut senders = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (client, url, halves, acks, next, kill) = (
+            client(),
+            url.clone(),
+            halves.clone(),
+            acks.clone(),
+            next.clone(),
+            kill.clone(),
+        );
+        senders.spawn(async move {
+            let mut answered = Vec::new();
+            while let Some(half) = halves.get(next.fetch_add(1, Ordering::SeqCst)).copied() {
+                let answer = send(client.clone(), url.clone(), half).await;
+                if answer == Some(StatusCode::NO_CONTENT) {
+                    answered.push(half);
+                    if acks.fetch_add(1, Ordering::SeqCst) + 1 == KILL_AFTER {
+                        kill.notify_one();
+                    }
+                } else {
+                    assert_eq!(answer, None, "only 204 or no answer");
+                }
+            }
+            answered
+        });
+    }
+    let mut acked = HashSet::new();
+    while let Some(answered) = senders.join_next().await {
+        acked.extend(answered.expect("sender"));
+    }
+    killer.await.expect("killer");
+    assert!(acked.len() >= KILL_AFTER && acked.len() < halves.len());
+
+    // A fresh replica; the broker redelivers whatever got no 204.
+    let server = ServerProcess::start_on(&db.url, Some(&sink.url), &[]);
+    let client = client();
+    for half in halves.iter().filter(|h| !acked.contains(h)) {
+        let answer = send(client.clone(), server.url.clone(), *half).await;
+        assert_eq!(answer, Some(StatusCode::NO_CONTENT), "{half:?} redelivered");
+    }
+    // An acknowledged half that was lost would leave its pair unmatched: it is never
+    // sent again.
+    let (times, fields) = receive_all(&mut sink, 2 * PAIRS).await;
+    assert_eq!(times.len(), 2 * PAIRS, "no match under a second id");
+    let parties_seen: HashSet<(String, String)> = fields
+        .values()
+        .map(|f| (f[1].clone(), f[0].clone()))
+        .collect();
+    assert_eq!(parties_seen.len(), 2 * PAIRS, "one match per party");
+    assert_eq!(server.terminate().await.code(), Some(0));
+    assert_eq!(outbox_depth_pg(&db.url).await, 0);
+    println!(
+        "PostgreSQL kill -9 mid-burst: {} of {} requests acknowledged before the kill, \
+         every pair matched once after the rest were redelivered",
+        acked.len(),
+        halves.len()
+    );
+    db.drop_database().await;
+}
