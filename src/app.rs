@@ -163,6 +163,17 @@ impl App {
         config.validate()?;
         let opening = Opening::Serve { now: clock.now() };
         let store = open_store(&config.database, opening).await?;
+        Self::build_on_store(config, store, clock).await
+    }
+
+    /// [`build_with_clock`](Self::build_with_clock) on a store already open (tests wrap
+    /// one to count or fail its calls); `config.database` is not opened.
+    pub async fn build_on_store(
+        config: Config,
+        store: Arc<dyn Store>,
+        clock: SharedClock,
+    ) -> anyhow::Result<Self> {
+        config.validate()?;
         let secret = veraid_secret(store.as_ref(), config.veraid_secret.as_ref()).await?;
         let metrics = Arc::new(Metrics::new());
         let dispatcher = match &config.sink {
@@ -204,6 +215,7 @@ impl App {
             match_order: config.tmp_match_order,
             bundles: Arc::new(BundleVerifier::new(config.veraid_trust_anchors.clone())),
             body_read_timeout: config.body_read_timeout,
+            store_counts: Arc::default(),
         };
         Ok(Self {
             listener,

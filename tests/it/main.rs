@@ -11,6 +11,7 @@ mod faults;
 mod fresh_params;
 mod ingress;
 mod letro_2023;
+mod observability;
 mod ops;
 mod outbox;
 mod pairing;
