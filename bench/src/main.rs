@@ -75,6 +75,11 @@ struct Args {
     /// Signed requests each from an organisation of its own.
     #[arg(long, default_value_t = 2_000)]
     signed_new_organisation_requests: usize,
+    /// Keep the preloaded database here and, when it is already there, start the
+    /// large-database run from a copy of it instead of preloading again (for A/B runs of
+    /// that row; the file must come from a run with the same `--preload` and `--keys`).
+    #[arg(long)]
+    preloaded: Option<PathBuf>,
 }
 
 /// Server CPU time, all threads and the SQLite writer's share.
@@ -825,7 +830,18 @@ async fn main() -> anyhow::Result<()> {
         let big = dir.path().join("big.db");
         eprintln!("preloading {} pending requests", args.preload);
         let started = Instant::now();
-        preload(&big, &keys, args.preload).await?;
+        match &args.preloaded {
+            Some(kept) if kept.exists() => {
+                eprintln!("  from a copy of {}", kept.display());
+                std::fs::copy(kept, &big)?;
+            }
+            kept => {
+                preload(&big, &keys, args.preload).await?;
+                if let Some(kept) = kept {
+                    std::fs::copy(&big, kept)?;
+                }
+            }
+        }
         let preload_time = started.elapsed();
         let size = std::fs::metadata(&big)?.len();
         let server = Server::start(
