@@ -20,6 +20,67 @@ use crate::store::sqlite::{SqliteStore, Synchronous};
 use crate::store::{Store, settings};
 use crate::telemetry::Metrics;
 
+/// The limits on open files: before and after [`raise_fd_limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdLimits {
+    /// The soft limit the process started with.
+    pub soft_before: Option<u64>,
+    /// The soft limit now.
+    pub soft: Option<u64>,
+    /// The hard limit (`None`: unlimited).
+    pub hard: Option<u64>,
+}
+
+/// Raises the soft limit on open files to the hard limit, and logs both. Each connection
+/// takes a descriptor; the usual soft limit of 1,024 is what an idle flood exhausted
+/// first, while `--max-connections` is the bound meant to apply. A warning says when
+/// the soft limit stays below `max_connections` and the descriptors the server needs
+/// beside them.
+#[cfg(unix)]
+pub fn raise_fd_limit(max_connections: usize) -> FdLimits {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let before = getrlimit(Resource::Nofile);
+    let mut limits = FdLimits {
+        soft_before: before.current,
+        soft: before.current,
+        hard: before.maximum,
+    };
+    if before.current != before.maximum {
+        let raised = Rlimit {
+            current: before.maximum,
+            maximum: before.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => limits.soft = getrlimit(Resource::Nofile).current,
+            Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
+        }
+    }
+    let shown = |l: Option<u64>| l.map_or_else(|| "unlimited".to_owned(), |l| l.to_string());
+    tracing::info!(
+        soft_before = limits.soft_before,
+        soft = limits.soft,
+        hard = limits.hard,
+        "file descriptor limit: soft {} (was {}), hard {}",
+        shown(limits.soft),
+        shown(limits.soft_before),
+        shown(limits.hard)
+    );
+    // Descriptors beside the connections: the listener, the database, the sink's
+    // connections (one per delivery in flight), logs.
+    let needed = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(512);
+    if limits.soft.is_some_and(|soft| soft < needed) {
+        tracing::warn!(
+            soft = limits.soft,
+            max_connections,
+            "the file descriptor limit is below --max-connections and the descriptors the \
+             server needs beside them: accept may fail before the cap applies"
+        );
+    }
+    limits
+}
+
 /// Who opens the database, which decides what opening it does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opening {
@@ -215,6 +276,7 @@ impl App {
             match_order: config.tmp_match_order,
             bundles: Arc::new(BundleVerifier::new(config.veraid_trust_anchors.clone())),
             body_read_timeout: config.body_read_timeout,
+            repeats: Arc::default(),
             store_counts: Arc::default(),
         };
         Ok(Self {
@@ -273,10 +335,19 @@ impl App {
             stop_rx.clone(),
         ));
 
+        let summaries = {
+            let repeats = state.repeats.clone();
+            let (every, stop) = (config.log_summary_interval, stop_rx.clone());
+            tokio::spawn(async move { repeats.summarise_every(every, stop).await })
+        };
+
         let store = state.store.clone();
         let options = ServeOptions {
             header_read_timeout: config.header_read_timeout,
             shutdown_timeout: config.shutdown_timeout,
+            max_connections: config.max_connections,
+            metrics: state.metrics.clone(),
+            repeats: state.repeats.clone(),
         };
         let timeout = config.shutdown_timeout;
         let routes = if config.noop_route {
@@ -312,6 +383,8 @@ impl App {
             purger.abort();
             tracing::warn!("shutdown timeout: a purge was cut short");
         }
+        // The last summaries (counts since the last interval) are written at the stop.
+        let _ = summaries.await;
         store.close().await;
         tracing::info!("stopped");
         Ok(())

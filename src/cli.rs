@@ -234,6 +234,14 @@ pub struct ServeArgs {
     /// Time a client has to send the body after its headers; slower ones get 408.
     #[arg(long, env = "LETRO_BODY_READ_TIMEOUT", default_value_t = HumanDuration(defaults::BODY_READ_TIMEOUT))]
     pub body_read_timeout: HumanDuration,
+    /// Most HTTP connections open at once (idle keep-alive ones included); beyond, new
+    /// connections get 503 and are closed.
+    #[arg(long, env = "LETRO_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// How often a repeated log line (storage failures, refused connections, read
+    /// timeouts) is summarised with its count; the first of each interval is logged.
+    #[arg(long, env = "LETRO_LOG_SUMMARY_INTERVAL", default_value_t = HumanDuration(defaults::LOG_SUMMARY_INTERVAL))]
+    pub log_summary_interval: HumanDuration,
     /// Benchmarks only: serve POST /noop, which answers 204 without touching storage.
     #[arg(long, env = "LETRO_BENCH_NOOP_ROUTE", hide = true)]
     pub bench_noop_route: bool,
@@ -286,6 +294,8 @@ impl ServeArgs {
         }
         config.header_read_timeout = self.header_read_timeout.0;
         config.body_read_timeout = self.body_read_timeout.0;
+        config.max_connections = self.max_connections;
+        config.log_summary_interval = self.log_summary_interval.0;
         config.noop_route = self.bench_noop_route;
         config.validate()?;
         Ok(config)

@@ -25,7 +25,7 @@ use crate::codec::pairing::MatchOrder;
 use crate::domain::{PendingLimits, VeraIdDigester};
 use crate::outbox::Dispatcher;
 use crate::store::Store;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Repeats};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -54,6 +54,8 @@ pub struct AppState {
     pub bundles: Arc<BundleVerifier>,
     /// Time allowed to read a body once the headers are in.
     pub body_read_timeout: Duration,
+    /// Log lines that repeat, summarised per interval.
+    pub repeats: Arc<Repeats>,
     /// When `/metrics` last counted the store, shared by scrapes.
     pub store_counts: Arc<StoreCounts>,
 }

@@ -26,6 +26,8 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = args.to_config().unwrap_or_else(|e| invalid(&e));
+            #[cfg(unix)]
+            letro_server::app::raise_fd_limit(config.max_connections);
             let app = App::build(config).await?;
             app.run(shutdown_signal()).await
         }

@@ -22,8 +22,10 @@ use tracing_subscriber::fmt::{FmtContext, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
 mod lines;
+mod repeats;
 
 pub use lines::LineGuard;
+pub use repeats::{RepeatLevel, Repeated, Repeats};
 
 /// `url` without its password (as `***`), for logs, errors and reports: the one in the
 /// authority, and `password` or `sslpassword` in the query, which PostgreSQL URLs allow.
@@ -328,6 +330,9 @@ pub struct Metrics {
     pending_requests: Gauge,
     request_duration: Histograms,
     commit_duration: Histograms,
+    read_timeouts: Family<Labels, Counter>,
+    connections_refused: Family<Labels, Counter>,
+    connections_open: Gauge,
 }
 
 impl Default for Metrics {
@@ -430,7 +435,28 @@ impl Metrics {
             "Time from handing an incoming message to the store to its durable commit, by message type",
             commit_duration.clone(),
         );
+        let read_timeouts = Family::<Labels, Counter>::default();
+        registry.register(
+            "read_timeouts",
+            "Connections closed for not sending in time: request headers (header), a body (body, answered 408), or the next request on an idle keep-alive connection (idle)",
+            read_timeouts.clone(),
+        );
+        let connections_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections not served: over --max-connections (over_limit, answered 503), or not accepted (accept_failed, out of file descriptors usually)",
+            connections_refused.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "HTTP connections open, idle keep-alive ones included",
+            connections_open.clone(),
+        );
         Self {
+            read_timeouts,
+            connections_refused,
+            connections_open,
             request_duration,
             commit_duration,
             registry,
@@ -530,6 +556,25 @@ impl Metrics {
         self.commit_duration
             .get_or_create(&vec![("content_type".into(), content_type.into())])
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts a connection closed for not sending in time: `header`, `body` or `idle`.
+    pub fn read_timeout(&self, reason: &str) {
+        self.read_timeouts
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    /// Counts a connection not served: `over_limit` or `accept_failed`.
+    pub fn connection_refused(&self, reason: &str) {
+        self.connections_refused
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    /// The gauge of open connections.
+    pub fn connections_open(&self) -> &Gauge {
+        &self.connections_open
     }
 
     /// Sets the gauges read from the store.

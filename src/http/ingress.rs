@@ -71,13 +71,16 @@ async fn read_event(
             return Err(ApiError::BadRequest(format!("could not read body: {e}")));
         }
         Err(_) => {
-            tracing::info!(
-                parcel.id = %raw_header(headers, "ce-id"),
-                sender = %raw_header(headers, "ce-source"),
-                timeout = ?state.body_read_timeout,
-                "body not sent in time; answering 408"
-            );
+            if state.repeats.body_timeouts.first() {
+                tracing::info!(
+                    parcel.id = %raw_header(headers, "ce-id"),
+                    sender = %raw_header(headers, "ce-source"),
+                    timeout = ?state.body_read_timeout,
+                    "body not sent in time; answering 408"
+                );
+            }
             state.metrics.event("unknown", "body_timeout");
+            state.metrics.read_timeout("body");
             return Err(ApiError::BodyTimeout);
         }
     };

@@ -130,13 +130,19 @@ impl Incoming<'_> {
                 Ok(outcome)
             }
             Err(e) => {
-                tracing::error!(
-                    parcel.id = %self.event.id,
-                    sender = %self.event.source,
-                    error = %e,
-                    "could not store the {}; answering 503 (the broker will redeliver)",
-                    self.label
-                );
+                // During an outage every request fails the same way, about 500 a second
+                // under the broker's retries: the first of each interval is logged, the
+                // others summed up in one line per interval (`telemetry::Repeats`).
+                if self.state.repeats.store_failures.first() {
+                    tracing::error!(
+                        parcel.id = %self.event.id,
+                        sender = %self.event.source,
+                        content_type = self.label,
+                        error = %e,
+                        "could not store the {}; answering 503 (the broker will redeliver)",
+                        self.label
+                    );
+                }
                 self.state.metrics.event(self.label, "unavailable");
                 Err(ApiError::Unavailable(e))
             }

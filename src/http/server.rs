@@ -1,25 +1,47 @@
 //! The connection loop. `axum::serve` sets no header read timeout, so a client that
 //! trickles its headers one byte at a time could hold a connection (and a file
-//! descriptor) forever; this loop drives hyper directly with one.
+//! descriptor) forever; this loop drives hyper directly with one. It also caps the
+//! connections open at once (`--max-connections`): without a cap the file descriptor
+//! limit was the only bound, and an idle flood either starved real clients of
+//! descriptors or, with a high limit, grew the process past its memory limit.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+use crate::telemetry::{Metrics, Repeats};
 
 /// How connections are read.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// Time allowed for the request line and headers of each request.
+    /// Time allowed for the request line and headers of each request; also how long a
+    /// keep-alive connection may stay idle between requests (hyper starts this timer
+    /// while it waits for the next request).
     pub header_read_timeout: Duration,
     /// Time allowed, once `stop` is raised, for requests in flight to be answered.
     pub shutdown_timeout: Duration,
+    /// Most connections open at once; beyond, a new connection gets 503 and is closed.
+    pub max_connections: usize,
+    /// Where connections, refusals and timeouts are counted.
+    pub metrics: Arc<Metrics>,
+    /// Refusals and timeouts are logged once per interval with a count.
+    pub repeats: Arc<Repeats>,
 }
+
+/// The answer to a connection over the limit, written without reading the request: the
+/// broker and the platform's proxy retry a 503.
+const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 /// Serves `router` on `listener` until `stop` becomes true; then stops accepting,
 /// closes idle connections, and waits up to the shutdown timeout for requests in flight.
@@ -35,26 +57,52 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    let (metrics, repeats) = (&options.metrics, &options.repeats);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of file descriptors, usually: give connections in flight a
                         // moment to finish rather than spinning.
-                        tracing::warn!(error = %e, "accept failed");
+                        metrics.connection_refused("accept_failed");
+                        if repeats.accept_failures.first() {
+                            tracing::warn!(error = %e, "could not accept a connection");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    metrics.connection_refused("over_limit");
+                    if repeats.connections_refused.first() {
+                        tracing::warn!(
+                            limit = options.max_connections,
+                            "refusing connections: at --max-connections \
+                             (LETRO_MAX_CONNECTIONS); answering 503"
+                        );
+                    }
+                    // Best effort: a full socket buffer just gets the close.
+                    let _ = stream.try_write(REFUSED);
+                    continue;
+                };
+                let open = Open::new(metrics.connections_open().clone(), permit);
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(router.clone());
+                let served = Arc::new(AtomicBool::new(false));
+                let service = Counted {
+                    inner: TowerToHyperService::new(router.clone()),
+                    served: served.clone(),
+                };
                 let connection = builder.serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
+                let (metrics, repeats) = (metrics.clone(), repeats.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                    let result = connection.await;
+                    drop(open);
+                    if let Err(e) = result {
+                        ended_with(&e, peer, served.load(Ordering::Relaxed), &metrics, &repeats);
                     }
                 });
             }
@@ -69,6 +117,71 @@ pub async fn serve(
     tokio::time::timeout(options.shutdown_timeout, graceful.shutdown())
         .await
         .is_ok()
+}
+
+/// Counts and logs a connection that ended with an error. A header timeout on a
+/// connection that was answered before is an idle keep-alive connection closed: routine,
+/// counted apart, not logged.
+fn ended_with(
+    e: &hyper::Error,
+    peer: SocketAddr,
+    served: bool,
+    metrics: &Metrics,
+    repeats: &Repeats,
+) {
+    if !e.is_timeout() {
+        tracing::debug!(error = %e, "connection ended with an error");
+    } else if served {
+        metrics.read_timeout("idle");
+    } else {
+        metrics.read_timeout("header");
+        if repeats.header_timeouts.first() {
+            tracing::info!(
+                peer = %peer,
+                "request headers not sent in time; connection closed"
+            );
+        }
+    }
+}
+
+/// An open connection: its slot under `--max-connections`, and its place in the gauge.
+struct Open {
+    gauge: Gauge,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Open {
+    fn new(gauge: Gauge, slot: OwnedSemaphorePermit) -> Self {
+        gauge.inc();
+        Self { gauge, _slot: slot }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// The router as hyper calls it, noting that the connection served a request.
+struct Counted {
+    inner: TowerToHyperService<Router>,
+    served: Arc<AtomicBool>,
+}
+
+impl hyper::service::Service<hyper::Request<Incoming>> for Counted {
+    type Response = <TowerToHyperService<Router> as hyper::service::Service<
+        hyper::Request<Incoming>,
+    >>::Response;
+    type Error =
+        <TowerToHyperService<Router> as hyper::service::Service<hyper::Request<Incoming>>>::Error;
+    type Future =
+        <TowerToHyperService<Router> as hyper::service::Service<hyper::Request<Incoming>>>::Future;
+
+    fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
+        self.served.store(true, Ordering::Relaxed);
+        self.inner.call(request)
+    }
 }
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
