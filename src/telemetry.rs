@@ -21,7 +21,11 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::fmt::{FmtContext, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
+use crate::domain::Refusal;
+use crate::domain::signed::FailureReason;
+
 mod lines;
+mod process;
 mod repeats;
 
 pub use lines::LineGuard;
@@ -311,6 +315,119 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 15))
 }
 
+/// The message kinds of the `content_type` label (`ServiceMessage::label`).
+const MESSAGE_KINDS: [&str; 4] = [
+    "pairing-request",
+    "contact-pairing-request",
+    "pairing-auth-tmp",
+    "pairing-auth",
+];
+
+/// Every `outcome` of `letro_events_total`, by `content_type` (`src/http/messages.rs`,
+/// `src/http/ingress.rs`).
+const EVENT_OUTCOMES: &[(&str, &[&str])] = &[
+    (
+        "pairing-request",
+        &["stored", "matched", "duplicate", "refused", "unavailable"],
+    ),
+    (
+        "contact-pairing-request",
+        &[
+            "stored",
+            "matched",
+            "duplicate",
+            "refused",
+            "unavailable",
+            "failed",
+        ],
+    ),
+    (
+        "pairing-auth-tmp",
+        &["forwarded", "duplicate", "refused", "unavailable"],
+    ),
+    (
+        "pairing-auth",
+        &["forwarded", "duplicate", "refused", "unavailable"],
+    ),
+    ("unsupported", &["unsupported_type"]),
+    (
+        "unknown",
+        &[
+            "not_cloudevent",
+            "wrong_type",
+            "missing_subject",
+            "invalid_subject",
+            "missing_content_type",
+            "attribute_too_long",
+            "unreadable_body",
+            "too_large",
+            "body_timeout",
+        ],
+    ),
+];
+
+/// The `check` names of `veraid::VerifyError::check`.
+const VERAID_CHECKS: [&str; 12] = [
+    "format",
+    "chain_format",
+    "signature",
+    "metadata",
+    "service",
+    "signature_period",
+    "certificate_path",
+    "certificate_period",
+    "organisation_certificate",
+    "veraid_record",
+    "dnssec",
+    "user_name",
+];
+
+/// Every `reason` of `letro_refusals_total`: the refusals of the domain, and the
+/// ingress's `attribute_too_long`.
+fn refusal_reasons() -> impl Iterator<Item = &'static str> {
+    use Refusal::*;
+    [
+        TooLarge,
+        NotUtf8,
+        FieldCount,
+        InvalidRequester,
+        InvalidTarget,
+        SelfPairing,
+        KeyNotBase64,
+        KeyNotSpki,
+        KeyNotRsa,
+        KeyNotSender,
+        SenderPendingLimit,
+        TargetPendingLimit,
+        ReplacesOtherEndpoint,
+        ParamsMalformed,
+        NotIssuedBySender,
+        PdaWithoutKeyIdentifier,
+        PdaNotRsaPss,
+        PdaSubjectNotRsa,
+        IdentityKeyNotGranter,
+        PdaSignatureInvalid,
+        PdaExpired,
+        PdaNotYetValid,
+        BundleInvalid,
+        NotAContactPairingRequest,
+    ]
+    .into_iter()
+    .map(Refusal::as_str)
+    .chain(["attribute_too_long"])
+}
+
+fn label(name: &str, value: &str) -> Labels {
+    vec![(name.into(), value.into())]
+}
+
+fn event_labels(content_type: &str, outcome: &str) -> Labels {
+    vec![
+        ("content_type".into(), content_type.into()),
+        ("outcome".into(), outcome.into()),
+    ]
+}
+
 /// The broker's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -344,7 +461,26 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry with every metric at zero.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("letro");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process::ProcessCollector));
+        let registry = root.sub_registry_with_prefix("letro");
+        let build_info = Family::<Labels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "The version of this build and the git commit it was built from; always 1",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&vec![
+                ("version".into(), env!("CARGO_PKG_VERSION").into()),
+                (
+                    "commit".into(),
+                    option_env!("LETRO_BUILD_COMMIT")
+                        .unwrap_or("unknown")
+                        .into(),
+                ),
+            ])
+            .set(1);
         let events = Family::<Labels, Counter>::default();
         registry.register(
             "events",
@@ -453,13 +589,13 @@ impl Metrics {
             "HTTP connections open, idle keep-alive ones included",
             connections_open.clone(),
         );
-        Self {
+        let metrics = Self {
+            registry: root,
             read_timeouts,
             connections_refused,
             connections_open,
             request_duration,
             commit_duration,
-            registry,
             events,
             refusals,
             matches,
@@ -473,16 +609,79 @@ impl Metrics {
             outbox_depth,
             outbox_oldest_age,
             pending_requests,
+        };
+        metrics.zero_known_labels();
+        metrics
+    }
+
+    /// Creates the series of every known label value at zero, so that each family has
+    /// samples from the first scrape: dashboards show them, and `rate()` and
+    /// `increase()` see the first event as an increase from 0.
+    fn zero_known_labels(&self) {
+        for (content_type, outcomes) in EVENT_OUTCOMES {
+            for outcome in *outcomes {
+                let _ = self
+                    .events
+                    .get_or_create(&event_labels(content_type, outcome));
+            }
+        }
+        for reason in refusal_reasons() {
+            let _ = self.refusals.get_or_create(&label("reason", reason));
+        }
+        for check in VERAID_CHECKS {
+            let _ = self.veraid_refusals.get_or_create(&label("check", check));
+        }
+        for cache in ["hit", "miss"] {
+            let _ = self.veraid_verified.get_or_create(&label("cache", cache));
+        }
+        for reason in [
+            FailureReason::InvalidRequesterVeraid,
+            FailureReason::InvalidTargetVeraid,
+            FailureReason::InvalidRequesterAwalaKey,
+        ] {
+            let _ = self
+                .pairing_failures
+                .get_or_create(&label("reason", reason.as_str()));
+        }
+        for result in ["delivered", "retry", "dropped"] {
+            let _ = self.deliveries.get_or_create(&label("result", result));
+        }
+        // `outbox::sink::FailureCause::label` (telemetry does not import the outbox,
+        // which imports it).
+        for cause in [
+            "unreachable",
+            "timeout",
+            "redirect",
+            "client_error",
+            "server_error",
+            "other",
+        ] {
+            let _ = self.delivery_failures.get_or_create(&label("cause", cause));
+        }
+        for status in ["204", "400", "408", "413", "503"] {
+            let _ = self
+                .request_duration
+                .get_or_create(&label("status", status));
+        }
+        for content_type in MESSAGE_KINDS {
+            let _ = self
+                .commit_duration
+                .get_or_create(&label("content_type", content_type));
+        }
+        for reason in ["header", "body", "idle"] {
+            let _ = self.read_timeouts.get_or_create(&label("reason", reason));
+        }
+        for reason in ["over_limit", "accept_failed"] {
+            let _ = self
+                .connections_refused
+                .get_or_create(&label("reason", reason));
         }
     }
 
     /// Counts an incoming event of `content_type` with `outcome`.
     pub fn event(&self, content_type: &str, outcome: &str) {
         self.events
-            .get_or_create(&vec![
-                ("content_type".into(), content_type.into()),
-                ("outcome".into(), outcome.into()),
-            ])
+            .get_or_create(&event_labels(content_type, outcome))
             .inc();
     }
 

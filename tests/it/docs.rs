@@ -266,3 +266,75 @@ fn the_documented_trust_anchors_file_is_the_built_in_one() {
         assert!(mentions(&doc, &tag.to_string()), "key tag {tag}");
     }
 }
+
+/// The sample names of the metrics table of §3 (first column).
+fn documented_samples(doc: &str) -> Vec<String> {
+    let section = doc
+        .split_once("## 3. Metrics")
+        .and_then(|(_, rest)| rest.split_once("## 4. Logs"))
+        .map(|(section, _)| section)
+        .expect("docs/operations.md has §3 Metrics");
+    section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once('`').map(|(name, _)| name.to_owned()))
+        .filter(|name| name.starts_with("letro_") || name.starts_with("process_"))
+        .collect()
+}
+
+/// Dashboards and `rate()` alerts need every series from the start: a fresh server's
+/// first scrape has a sample of every metric the table of §3 lists (labelled counters
+/// and histograms at zero for their known label values), the process metrics and the
+/// build's version and commit among them.
+#[tokio::test]
+async fn a_fresh_servers_first_scrape_has_every_documented_metric() {
+    let doc = operations_md();
+    let documented = documented_samples(&doc);
+    assert!(documented.len() >= 20, "{documented:?}");
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+        "letro_build_info",
+    ] {
+        assert!(documented.iter().any(|d| d == name), "{name} is not in §3");
+    }
+    let (_dir, db) = temp_db();
+    let app = TestApp::spawn(test_config(&db, None)).await;
+    let text = app.metrics_text().await;
+    app.stop().await;
+    let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    let missing: Vec<&String> = documented
+        .iter()
+        .filter(|name| {
+            // `name 0`, `name{…} 0`, or a histogram's `name_bucket{…}`.
+            !samples.iter().any(|s| {
+                s.strip_prefix(name.as_str())
+                    .is_some_and(|rest| rest.starts_with([' ', '{']) || rest.starts_with("_bucket"))
+            })
+        })
+        .collect();
+    assert!(missing.is_empty(), "no sample of {missing:?} in:\n{text}");
+    // A labelled family shows each of its known values, at zero.
+    for sample in [
+        "letro_refusals_total{reason=\"key_not_sender\"} 0",
+        "letro_outbox_deliveries_total{result=\"dropped\"} 0",
+        "letro_events_total{content_type=\"pairing-request\",outcome=\"unavailable\"} 0",
+        "letro_read_timeouts_total{reason=\"header\"} 0",
+        "letro_connections_refused_total{reason=\"over_limit\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == sample), "no {sample} in:\n{text}");
+    }
+    let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+    let build = samples
+        .iter()
+        .find(|s| s.starts_with("letro_build_info{"))
+        .expect("letro_build_info");
+    assert!(
+        build.contains(&version) && build.contains("commit=\""),
+        "{build}"
+    );
+    assert!(build.ends_with(" 1"), "{build}");
+}
