@@ -328,6 +328,11 @@ pub fn describe(config: &Config) -> String {
                 d(config.body_read_timeout)
             ),
         ),
+        ("connections at once", config.max_connections.to_string()),
+        (
+            "repeated log lines summarised every",
+            d(config.log_summary_interval),
+        ),
     ];
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rows {

@@ -273,6 +273,29 @@ fn check_config_prints_settings_without_secrets_and_exits_2_when_invalid() {
 }
 
 #[test]
+fn check_config_shows_connections_and_log_summaries() {
+    // The value of a setting's line: `name   value`.
+    let setting = |text: &str, name: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {name:?} in {text}"))
+    };
+    let text = stdout(&run(&["check-config"]));
+    assert_eq!(setting(&text, "connections at once"), "4096");
+    assert_eq!(setting(&text, "repeated log lines summarised every"), "10s");
+    let text = stdout(&run(&[
+        "check-config",
+        "--max-connections",
+        "77",
+        "--log-summary-interval",
+        "3m",
+    ]));
+    assert_eq!(setting(&text, "connections at once"), "77");
+    assert_eq!(setting(&text, "repeated log lines summarised every"), "3m");
+}
+
+#[test]
 fn trust_anchors_are_listed_by_key_tag_and_a_bad_file_exits_2_naming_the_line() {
     let text = stdout(&run(&["check-config"]));
     assert!(
