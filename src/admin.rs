@@ -245,6 +245,22 @@ pub fn describe(config: &Config) -> String {
                 }),
         ),
         (
+            "sink CA certificates",
+            match &config.sink_ca {
+                None => "the system's roots only".into(),
+                Some(ca) => format!(
+                    "the system's roots and {} from {}: {}",
+                    ca.certificates.len(),
+                    ca.file.display(),
+                    ca.certificates
+                        .iter()
+                        .map(|c| format!("{} (until {})", c.subject, c.not_after))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            },
+        ),
+        (
             "extensions on outgoing events",
             if config.ce_overrides.is_empty() {
                 "none".into()
@@ -349,6 +365,17 @@ pub fn describe(config: &Config) -> String {
     {
         warnings.push(
             "SQLite synchronous=normal: acknowledged requests can be lost on power failure"
+                .to_owned(),
+        );
+    }
+    if config.sink_ca.is_some()
+        && config
+            .sink
+            .as_ref()
+            .is_some_and(|url| url.scheme() != "https")
+    {
+        warnings.push(
+            "--sink-ca-file is set but the sink is not https: its certificates are not used"
                 .to_owned(),
         );
     }

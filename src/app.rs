@@ -243,6 +243,12 @@ impl App {
                     url.clone(),
                     config.sink_timeout,
                     config.ce_overrides.clone(),
+                    &config
+                        .sink_ca
+                        .iter()
+                        .flat_map(|ca| &ca.certificates)
+                        .map(|c| c.der.clone())
+                        .collect::<Vec<_>>(),
                 )
                 .context("building the sink HTTP client")?;
                 Some(Dispatcher::new(

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::codec::pairing::MatchOrder;
 use crate::config::{
     Config, ConfigError, DatabaseConfig, HumanDuration, PoolSettings, SqliteSync, defaults,
-    load_trust_anchors, parse_ce_overrides, parse_secret, parse_sink,
+    load_sink_ca, load_trust_anchors, parse_ce_overrides, parse_secret, parse_sink,
 };
 use crate::domain::PendingLimits;
 use crate::telemetry::LogFormat;
@@ -173,6 +173,10 @@ pub struct ServeArgs {
     /// Without a sink, outgoing messages wait in the outbox.
     #[arg(long, env = "K_SINK")]
     pub sink: Option<String>,
+    /// PEM file of one or more CA certificates to trust for an https sink, beside the
+    /// system's roots (a private CA, a service mesh's). Read and checked at start.
+    #[arg(long, env = "LETRO_SINK_CA_FILE")]
+    pub sink_ca_file: Option<PathBuf>,
     /// Extensions to add to outgoing events, as Knative's JSON {"extensions": {...}}.
     #[arg(long, env = "K_CE_OVERRIDES")]
     pub ce_overrides: Option<String>,
@@ -260,6 +264,12 @@ impl ServeArgs {
             .as_deref()
             .filter(|s| !s.trim().is_empty())
             .map(parse_sink)
+            .transpose()?;
+        config.sink_ca = self
+            .sink_ca_file
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(load_sink_ca)
             .transpose()?;
         config.ce_overrides = match &self.ce_overrides {
             Some(json) => parse_ce_overrides(json)?,

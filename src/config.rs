@@ -249,6 +249,79 @@ pub fn load_trust_anchors(path: &Path) -> Result<TrustAnchors, ConfigError> {
         .map_err(|e| ConfigError::new(SETTING, format!("{}: {e}", path.display())))
 }
 
+/// Extra certificate authorities for an https sink (`--sink-ca-file`), trusted beside
+/// the system's roots: a private CA in front of the broker, a service mesh's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkCa {
+    /// The PEM file they were read from.
+    pub file: PathBuf,
+    /// Its certificates, in file order (at least one).
+    pub certificates: Vec<CaCertificate>,
+}
+
+/// One CA certificate of `--sink-ca-file`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaCertificate {
+    /// The certificate (DER), as the TLS client takes it.
+    pub der: Vec<u8>,
+    /// Its subject (RFC 4514), for `check-config` and errors.
+    pub subject: String,
+    /// The end of its validity (`2030-01-01T00:00:00Z`).
+    pub not_after: String,
+}
+
+impl fmt::Debug for CaCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaCertificate")
+            .field("subject", &self.subject)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads `--sink-ca-file`: one or more PEM certificates (`-----BEGIN CERTIFICATE-----`;
+/// other PEM sections, such as a key, are ignored). A missing or unreadable file, broken
+/// PEM, no certificate at all, or a certificate the TLS client cannot take as a trust
+/// anchor (named by its place in the file) is a configuration error.
+pub fn load_sink_ca(path: &Path) -> Result<SinkCa, ConfigError> {
+    use der::Decode;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    const SETTING: &str = "--sink-ca-file (LETRO_SINK_CA_FILE)";
+    let error = |reason: String| ConfigError::new(SETTING, format!("{}: {reason}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| error(e.to_string()))?;
+    let mut certificates = Vec::new();
+    for (index, item) in CertificateDer::pem_slice_iter(&bytes).enumerate() {
+        let n = index + 1;
+        let der = item.map_err(|e| error(format!("certificate {n}: not valid PEM: {e}")))?;
+        let parsed = x509_cert::Certificate::from_der(der.as_ref())
+            .map_err(|e| error(format!("certificate {n}: not an X.509 certificate: {e}")))?;
+        // The check the sink's TLS client makes of each extra root.
+        rustls::RootCertStore::empty()
+            .add(der.clone())
+            .map_err(|e| {
+                error(format!(
+                    "certificate {n}: not usable as a trust anchor: {e}"
+                ))
+            })?;
+        let tbs = parsed.tbs_certificate();
+        certificates.push(CaCertificate {
+            der: der.as_ref().to_vec(),
+            subject: tbs.subject().to_string(),
+            not_after: tbs.validity().not_after.to_string(),
+        });
+    }
+    if certificates.is_empty() {
+        return Err(error(
+            "no PEM certificate (-----BEGIN CERTIFICATE-----) in it".to_owned(),
+        ));
+    }
+    Ok(SinkCa {
+        file: path.to_owned(),
+        certificates,
+    })
+}
+
 /// A secret that never shows in `Debug` output or logs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub Vec<u8>);
@@ -268,6 +341,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// Where outgoing events go (`K_SINK`); without one they wait in the outbox.
     pub sink: Option<reqwest::Url>,
+    /// Extra CA certificates trusted for an https sink, beside the system's roots.
+    pub sink_ca: Option<SinkCa>,
     /// Extensions to add to every outgoing event (`K_CE_OVERRIDES`).
     pub ce_overrides: Vec<(String, String)>,
     /// Largest request body accepted.
@@ -321,6 +396,7 @@ impl Config {
             bind,
             database,
             sink: None,
+            sink_ca: None,
             ce_overrides: Vec::new(),
             max_body_bytes: defaults::MAX_BODY_BYTES,
             retry_base_delay: defaults::RETRY_BASE_DELAY,

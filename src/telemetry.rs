@@ -538,7 +538,7 @@ impl Metrics {
         let delivery_failures = Family::<Labels, Counter>::default();
         registry.register(
             "outbox_delivery_failures",
-            "Failed outbox delivery attempts by cause (unreachable, timeout, redirect, client_error, server_error, other)",
+            "Failed outbox delivery attempts by cause (unreachable, timeout, tls, redirect, client_error, server_error, other)",
             delivery_failures.clone(),
         );
         let outbox_depth = Gauge::default();
@@ -651,6 +651,7 @@ impl Metrics {
         for cause in [
             "unreachable",
             "timeout",
+            "tls",
             "redirect",
             "client_error",
             "server_error",

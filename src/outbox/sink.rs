@@ -32,6 +32,9 @@ pub enum FailureCause {
     Unreachable,
     /// No answer within `--sink-timeout`.
     Timeout,
+    /// The TLS handshake with an https sink failed: most often its certificate was
+    /// refused (an unknown issuer: see `--sink-ca-file`; expired; for another name).
+    Tls,
     /// A 3xx: the sink URL points at a redirect, which is never followed.
     Redirect,
     /// A 4xx.
@@ -48,6 +51,7 @@ impl FailureCause {
         match self {
             Self::Unreachable => "unreachable",
             Self::Timeout => "timeout",
+            Self::Tls => "tls",
             Self::Redirect => "redirect",
             Self::ClientError => "client_error",
             Self::ServerError => "server_error",
@@ -72,13 +76,20 @@ pub struct HttpSink {
 }
 
 impl HttpSink {
-    /// A sink at `url`, giving each delivery `timeout`.
+    /// A sink at `url`, giving each delivery `timeout`. An https sink's certificate must
+    /// chain to one of the system's roots or of `extra_roots` (DER certificates, from
+    /// `--sink-ca-file`).
     pub fn new(
         url: reqwest::Url,
         timeout: Duration,
         overrides: Vec<(String, String)>,
+        extra_roots: &[Vec<u8>],
     ) -> reqwest::Result<Self> {
         install_crypto_provider();
+        let extra_roots = extra_roots
+            .iter()
+            .map(|der| reqwest::Certificate::from_der(der))
+            .collect::<reqwest::Result<Vec<_>>>()?;
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -86,7 +97,9 @@ impl HttpSink {
             // without a body, and its 2xx would count as delivered; a 307 or 308 would
             // re-POST the message (VeraIds, keys) to wherever the Location says. A 3xx
             // is a failed delivery, retried, logged with its Location and counted.
-            .redirect(reqwest::redirect::Policy::none());
+            .redirect(reqwest::redirect::Policy::none())
+            // Added to the system's roots (reqwest's platform verifier), not instead.
+            .tls_certs_merge(extra_roots);
         // HTTP_PROXY and friends are for leaving the machine; a sink on loopback (a
         // sidecar, the demo, tests) is never meant to go through one.
         if is_loopback(&url) {
@@ -175,6 +188,12 @@ impl HttpSink {
 fn describe(e: &reqwest::Error) -> (String, FailureCause) {
     if e.is_timeout() {
         ("sink timed out".into(), FailureCause::Timeout)
+    } else if let Some(tls) = tls_error(e) {
+        // Before `is_connect`, which a failed handshake also is.
+        (
+            format!("TLS handshake with the sink failed: {tls}"),
+            FailureCause::Tls,
+        )
     } else if e.is_connect() {
         (
             "could not connect to sink".into(),
@@ -183,6 +202,25 @@ fn describe(e: &reqwest::Error) -> (String, FailureCause) {
     } else {
         (format!("sink request failed: {e}"), FailureCause::Other)
     }
+}
+
+/// The TLS error under `e`, if a handshake failed. rustls's error reaches reqwest inside
+/// an `io::Error` (itself inside another), whose `source()` skips the error it wraps, so
+/// an `io::Error` is opened rather than asked for its source.
+fn tls_error(e: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        next = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
 }
 
 /// A redirect's `Location`, resolved against the sink URL, without credentials, and

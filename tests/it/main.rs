@@ -19,4 +19,5 @@ mod replicas;
 mod signed;
 mod store_contract;
 mod support;
+mod tls_sink;
 mod upgrade;

@@ -273,7 +273,7 @@ fn check_config_prints_settings_without_secrets_and_exits_2_when_invalid() {
 }
 
 #[test]
-fn check_config_shows_connections_and_log_summaries() {
+fn check_config_shows_connections_log_summaries_and_the_sink_ca_file() {
     // The value of a setting's line: `name   value`.
     let setting = |text: &str, name: &str| -> String {
         text.lines()
@@ -284,6 +284,10 @@ fn check_config_shows_connections_and_log_summaries() {
     let text = stdout(&run(&["check-config"]));
     assert_eq!(setting(&text, "connections at once"), "4096");
     assert_eq!(setting(&text, "repeated log lines summarised every"), "10s");
+    assert_eq!(
+        setting(&text, "sink CA certificates"),
+        "the system's roots only"
+    );
     let text = stdout(&run(&[
         "check-config",
         "--max-connections",
@@ -293,6 +297,93 @@ fn check_config_shows_connections_and_log_summaries() {
     ]));
     assert_eq!(setting(&text, "connections at once"), "77");
     assert_eq!(setting(&text, "repeated log lines summarised every"), "3m");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let one = crate::tls_sink::TestCa::new("letro ops CA one");
+    let two = crate::tls_sink::TestCa::new("letro ops CA two");
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, format!("{}\n{}", one.pem, two.pem)).expect("write");
+    // Through the environment, as a deployment sets it.
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("LETRO_SINK_CA_FILE", &bundle)
+        .args(["check-config", "--sink", "https://broker.internal/ns/letro"])
+        .output()
+        .expect("run");
+    let text = stdout(&out);
+    let cas = setting(&text, "sink CA certificates");
+    assert!(
+        cas.starts_with("the system's roots and 2 from ")
+            && cas.contains("bundle.pem")
+            && cas.contains("CN=letro ops CA one (until ")
+            && cas.contains("CN=letro ops CA two (until "),
+        "{text}"
+    );
+    assert!(!text.contains("--sink-ca-file is set"), "{text}");
+    let text = stdout(&run(&[
+        "check-config",
+        "--sink",
+        "http://broker.internal/",
+        "--sink-ca-file",
+        bundle.to_str().expect("utf8"),
+    ]));
+    assert!(
+        text.contains("warning: --sink-ca-file is set but the sink is not https"),
+        "{text}"
+    );
+
+    // Refused at start, exit 2, naming the setting and the trouble.
+    let not_pem = dir.path().join("not-pem.pem");
+    std::fs::write(&not_pem, "just some text\n").expect("write");
+    let key_only = dir.path().join("key.pem");
+    std::fs::write(
+        &key_only,
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    let not_x509 = dir.path().join("not-x509.pem");
+    std::fs::write(
+        &not_x509,
+        format!(
+            "{}-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+            one.pem
+        ),
+    )
+    .expect("write");
+    let unterminated = dir.path().join("unterminated.pem");
+    std::fs::write(&unterminated, "-----BEGIN CERTIFICATE-----\nMIIB\n").expect("write");
+    let missing = dir.path().join("missing.pem");
+    for (file, expected) in [
+        (&not_pem, "no PEM certificate"),
+        (&key_only, "no PEM certificate"),
+        (&not_x509, "certificate 2: not an X.509 certificate"),
+        (&unterminated, "not valid PEM"),
+        (&missing, "missing.pem"),
+        (&dir.path().to_owned(), "Is a directory"),
+    ] {
+        let out = run(&[
+            "check-config",
+            "--sink-ca-file",
+            file.to_str().expect("utf8"),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {err}", file.display());
+        assert!(
+            err.contains("--sink-ca-file (LETRO_SINK_CA_FILE)") && err.contains(expected),
+            "{}: {err}",
+            file.display()
+        );
+    }
+    let url = format!("sqlite://{}", dir.path().join("x.db").display());
+    let out = Command::new("timeout")
+        .args(["10", BIN])
+        .env_clear()
+        .env("LETRO_SINK_CA_FILE", &not_pem)
+        .args(["serve", "--bind", "127.0.0.1:0", "--database", &url])
+        .output()
+        .expect("serve");
+    assert_eq!(out.status.code(), Some(2), "a bad CA file stops serve");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LETRO_SINK_CA_FILE"));
 }
 
 #[test]
