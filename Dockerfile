@@ -3,7 +3,7 @@
 # letro-server container image: a release build on the official Rust image, run as a
 # non-root user on distroless (glibc, libgcc and CA certificates, no shell).
 #
-#   docker build -t letro-server .
+#   docker build --build-arg LETRO_BUILD_COMMIT=$(git rev-parse --short=12 HEAD) -t letro-server .
 #   docker run -p 8080:8080 -v letro-data:/var/lib/letro letro-server
 #
 # Needs BuildKit (the default builder since Docker 23) for the cache mounts. This file is
@@ -13,11 +13,15 @@
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS builder
+# The commit the image is built from, for `letro_build_info{commit}`: build.rs reads it
+# from the environment (the context has no .git, so without it the metric says
+# "unknown").
+ARG LETRO_BUILD_COMMIT=unknown
 WORKDIR /build
 # What the release binary needs, and the workspace's other members (the veraid crate, the
 # test kit and the benchmark: cargo reads every member's manifest and targets, and builds only the
 # server); tests/ and fuzz/ are not part of it.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY testkit ./testkit
 COPY veraid/Cargo.toml ./veraid/
@@ -30,6 +34,7 @@ COPY bench/src ./bench/src
 RUN --mount=type=cache,id=letro-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=letro-cargo-git,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,id=letro-target,target=/build/target,sharing=locked \
+    LETRO_BUILD_COMMIT="${LETRO_BUILD_COMMIT}" \
     cargo build --release --locked --bin letro-server \
     && install -D -m 0755 target/release/letro-server /out/letro-server
 # The SQLite data directory, created here because the runtime image has no shell; it is

@@ -737,3 +737,58 @@ fn the_dockerfile_builds_locked_and_runs_the_binary_as_non_root() {
         assert!(ignored.contains(entry), ".dockerignore lacks {entry}");
     }
 }
+
+#[test]
+fn the_image_is_built_with_build_rs_and_the_commit_it_is_given() {
+    let instructions = dockerfile();
+    let froms: Vec<usize> = instructions
+        .iter()
+        .enumerate()
+        .filter(|(_, (k, _))| k == "FROM")
+        .map(|(i, _)| i)
+        .collect();
+    assert!(froms.len() >= 2, "a build stage and a runtime stage");
+    let builder = &instructions[froms[0]..froms[1]];
+    let build_at = builder
+        .iter()
+        .position(|(k, a)| k == "RUN" && a.contains("cargo build"))
+        .expect("a RUN cargo build in the builder");
+    // build.rs records the commit for letro_build_info; without it in the context, cargo
+    // does not run it and every image says commit="unknown".
+    assert!(
+        builder[..build_at].iter().any(|(k, a)| {
+            k == "COPY"
+                && options(a)
+                    .1
+                    .split_last()
+                    .is_some_and(|(_, sources)| sources.contains(&"build.rs"))
+        }),
+        "build.rs is not copied before the build: {builder:?}"
+    );
+    // The context has no .git: the commit comes in as a build argument of this stage
+    // (an ARG before the first FROM is not seen by RUN), which RUN sees in its environment.
+    assert!(
+        builder[..build_at]
+            .iter()
+            .any(|(k, a)| k == "ARG"
+                && a.split('=').next().map(str::trim) == Some("LETRO_BUILD_COMMIT")),
+        "no ARG LETRO_BUILD_COMMIT in the builder stage before the build"
+    );
+    assert!(
+        read(&repo().join("build.rs")).contains("std::env::var(\"LETRO_BUILD_COMMIT\")"),
+        "build.rs reads another variable"
+    );
+    let ignored = read(&repo().join(".dockerignore"));
+    assert!(
+        !ignored
+            .lines()
+            .map(str::trim)
+            .any(|l| l == "build.rs" || l == "*.rs" || l == "/build.rs"),
+        ".dockerignore leaves build.rs out"
+    );
+    let readme = read(&repo().join("deploy/README.md"));
+    assert!(
+        readme.contains("--build-arg LETRO_BUILD_COMMIT="),
+        "deploy/README.md does not say how to pass the commit"
+    );
+}
