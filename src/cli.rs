@@ -215,7 +215,8 @@ pub struct ServeArgs {
     /// 4294967295 means no cap (and saves counting them).
     #[arg(long, env = "LETRO_MAX_PENDING_PER_SENDER", default_value_t = defaults::MAX_PENDING_PER_SENDER)]
     pub max_pending_per_sender: u32,
-    /// Most pairing requests that may wait for one target VeraId; more are refused (204).
+    /// Most pairing requests one endpoint may have waiting for one target VeraId; more
+    /// from that endpoint are refused (204). Others' requests for the target still wait.
     #[arg(long, env = "LETRO_MAX_PENDING_PER_TARGET", default_value_t = defaults::MAX_PENDING_PER_TARGET)]
     pub max_pending_per_target: u32,
     /// Refuse a pairing request that would replace a waiting one from another endpoint

@@ -165,7 +165,8 @@ pub fn decide(incoming: &PairingRequest, counterpart: Option<PendingRequest>) ->
 pub struct PendingLimits {
     /// Most requests one endpoint may have waiting at once.
     pub per_sender: u32,
-    /// Most requests that may wait for one target VeraId at once.
+    /// Most requests one endpoint may have waiting for one target VeraId at once (per
+    /// endpoint, so that no one can use up a target's cap and lock its contacts out).
     pub per_target: u32,
     /// Refuse a request that would replace a waiting one sent from another endpoint,
     /// instead of replacing it. Off by default: a reinstalled app has a new endpoint.
@@ -178,8 +179,8 @@ pub struct PendingCounts {
     /// Live requests waiting from the sender's endpoint, not counting the one this
     /// request would replace (counted up to the cap only).
     pub from_sender: u64,
-    /// Live requests waiting for the same target, not counting the one this request
-    /// would replace (counted up to the cap only).
+    /// Live requests waiting for the same target from the sender's endpoint, not
+    /// counting the one this request would replace (counted up to the cap only).
     pub for_target: u64,
 }
 

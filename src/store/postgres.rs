@@ -84,6 +84,13 @@ const MIGRATIONS: &[&str] = &[
          WHEN 'pairing-match' THEN 'application/vnd.relaycorp.letro.pairing-match-tmp'
          WHEN 'pairing-completion' THEN 'application/vnd.relaycorp.letro.pairing-completion-tmp'
          ELSE '' END;",
+    // 4: as SQLite's migration 6: the per-target cap counts a target's requests from one
+    // sending endpoint, by the sender index, which now leads with the endpoint, then the
+    // target; the target index served only the old count.
+    "DROP INDEX pending_requests_sender;
+     DROP INDEX pending_requests_target;
+     CREATE INDEX pending_requests_sender
+         ON pending_requests (endpoint_id, target_digest, expires_at);",
 ];
 
 /// Advisory lock key of migrations ("letro" in ASCII).

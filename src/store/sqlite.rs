@@ -355,6 +355,12 @@ const MIGRATIONS: &[&str] = &[
          WHEN 'pairing-match' THEN 'application/vnd.relaycorp.letro.pairing-match-tmp'
          WHEN 'pairing-completion' THEN 'application/vnd.relaycorp.letro.pairing-completion-tmp'
          ELSE '' END;",
+    // 6: the per-target cap counts a target's requests from one sending endpoint, so that
+    // nobody can fill someone's cap with invented requesters and lock their contacts
+    // out: the sender index leads with the endpoint, then the target.
+    "DROP INDEX pending_requests_sender;
+     CREATE INDEX pending_requests_sender
+         ON pending_requests (endpoint_id, target_digest, expires_at);",
 ];
 
 fn schema_version(conn: &Connection) -> Result<usize> {
@@ -666,12 +672,19 @@ fn count_pending(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<P
     let for_target: i64 = conn
         .prepare_cached(
             "SELECT count(*) FROM (
-                 SELECT 1 FROM pending_requests
-                 WHERE target_digest = ?1 AND expires_at > ?2 AND requester_digest <> ?3
+                 SELECT 1 FROM pending_requests INDEXED BY pending_requests_sender
+                 WHERE endpoint_id = ?5 AND target_digest = ?1 AND expires_at > ?2
+                   AND requester_digest <> ?3
                  LIMIT ?4)",
         )?
         .query_row(
-            params![target, s.now.0, requester, s.limits.per_target],
+            params![
+                target,
+                s.now.0,
+                requester,
+                s.limits.per_target,
+                s.request.endpoint_id.as_str()
+            ],
             |r| r.get(0),
         )?;
     Ok(PendingCounts {

@@ -61,16 +61,18 @@ async fn one_sender_cannot_keep_more_than_its_cap_waiting() {
 }
 
 #[tokio::test]
-async fn one_target_cannot_have_more_than_its_cap_waiting_for_it() {
+async fn one_endpoint_cannot_fill_a_targets_cap_for_others() {
     let (_dir, db) = temp_db();
     let mut config = test_config(&db, None);
     config.limits.per_target = 2;
     let app = TestApp::spawn(config).await;
     let p = parties();
-    for (i, party) in p.iter().take(3).enumerate() {
+    // One endpoint asks for star@y.io under invented requesters: two wait, the rest are
+    // refused.
+    for i in 0..3 {
         let status = app
             .post_request(
-                party,
+                &p[0],
                 &format!("r{i}"),
                 &format!("fan{i}@x.io"),
                 "star@y.io",
@@ -82,18 +84,27 @@ async fn one_target_cannot_have_more_than_its_cap_waiting_for_it() {
     assert_eq!(app.metric(&refusals("target_pending_limit")).await, 1);
     // The target's domain is compared case-insensitively, so this is the same target.
     assert_eq!(
-        app.post_request(&p[3], "r3", "fan3@x.io", "star@Y.IO")
+        app.post_request(&p[0], "r3", "fan3@x.io", "star@Y.IO")
             .await,
         StatusCode::NO_CONTENT
     );
     assert_eq!(app.metric(&refusals("target_pending_limit")).await, 2);
-    // The star can still answer the two who got in.
+    // A real contact, on an endpoint of their own, is not locked out by them.
     assert_eq!(
-        app.post_request(&p[4], "star", "star@y.io", "fan0@x.io")
+        app.post_request(&p[1], "friend", "friend@z.io", "star@y.io")
             .await,
         StatusCode::NO_CONTENT
     );
-    assert_eq!(app.metric("letro_matches_total").await, 1);
+    assert_eq!(app.metric(&refusals("target_pending_limit")).await, 2);
+    assert_eq!(app.stats().await.pending_requests, 3);
+    // The star can answer the contact, and the two who got in.
+    for (parcel, contact) in [("s1", "friend@z.io"), ("s2", "fan0@x.io")] {
+        assert_eq!(
+            app.post_request(&p[4], parcel, "star@y.io", contact).await,
+            StatusCode::NO_CONTENT
+        );
+    }
+    assert_eq!(app.metric("letro_matches_total").await, 2);
     assert_eq!(app.stats().await.pending_requests, 1);
     app.stop().await;
 }

@@ -257,10 +257,11 @@ async fn replacement_and_caps(store: Arc<dyn Store>) {
             replaced: Some(EndpointId::parse(&p[0].id).expect("id"))
         }
     );
-    // Per target: two wait for t9, the third is refused.
-    for (i, party) in p.iter().enumerate().skip(2).take(2) {
+    // Per target, counted per sending endpoint: p[2] may have two waiting for t9 (under
+    // any requesters), the third is refused; p[3]'s request for t9 is not locked out.
+    for i in 2..4 {
         let s = capped(submission(
-            party,
+            &p[2],
             &format!("t{i}"),
             &format!("f{i}@x.io"),
             "t9@y.io",
@@ -270,13 +271,18 @@ async fn replacement_and_caps(store: Arc<dyn Store>) {
             Ok(PairingOutcome::Stored { .. })
         ));
     }
-    let s = capped(submission(&p[4], "t4", "f4@x.io", "t9@y.io"));
+    let s = capped(submission(&p[2], "t4", "f4@x.io", "t9@y.io"));
     assert_eq!(
         store.submit_pairing_request(s).await.expect("submit"),
         PairingOutcome::Refused(Refusal::TargetPendingLimit)
     );
+    let contact = capped(submission(&p[3], "t5", "f5@x.io", "t9@y.io"));
+    assert!(matches!(
+        store.submit_pairing_request(contact).await,
+        Ok(PairingOutcome::Stored { replaced: None })
+    ));
     // A refused event was not recorded: once a slot frees up, its redelivery is stored.
-    assert_eq!(store.stats().await.expect("stats").pending_requests, 4);
+    assert_eq!(store.stats().await.expect("stats").pending_requests, 5);
     let answer = capped(submission(&p[2], "ans", "t2@y.io", "a@x.io"));
     assert!(matches!(
         store.submit_pairing_request(answer).await,
@@ -793,19 +799,23 @@ mod postgres_batches {
         let got = answers(
             store
                 .run_as_one_batch(vec![
-                    // The second for t@y.io fits, the third does not.
-                    pair(capped(submission(&p[1], "1", "f1@x.io", "t@y.io"))),
-                    pair(capped(submission(&p[2], "2", "f2@x.io", "t@y.io"))),
+                    // p[0]'s second for t@y.io fits, its third does not.
+                    pair(capped(submission(&p[0], "1", "f1@x.io", "t@y.io"))),
+                    pair(capped(submission(&p[0], "2", "f2@x.io", "t@y.io"))),
                     // t@y.io answers f0: a slot frees up, and the refused request's event,
                     // delivered again in the same batch, is judged afresh and fits.
                     pair(capped(submission(&p[3], "ans", "t@y.io", "f0@x.io"))),
-                    pair(capped(submission(&p[2], "2", "f2@x.io", "t@y.io"))),
+                    pair(capped(submission(&p[0], "2", "f2@x.io", "t@y.io"))),
                     // Per sender: p[4] may have two waiting.
                     pair(capped(submission(&p[4], "s1", "g@x.io", "u1@y.io"))),
                     pair(capped(submission(&p[4], "s2", "g@x.io", "u2@y.io"))),
                     pair(capped(submission(&p[4], "s3", "g@x.io", "u3@y.io"))),
                     // Replacing one's own waiting request takes no new slot.
                     pair(capped(submission(&p[4], "s1b", "g@x.io", "u1@y.io"))),
+                    // What others have waiting for t@y.io (p[0]'s two, p[2]'s one) does
+                    // not count against p[1].
+                    pair(capped(submission(&p[2], "o2", "k@x.io", "t@y.io"))),
+                    pair(capped(submission(&p[1], "o1", "h@x.io", "t@y.io"))),
                 ])
                 .await,
         );
@@ -823,9 +833,11 @@ mod postgres_batches {
                 replaced: Some(EndpointId::parse(&p[4].id).expect("id"))
             })
         );
+        assert_eq!(got[8], stored());
+        assert_eq!(got[9], stored());
         let stats = store.request_stats(NOW).await.expect("stats");
-        // f1, f2, g->u1, g->u2 wait; of the eight events, the refused s3 left no key.
-        assert_eq!((stats.live, stats.processed_events), (4, 7));
+        // f1, f2, g->u1, g->u2, k, h wait; of the ten events, the refused s3 left no key.
+        assert_eq!((stats.live, stats.processed_events), (6, 9));
         store.close().await;
         db.drop_database().await;
     }

@@ -23,17 +23,24 @@ fn blob(db: &TestDb, bytes: &[u8]) -> String {
     }
 }
 
+/// The schema versions of the release before the several protocols (SQLite 4,
+/// PostgreSQL 2), whose columns `sql` below writes: the upgrade from them runs every
+/// later migration, data-moving ones included.
+const PREVIOUS_SQLITE: usize = 4;
+const PREVIOUS_POSTGRES: usize = 2;
+
 /// Creates the previous release's schema and runs `sql` on it.
 async fn previous_release(db: &TestDb, sql: &str) {
+    assert!(
+        PREVIOUS_SQLITE < sqlite::SCHEMA_VERSION && PREVIOUS_POSTGRES < postgres::SCHEMA_VERSION
+    );
     match db {
         TestDb::Sqlite(_, path) => {
-            sqlite::create_at_version(path, sqlite::SCHEMA_VERSION - 1).expect("old schema")
+            sqlite::create_at_version(path, PREVIOUS_SQLITE).expect("old schema")
         }
-        TestDb::Postgres(pg) => {
-            PostgresStore::create_at_version(&pg.url, postgres::SCHEMA_VERSION - 1)
-                .await
-                .expect("old schema")
-        }
+        TestDb::Postgres(pg) => PostgresStore::create_at_version(&pg.url, PREVIOUS_POSTGRES)
+            .await
+            .expect("old schema"),
     }
     execute(db, sql).await;
 }

@@ -381,7 +381,8 @@ const READ_PAIRS: &str = "
                LIMIT s.sender_limit) AS capped) END,
            (SELECT count(*) FROM (
                SELECT 1 FROM pending_requests
-               WHERE target_digest = s.t AND expires_at > s.now AND requester_digest <> s.r
+               WHERE endpoint_id = s.e AND target_digest = s.t AND expires_at > s.now
+                 AND requester_digest <> s.r
                LIMIT s.target_limit) AS capped)
     FROM unnest($3::int8[], $4::text[], $5::int8[], $6::bytea[], $7::bytea[], $8::int8[],
                 $9::int8[]) AS s(i, e, now, r, t, sender_limit, target_limit)";
@@ -488,7 +489,7 @@ impl Pairs {
                 |p: Option<&Pending>| i64::from(p.is_some_and(|p| p.endpoint_id == endpoint));
             from_sender += sender(after) - sender(before);
             if key.1 == own.1 && key.0 != own.0 {
-                for_target += i64::from(after.is_some()) - i64::from(before.is_some());
+                for_target += sender(after) - sender(before);
             }
         }
         (from_sender, for_target)
