@@ -28,12 +28,12 @@ fn blob(db: &TestDb, bytes: &[u8]) -> String {
 /// later migration, data-moving ones included.
 const PREVIOUS_SQLITE: usize = 4;
 const PREVIOUS_POSTGRES: usize = 2;
+const _: () = assert!(
+    PREVIOUS_SQLITE < sqlite::SCHEMA_VERSION && PREVIOUS_POSTGRES < postgres::SCHEMA_VERSION
+);
 
 /// Creates the previous release's schema and runs `sql` on it.
 async fn previous_release(db: &TestDb, sql: &str) {
-    assert!(
-        PREVIOUS_SQLITE < sqlite::SCHEMA_VERSION && PREVIOUS_POSTGRES < postgres::SCHEMA_VERSION
-    );
     match db {
         TestDb::Sqlite(_, path) => {
             sqlite::create_at_version(path, PREVIOUS_SQLITE).expect("old schema")
