@@ -284,6 +284,7 @@ impl App {
             body_read_timeout: config.body_read_timeout,
             repeats: Arc::default(),
             store_counts: Arc::default(),
+            pending_ceiling: config.pending_ceiling,
         };
         Ok(Self {
             listener,
@@ -341,6 +342,17 @@ impl App {
             stop_rx.clone(),
         ));
 
+        // The ceiling is judged by a count made in the background, never by a request.
+        let counter = config.pending_ceiling.map(|_| {
+            let (every, stop) = (config.pending_count_interval, stop_rx.clone());
+            tokio::spawn(
+                state
+                    .store_counts
+                    .clone()
+                    .count_every(state.clone(), every, stop),
+            )
+        });
+
         let summaries = {
             let repeats = state.repeats.clone();
             let (every, stop) = (config.log_summary_interval, stop_rx.clone());
@@ -388,6 +400,9 @@ impl App {
         {
             purger.abort();
             tracing::warn!("shutdown timeout: a purge was cut short");
+        }
+        if let Some(counter) = counter {
+            counter.abort();
         }
         // The last summaries (counts since the last interval) are written at the stop.
         let _ = summaries.await;

@@ -247,6 +247,14 @@ pub struct ServeArgs {
     /// timeouts) is summarised with its count; the first of each interval is logged.
     #[arg(long, env = "LETRO_LOG_SUMMARY_INTERVAL", default_value_t = HumanDuration(defaults::LOG_SUMMARY_INTERVAL))]
     pub log_summary_interval: HumanDuration,
+    /// Most pairing requests kept waiting at once, from all endpoints together; beyond
+    /// it a request that would wait is answered 503 (the broker redelivers it later),
+    /// while requests that complete a pair still go through. 0: no ceiling.
+    #[arg(long, env = "LETRO_MAX_PENDING_REQUESTS", default_value_t = defaults::MAX_PENDING_REQUESTS)]
+    pub max_pending_requests: u64,
+    /// How often the waiting requests are counted against --max-pending-requests.
+    #[arg(long, env = "LETRO_PENDING_COUNT_INTERVAL", default_value_t = HumanDuration(defaults::PENDING_COUNT_INTERVAL))]
+    pub pending_count_interval: HumanDuration,
     /// Benchmarks only: serve POST /noop, which answers 204 without touching storage.
     #[arg(long, env = "LETRO_BENCH_NOOP_ROUTE", hide = true)]
     pub bench_noop_route: bool,
@@ -307,6 +315,9 @@ impl ServeArgs {
         config.body_read_timeout = self.body_read_timeout.0;
         config.max_connections = self.max_connections;
         config.log_summary_interval = self.log_summary_interval.0;
+        config.pending_ceiling =
+            (self.max_pending_requests > 0).then_some(self.max_pending_requests);
+        config.pending_count_interval = self.pending_count_interval.0;
         config.noop_route = self.bench_noop_route;
         config.validate()?;
         Ok(config)

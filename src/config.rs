@@ -73,6 +73,10 @@ pub mod defaults {
     pub const MAX_PENDING_PER_SENDER: u32 = 1000;
     /// `--max-pending-per-target`: far more people than ever ask one person at once.
     pub const MAX_PENDING_PER_TARGET: u32 = 100;
+    /// `--max-pending-requests`: about 1 GiB of SQLite at ~1 KiB per waiting request.
+    pub const MAX_PENDING_REQUESTS: u64 = 1_000_000;
+    /// `--pending-count-interval`: a `count(*)` of a million rows takes 50-70 ms.
+    pub const PENDING_COUNT_INTERVAL: Duration = Duration::from_secs(5);
     /// `--header-read-timeout`: the AIE's own PoHTTP timeout is 3 s.
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
     /// `--body-read-timeout`.
@@ -384,6 +388,10 @@ pub struct Config {
     /// How often repeated log lines (storage failures, refused connections, read
     /// timeouts) are summarised with a count, after the first is logged in full.
     pub log_summary_interval: Duration,
+    /// The most pending requests kept at once; `None`: no ceiling.
+    pub pending_ceiling: Option<u64>,
+    /// How often the pending requests are counted against the ceiling.
+    pub pending_count_interval: Duration,
     /// Serve `POST /noop`, which reads the body and answers 204 without decoding or
     /// storing anything: the benchmark's ceiling. Off in production.
     pub noop_route: bool,
@@ -420,6 +428,8 @@ impl Config {
             body_read_timeout: defaults::BODY_READ_TIMEOUT,
             max_connections: defaults::MAX_CONNECTIONS,
             log_summary_interval: defaults::LOG_SUMMARY_INTERVAL,
+            pending_ceiling: Some(defaults::MAX_PENDING_REQUESTS),
+            pending_count_interval: defaults::PENDING_COUNT_INTERVAL,
             noop_route: false,
         }
     }
@@ -496,6 +506,12 @@ impl Config {
             return Err(ConfigError::new(
                 "--max-connections (LETRO_MAX_CONNECTIONS)",
                 "must be at least 1",
+            ));
+        }
+        if self.pending_count_interval.is_zero() {
+            return Err(ConfigError::new(
+                "--pending-count-interval (LETRO_PENDING_COUNT_INTERVAL)",
+                "must be more than 0",
             ));
         }
         if self.log_summary_interval.is_zero() {

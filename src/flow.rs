@@ -37,6 +37,9 @@ pub struct PairingSubmission {
     pub message_expiry: Timestamp,
     /// The caps a request that has to wait must fit under.
     pub limits: PendingLimits,
+    /// The live pending requests were at the operator's ceiling when last counted: a
+    /// request that would add one is refused (answered 503, redelivered later).
+    pub at_ceiling: bool,
     /// How tmp matches list the two VeraIds.
     pub match_order: MatchOrder,
 }
@@ -114,6 +117,11 @@ pub fn plan<E>(
     counts: impl FnOnce() -> Result<PendingCounts, E>,
 ) -> Result<Plan, E> {
     match decide(&s.request, state.counterpart) {
+        // At the ceiling only a request that adds no row may wait: one that replaces its
+        // own pair's request. A match frees rows, so it always goes through.
+        Decision::Wait if s.at_ceiling && state.previous.is_none() => {
+            Ok(Plan::Refuse(Refusal::PendingCeiling))
+        }
         Decision::Wait => {
             let counts = counts()?;
             Ok(
@@ -205,6 +213,7 @@ mod tests {
             request_expiry: Timestamp(NOW.0 + 10),
             message_expiry: Timestamp(NOW.0 + 20),
             limits: LIMITS,
+            at_ceiling: false,
             match_order: order,
         }
     }

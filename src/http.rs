@@ -58,6 +58,8 @@ pub struct AppState {
     pub repeats: Arc<Repeats>,
     /// When `/metrics` last counted the store, shared by scrapes.
     pub store_counts: Arc<StoreCounts>,
+    /// The ceiling on pending requests (`--max-pending-requests`), if any.
+    pub pending_ceiling: Option<u64>,
 }
 
 /// How long one count of the store serves `/metrics`: a scrape within this of the last
@@ -71,19 +73,52 @@ pub const STORE_COUNT_REUSE: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct StoreCounts {
     last: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Pending requests (expired ones not yet purged included) at the last count.
+    pending: std::sync::atomic::AtomicU64,
 }
 
 impl StoreCounts {
+    /// Whether the last count reached `ceiling`: what a request that would wait is
+    /// judged by, without a count of its own (a `count(*)` per request would cost more
+    /// than the request).
+    pub fn at_ceiling(&self, ceiling: Option<u64>) -> bool {
+        ceiling.is_some_and(|c| self.pending.load(std::sync::atomic::Ordering::Relaxed) >= c)
+    }
+
     /// Sets the gauges from the store, unless they were set (or the store failed to
     /// answer) within [`STORE_COUNT_REUSE`].
     async fn refresh(&self, state: &AppState) {
+        self.refresh_within(state, STORE_COUNT_REUSE).await;
+    }
+
+    /// Counts the store every `every` until `stop`, for the ceiling on pending requests.
+    pub async fn count_every(
+        self: Arc<Self>,
+        state: AppState,
+        every: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            self.refresh_within(&state, Duration::ZERO).await;
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Sets the gauges from the store, unless they were set (or the store failed to
+    /// answer) within `reuse`.
+    async fn refresh_within(&self, state: &AppState, reuse: Duration) {
         let mut last = self.last.lock().await;
-        if last.is_some_and(|at| at.elapsed() < STORE_COUNT_REUSE) {
+        if last.is_some_and(|at| at.elapsed() < reuse) {
             return;
         }
         // A failed count is not retried at once either: during an outage each attempt
         // waits for a connection (`--db-timeout`), and the gauges keep their values.
         if let Ok(stats) = state.store.stats().await {
+            self.pending
+                .store(stats.pending_requests, std::sync::atomic::Ordering::Relaxed);
             let age = stats
                 .outbox_oldest
                 .map(|t| u64::try_from((state.clock.now().0 - t.0).max(0) / 1000).unwrap_or(0))

@@ -328,7 +328,14 @@ const MESSAGE_KINDS: [&str; 4] = [
 const EVENT_OUTCOMES: &[(&str, &[&str])] = &[
     (
         "pairing-request",
-        &["stored", "matched", "duplicate", "refused", "unavailable"],
+        &[
+            "stored",
+            "matched",
+            "duplicate",
+            "refused",
+            "at_ceiling",
+            "unavailable",
+        ],
     ),
     (
         "contact-pairing-request",
@@ -337,6 +344,7 @@ const EVENT_OUTCOMES: &[(&str, &[&str])] = &[
             "matched",
             "duplicate",
             "refused",
+            "at_ceiling",
             "unavailable",
             "failed",
         ],
@@ -399,6 +407,7 @@ fn refusal_reasons() -> impl Iterator<Item = &'static str> {
         KeyNotSender,
         SenderPendingLimit,
         TargetPendingLimit,
+        PendingCeiling,
         ReplacesOtherEndpoint,
         ParamsMalformed,
         NotIssuedBySender,

@@ -119,6 +119,8 @@ impl Server {
         args.extend(["--veraid-secret", SECRET_HEX, "--bench-noop-route"]);
         // No per-sender cap: a few hundred keys stand for many users here.
         args.extend(["--max-pending-per-sender", "4294967295"]);
+        // The large-database row waits with a million requests and more.
+        args.extend(["--max-pending-requests", "0"]);
         args.extend(extra.iter().map(String::as_str));
         let process = ServerProcess::launch(binary, &args, Duration::from_secs(60))
             .with_context(|| format!("starting {}", binary.display()))?;
@@ -568,6 +570,7 @@ async fn preload(path: &Path, keys: &[BenchKey], count: usize) -> anyhow::Result
                 per_target: 100,
                 refuse_endpoint_replacement: false,
             },
+            at_ceiling: false,
             match_order: MatchOrder::ContactFirst,
         };
         let store = store.clone();

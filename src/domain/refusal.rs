@@ -41,6 +41,12 @@ pub enum Refusal {
     /// The target already has as many requests waiting for it as it may.
     #[error("too many pending requests for this target")]
     TargetPendingLimit,
+    /// The request would have to wait, and the live pending requests have reached the
+    /// operator's ceiling (`--max-pending-requests`). Unlike the other refusals it is
+    /// answered 503, not acknowledged: the broker redelivers it, and it gets in once
+    /// matches and expiry make room.
+    #[error("the pending requests have reached their ceiling")]
+    PendingCeiling,
     /// The request would replace one sent from another endpoint, and the operator
     /// chose to refuse that.
     #[error("would replace a pending request from another endpoint")]
@@ -97,6 +103,7 @@ impl Refusal {
             Self::KeyNotSender => "key_not_sender",
             Self::SenderPendingLimit => "sender_pending_limit",
             Self::TargetPendingLimit => "target_pending_limit",
+            Self::PendingCeiling => "pending_ceiling",
             Self::ReplacesOtherEndpoint => "replaces_other_endpoint",
             Self::ParamsMalformed => "params_malformed",
             Self::NotIssuedBySender => "not_issued_by_sender",

@@ -30,6 +30,10 @@ pub enum ApiError {
     /// Try again later. Retried.
     #[error("temporarily unavailable: {0}")]
     Unavailable(StoreError),
+    /// The pending requests are at their ceiling: try again once matches and expiry
+    /// have made room. Retried.
+    #[error("pending requests at their ceiling")]
+    AtCeiling,
 }
 
 impl IntoResponse for ApiError {
@@ -53,6 +57,17 @@ impl IntoResponse for ApiError {
                 response
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                response
+            }
+            Self::AtCeiling => {
+                let mut response = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "pending requests at their ceiling; try again later\n",
+                )
+                    .into_response();
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
                 response
             }
             // Logged where the context is (the parcel, or the probe), not here.

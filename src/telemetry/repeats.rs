@@ -121,6 +121,8 @@ pub struct Repeats {
     pub header_timeouts: Repeated,
     /// A client did not send its body in time (408).
     pub body_timeouts: Repeated,
+    /// A pairing request that would wait, at `--max-pending-requests` (503).
+    pub at_ceiling: Repeated,
 }
 
 impl Default for Repeats {
@@ -140,18 +142,23 @@ impl Default for Repeats {
                 RepeatLevel::Info,
             ),
             body_timeouts: Repeated::new("body not sent in time; answering 408", RepeatLevel::Info),
+            at_ceiling: Repeated::new(
+                "pending requests at --max-pending-requests; answering 503 to requests that would wait",
+                RepeatLevel::Warn,
+            ),
         }
     }
 }
 
 impl Repeats {
-    fn all(&self) -> [&Repeated; 5] {
+    fn all(&self) -> [&Repeated; 6] {
         [
             &self.store_failures,
             &self.connections_refused,
             &self.accept_failures,
             &self.header_timeouts,
             &self.body_timeouts,
+            &self.at_ceiling,
         ]
     }
 

@@ -389,3 +389,80 @@ async fn over_long_attributes_are_refused_and_logged_truncated() {
     let stats = server.terminate().await;
     assert!(stats.success());
 }
+
+/// Waits for the background count to have seen `pending` requests.
+async fn counted(app: &TestApp, pending: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // The count runs on its own schedule (every 20 ms here); nothing to await but it.
+    while app.metric("letro_pending_requests").await != pending {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never counted {pending}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn at_the_ceiling_a_request_that_would_wait_gets_503_and_a_match_still_goes_through() {
+    let (_dir, db) = temp_db();
+    let mut config = test_config(&db, None);
+    config.pending_ceiling = Some(2);
+    config.pending_count_interval = Duration::from_millis(20);
+    let app = TestApp::spawn(config).await;
+    let p = parties();
+    for (party, parcel, requester, target) in [
+        (&p[0], "w1", "a@x.io", "b@y.io"),
+        (&p[1], "w2", "c@x.io", "d@y.io"),
+    ] {
+        assert_eq!(
+            app.post_request(party, parcel, requester, target).await,
+            StatusCode::NO_CONTENT
+        );
+    }
+    counted(&app, 2).await;
+    // A third that would wait is not acknowledged: 503, nothing stored, counted.
+    let response = client()
+        .post(&app.url)
+        .headers(
+            event_headers(&p[2].id, "w3", REQUEST_TYPE)
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        reqwest::header::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                        reqwest::header::HeaderValue::from_str(v).expect("value"),
+                    )
+                })
+                .collect(),
+        )
+        .body(p[2].request("e@x.io", "f@y.io"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"60"[..])
+    );
+    assert_eq!(app.stats().await.pending_requests, 2);
+    assert_eq!(app.metric(&refusals("pending_ceiling")).await, 1);
+    // Replacing one's own waiting request adds no row: it is taken.
+    assert_eq!(
+        app.post_request(&p[0], "w1b", "a@x.io", "b@y.io").await,
+        StatusCode::NO_CONTENT
+    );
+    // A request that completes a pair frees room: it always goes through.
+    assert_eq!(
+        app.post_request(&p[3], "m", "b@y.io", "a@x.io").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(app.metric("letro_matches_total").await, 1);
+    counted(&app, 1).await;
+    // The refused event, redelivered once there is room, is stored (it was not recorded).
+    assert_eq!(
+        app.post_request(&p[2], "w3", "e@x.io", "f@y.io").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(app.stats().await.pending_requests, 2);
+    app.stop().await;
+}

@@ -107,6 +107,7 @@ fn submission_at(
         request_expiry: now.plus(DAY),
         message_expiry: now.plus(DAY),
         limits: LIMITS,
+        at_ceiling: false,
         match_order: MatchOrder::ContactFirst,
     }
 }

@@ -60,6 +60,7 @@ pub(super) async fn handle(incoming: &Incoming<'_>) -> Result<(), ApiError> {
                 request_expiry: now.plus(state.request_ttl),
                 message_expiry: now.plus(state.message_ttl),
                 limits: state.limits,
+                at_ceiling: state.store_counts.at_ceiling(state.pending_ceiling),
                 match_order: state.match_order,
             };
             super::pairing_request::submit(incoming, submission).await

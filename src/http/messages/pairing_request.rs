@@ -35,6 +35,7 @@ pub(super) async fn handle(incoming: &Incoming<'_>) -> Result<(), ApiError> {
         request_expiry: now.plus(state.request_ttl),
         message_expiry: now.plus(state.message_ttl),
         limits: state.limits,
+        at_ceiling: state.store_counts.at_ceiling(state.pending_ceiling),
         match_order: state.match_order,
     };
     submit(incoming, submission).await
@@ -56,6 +57,20 @@ pub(super) async fn submit(
         .await?;
     match outcome {
         PairingOutcome::Duplicate => incoming.duplicate(),
+        PairingOutcome::Refused(Refusal::PendingCeiling) => {
+            // Not acknowledged: nothing is lost, the broker redelivers it later.
+            if state.repeats.at_ceiling.first() {
+                tracing::warn!(
+                    parcel.id = %event.id,
+                    sender = %event.source,
+                    requester, target,
+                    "pending requests at --max-pending-requests; answering 503 to a request that would wait"
+                );
+            }
+            state.metrics.refusal(Refusal::PendingCeiling.as_str());
+            state.metrics.event(incoming.label, "at_ceiling");
+            return Err(ApiError::AtCeiling);
+        }
         PairingOutcome::Refused(reason) => {
             if reason == Refusal::ReplacesOtherEndpoint {
                 state.metrics.replaced_other_endpoint();
