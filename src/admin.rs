@@ -300,7 +300,17 @@ pub fn describe(config: &Config) -> String {
         ("purge every", d(config.purge_interval)),
         ("shutdown grace", d(config.shutdown_timeout)),
         ("waiting requests per sender", cap(config.limits.per_sender)),
-        ("waiting requests per target", cap(config.limits.per_target)),
+        (
+            "waiting requests per sender per target",
+            cap(config.limits.per_target),
+        ),
+        (
+            "waiting requests in all",
+            match config.pending_ceiling {
+                Some(n) => format!("{n} (counted every {})", d(config.pending_count_interval)),
+                None => "no ceiling".into(),
+            },
+        ),
         (
             "request from another endpoint for a waiting pair",
             if config.limits.refuse_endpoint_replacement {
