@@ -12,6 +12,10 @@ use tokio::sync::mpsc;
 /// A request the fake sink received.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// The request's path and query, as sent (a sender's URL can mark its requests).
+    pub uri: String,
+    /// When the sink received it (before any delay in answering).
+    pub at: std::time::Instant,
     /// Header names lower-case; values as text (empty when not UTF-8).
     pub headers: HashMap<String, String>,
     /// The body.
@@ -154,6 +158,7 @@ impl FakeSink {
 
 async fn receive(
     State(state): State<SinkState>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> StatusCode {
@@ -176,6 +181,8 @@ async fn receive(
         (status, b.delay)
     };
     let _ = state.tx.send(Received {
+        uri: uri.to_string(),
+        at: std::time::Instant::now(),
         headers,
         body: body.to_vec(),
     });

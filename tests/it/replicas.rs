@@ -9,13 +9,19 @@ use crate::support::*;
 
 /// Posts both halves of each pair at the same moment, to two different replicas.
 async fn post_pairs(replicas: &[ServerProcess], pairs: std::ops::Range<usize>, tag: &str) {
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
+    post_pairs_to(&urls, pairs, tag).await;
+}
+
+/// [`post_pairs`] to the replicas at `urls`.
+async fn post_pairs_to(urls: &[String], pairs: std::ops::Range<usize>, tag: &str) {
     let client = client();
     let p = parties();
     let mut tasks = tokio::task::JoinSet::new();
     for i in pairs {
         let (client, p, tag) = (client.clone(), p.clone(), tag.to_owned());
-        let first = replicas[i % replicas.len()].url.clone();
-        let second = replicas[(i + 1) % replicas.len()].url.clone();
+        let first = urls[i % urls.len()].clone();
+        let second = urls[(i + 1) % urls.len()].clone();
         tasks.spawn(async move {
             let (a, b) = (format!("a{i}{tag}@x.io"), format!("b{i}{tag}@y.io"));
             let (pa, pb) = (format!("A{i}{tag}"), format!("B{i}{tag}"));
@@ -101,17 +107,33 @@ async fn three_replicas_match_exactly_and_share_the_outbox() {
         times.len()
     );
 
-    // A replica killed while it holds claimed messages (the sink takes 800 ms to answer,
-    // and the kill comes 300 ms after the last match): the others deliver them once its
-    // leases run out (sink timeout + 5 s = 10 s).
+    // A replica killed while it holds a claimed message: a fourth replica, whose sink URL
+    // is marked so that the sink can tell its deliveries apart, takes the second wave's
+    // requests and is killed as soon as one of its deliveries reaches the sink, which
+    // answers only after 800 ms, so it dies holding that claim (a kill at a fixed time
+    // instead sometimes found it holding nothing on a loaded machine). The others deliver
+    // the message again once its lease runs out (sink timeout + 5 s).
+    let victim_sink = format!("{}?replica=victim", sink.url);
+    let victim = ServerProcess::start_on(&db.url, Some(&victim_sink), &extra);
     sink.set_delay(Duration::from_millis(800));
-    let mut replicas = replicas;
-    post_pairs(&replicas, 0..30, "k").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let victim = replicas.remove(0);
+    post_pairs_to(std::slice::from_ref(&victim.url), 0..30, "k").await;
+    let mut times: HashMap<String, usize> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fourth replica was delivering nothing"
+        );
+        let Some(r) = sink.try_next(Duration::from_millis(50)).await else {
+            continue;
+        };
+        *times.entry(r.header("ce-id").to_owned()).or_default() += 1;
+        if r.uri.contains("replica=victim") && r.at.elapsed() < Duration::from_millis(500) {
+            break;
+        }
+    }
     victim.kill_9();
     sink.set_delay(Duration::ZERO);
-    let mut times: HashMap<String, usize> = HashMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while outbox_depth_pg(&db.url).await > 0 {
         assert!(
