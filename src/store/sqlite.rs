@@ -27,12 +27,6 @@ use crate::domain::{
 };
 use crate::flow::{PairState, Plan, plan};
 
-mod checkpoint;
-use checkpoint::Checkpointer;
-
-/// How long a statement waits for a lock another connection holds.
-const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// How many queued operations may share one transaction.
 const MAX_BATCH: usize = 512;
 
@@ -148,8 +142,9 @@ impl SqliteStore {
     }
 
     fn open_as(path: &Path, synchronous: Synchronous, role: Role) -> Result<Self> {
-        let mut conn = Connection::open(path).map_err(unavailable)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
+        let conn = Connection::open(path).map_err(unavailable)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
         let sync = match synchronous {
             Synchronous::Full => "FULL",
             Synchronous::Normal => "NORMAL",
@@ -157,11 +152,10 @@ impl SqliteStore {
         // An 8 MiB page cache (the default is 2 MiB) keeps more of a large database's
         // index pages in memory. Not more: SQLite scans the cache's whole hash table at
         // the end of every write transaction (pcache1TruncateUnsafe, 16% of the writer's
-        // time with a 32 MiB cache of 1 KiB pages). SQLite's own checkpoints (every 1000
-        // pages, run inside a commit, for `migrate` and admin commands) stall every
-        // waiting request while they copy and sync: at 4000 pages the p99 at half load
-        // was 25-294 ms, at 1000 10-59 ms. The server's run on a thread of their own
-        // (`checkpoint`).
+        // time with a 32 MiB cache of 1 KiB pages). Checkpoints stay at SQLite's 1000
+        // pages: a checkpoint runs in the writer and stalls every request while it
+        // copies and syncs; at 4000 pages the p99 at half load was 25-294 ms, at 1000
+        // 10-59 ms, for the same CPU per request (four A/B pairs).
         // A statement that may fail half-way inside a transaction keeps a copy of each
         // page it changes (its statement journal): in memory, not in a temporary file
         // (with a savepoint per operation, writing that file was 11% of the writer's time).
@@ -185,27 +179,22 @@ impl SqliteStore {
             Role::Server { .. } | Role::Migrator => migrate(&conn)?,
             Role::Admin => check_schema_version(schema_version(&conn)?, MIGRATIONS.len(), true)?,
         }
-        let checkpointer = match role {
-            Role::Server { now } => {
-                release_leases(&conn, now).map_err(unavailable)?;
-                let own = Connection::open(path).map_err(unavailable)?;
-                own.execute_batch(&format!("PRAGMA synchronous = {sync};"))
-                    .map_err(unavailable)?;
-                Some(Checkpointer::start(&mut conn, own)?)
-            }
-            Role::Migrator | Role::Admin => None,
-        };
+        if let Role::Server { now } = role {
+            release_leases(&conn, now).map_err(unavailable)?;
+        }
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer(conn, rx, checkpointer))
+            .spawn(move || writer(conn, rx))
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let reader = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(unavailable)?;
-        reader.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
+        reader
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
         Ok(Self {
             jobs: tx,
             reader: Arc::new(Mutex::new(Some(reader))),
@@ -411,7 +400,7 @@ fn release_leases(conn: &Connection, now: Timestamp) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn writer(conn: Connection, rx: mpsc::Receiver<Msg>, checkpointer: Option<Checkpointer>) {
+fn writer(conn: Connection, rx: mpsc::Receiver<Msg>) {
     let mut closing = None;
     while closing.is_none() {
         let Ok(first) = rx.recv() else { break };
@@ -429,13 +418,7 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Msg>, checkpointer: Option<Checkp
         }
         if !jobs.is_empty() {
             run_batch(&conn, jobs);
-            if let Some(checkpointer) = &checkpointer {
-                checkpointer.restart_if_long(&conn, BUSY_TIMEOUT);
-            }
         }
-    }
-    if let Some(checkpointer) = checkpointer {
-        checkpointer.stop();
     }
     drop(conn);
     if let Some(done) = closing {
