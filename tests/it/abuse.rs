@@ -177,15 +177,6 @@ async fn an_operator_can_refuse_hijack_attempts() {
     app.stop().await;
 }
 
-/// Reads until the server closes the connection, or gives up after `limit`.
-async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
-    let mut answer = Vec::new();
-    tokio::time::timeout(limit, stream.read_to_end(&mut answer))
-        .await
-        .ok()
-        .map(|_| String::from_utf8_lossy(&answer).into_owned())
-}
-
 #[tokio::test]
 async fn slow_clients_are_cut_off_and_the_server_stays_healthy() {
     let (_dir, db) = temp_db();

@@ -587,9 +587,9 @@ fn the_sinkbinding_gives_the_service_the_broker() {
     assert_eq!(text(sink, &["kind"]), "Broker");
 }
 
-#[test]
-fn the_dockerfile_builds_locked_and_runs_the_binary_as_non_root() {
-    let instructions = dockerfile();
+/// Where each `FROM` of the Dockerfile's `instructions` is: at least a build stage and a
+/// runtime stage.
+fn stages(instructions: &[(String, String)]) -> Vec<usize> {
     let froms: Vec<usize> = instructions
         .iter()
         .enumerate()
@@ -597,6 +597,13 @@ fn the_dockerfile_builds_locked_and_runs_the_binary_as_non_root() {
         .map(|(i, _)| i)
         .collect();
     assert!(froms.len() >= 2, "a build stage and a runtime stage");
+    froms
+}
+
+#[test]
+fn the_dockerfile_builds_locked_and_runs_the_binary_as_non_root() {
+    let instructions = dockerfile();
+    let froms = stages(&instructions);
 
     // The builder: the official Rust image, at least the crate's rust-version.
     let args: Vec<(String, String)> = instructions[..froms[0]]
@@ -741,13 +748,7 @@ fn the_dockerfile_builds_locked_and_runs_the_binary_as_non_root() {
 #[test]
 fn the_image_is_built_with_build_rs_and_the_commit_it_is_given() {
     let instructions = dockerfile();
-    let froms: Vec<usize> = instructions
-        .iter()
-        .enumerate()
-        .filter(|(_, (k, _))| k == "FROM")
-        .map(|(i, _)| i)
-        .collect();
-    assert!(froms.len() >= 2, "a build stage and a runtime stage");
+    let froms = stages(&instructions);
     let builder = &instructions[froms[0]..froms[1]];
     let build_at = builder
         .iter()

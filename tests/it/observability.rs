@@ -17,7 +17,7 @@ use letro_server::store::{
     EventMessages, OutboxEntry, OutboxStatus, OutboxSummary, PairingOutcome, PairingSubmission,
     PurgeReport, QueueOutcome, RequestStats, Stats, Store, StoreError,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 
 use crate::support::*;
@@ -341,15 +341,6 @@ async fn a_storage_outage_logs_one_error_then_a_count_per_interval() {
     );
     app.store.failing.store(false, Ordering::SeqCst);
     app.stop().await;
-}
-
-/// Reads until the server closes the connection, or gives up after `limit`.
-async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
-    let mut answer = Vec::new();
-    tokio::time::timeout(limit, stream.read_to_end(&mut answer))
-        .await
-        .ok()
-        .map(|_| String::from_utf8_lossy(&answer).into_owned())
 }
 
 #[tokio::test]

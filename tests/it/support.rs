@@ -382,3 +382,16 @@ macro_rules! on_both_backends {
         )*
     };
 }
+
+/// Reads until the server closes the connection, or gives up after `limit`.
+pub async fn read_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    limit: std::time::Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    tokio::time::timeout(limit, stream.read_to_end(&mut answer))
+        .await
+        .ok()
+        .map(|_| String::from_utf8_lossy(&answer).into_owned())
+}
