@@ -169,14 +169,7 @@ impl WatchedApp {
     }
 
     async fn scrape(&self) -> String {
-        self.client
-            .get(format!("{}metrics", self.url))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics body")
+        scrape(&self.client, &self.url).await
     }
 
     async fn stop(mut self) {

@@ -167,14 +167,7 @@ impl TestApp {
 
     /// The whole `/metrics` exposition.
     pub async fn metrics_text(&self) -> String {
-        self.client
-            .get(format!("{}metrics", self.url))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics body")
+        scrape(&self.client, &self.url).await
     }
 
     /// The value of a metric sample line, e.g. `letro_refusals_total{reason="x"}`.
@@ -394,4 +387,16 @@ pub async fn read_until_closed(
         .await
         .ok()
         .map(|_| String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// The whole `/metrics` exposition of the server at `url` (ending in `/`).
+pub async fn scrape(client: &reqwest::Client, url: &str) -> String {
+    client
+        .get(format!("{url}metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body")
 }
