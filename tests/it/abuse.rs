@@ -213,8 +213,8 @@ async fn slow_clients_are_cut_off_and_the_server_stays_healthy() {
     // A body that stops short: 408, which Knative retries, and a closed connection.
     let body = p[0].request("a@x.io", "b@y.io");
     let head = format!(
-        "POST / HTTP/1.1\r\nhost: x\r\nce-specversion: 1.0\r\nce-id: slow\r\nce-source: {}\r\nce-type: {INCOMING_TYPE}\r\nce-subject: {SERVER_ID}\r\ncontent-type: {REQUEST_TYPE}\r\ncontent-length: {}\r\n\r\n",
-        p[0].id,
+        "{}content-length: {}\r\n\r\n",
+        raw_event_head(&p[0].id, "slow"),
         body.len()
     );
     let mut slow = tokio::net::TcpStream::connect(app.addr)
@@ -261,8 +261,8 @@ async fn header_floods_and_odd_headers_get_the_contracts_answer() {
 
     // 500 headers: refused by the HTTP layer (431), never reaches the handler.
     let mut head = format!(
-        "POST / HTTP/1.1\r\nhost: x\r\nce-specversion: 1.0\r\nce-id: flood\r\nce-source: {}\r\nce-type: {INCOMING_TYPE}\r\nce-subject: {SERVER_ID}\r\ncontent-type: {REQUEST_TYPE}\r\ncontent-length: {}\r\n",
-        p[0].id,
+        "{}content-length: {}\r\n",
+        raw_event_head(&p[0].id, "flood"),
         body.len()
     );
     for i in 0..500 {

@@ -224,10 +224,7 @@ async fn structured_mode_is_accepted() {
 async fn raw_post(addr: std::net::SocketAddr, size: usize, chunked: bool) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let p = parties();
-    let mut head = format!(
-        "POST / HTTP/1.1\r\nhost: x\r\nce-specversion: 1.0\r\nce-id: big\r\nce-source: {}\r\nce-type: {INCOMING_TYPE}\r\nce-subject: {SERVER_ID}\r\ncontent-type: {REQUEST_TYPE}\r\n",
-        p[0].id
-    );
+    let mut head = raw_event_head(&p[0].id, "big");
     if chunked {
         head.push_str("transfer-encoding: chunked\r\n\r\n");
     } else {

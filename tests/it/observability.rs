@@ -371,8 +371,8 @@ async fn read_timeouts_are_counted_by_reason_and_logged_once_per_interval() {
     let mut slow = Vec::new();
     for i in 0..2 {
         let head = format!(
-            "POST / HTTP/1.1\r\nhost: x\r\nce-specversion: 1.0\r\nce-id: slow-{i}\r\nce-source: {}\r\nce-type: {INCOMING_TYPE}\r\nce-subject: {SERVER_ID}\r\ncontent-type: {REQUEST_TYPE}\r\ncontent-length: {}\r\n\r\n",
-            p[0].id,
+            "{}content-length: {}\r\n\r\n",
+            raw_event_head(&p[0].id, &format!("slow-{i}")),
             body.len()
         );
         let mut stream = tokio::net::TcpStream::connect(app.addr)

@@ -400,3 +400,12 @@ pub async fn scrape(client: &reqwest::Client, url: &str) -> String {
         .await
         .expect("metrics body")
 }
+
+/// The request line and CloudEvent headers of a binary-mode pairing request from
+/// `sender` with parcel id `parcel`, as raw HTTP/1.1 text, each line ended: the caller adds
+/// the framing headers (content-length or chunked) and the blank line.
+pub fn raw_event_head(sender: &str, parcel: &str) -> String {
+    format!(
+        "POST / HTTP/1.1\r\nhost: x\r\nce-specversion: 1.0\r\nce-id: {parcel}\r\nce-source: {sender}\r\nce-type: {INCOMING_TYPE}\r\nce-subject: {SERVER_ID}\r\ncontent-type: {REQUEST_TYPE}\r\n"
+    )
+}
