@@ -8,11 +8,17 @@
 //! serialises every read-then-write, so two reverse requests can never both match or
 //! both miss.
 
+mod events;
+mod filter;
+
+use std::cell::RefCell;
+use std::ops::Deref;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 
 use async_trait::async_trait;
 use rusqlite::config::DbConfig;
+use rusqlite::functions::FunctionFlags;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
@@ -26,6 +32,7 @@ use crate::domain::{
     PendingRequest, Protocol, Timestamp,
 };
 use crate::flow::{PairState, Plan, plan};
+use events::{GENERATION_KEYS, ProcessedEvents};
 
 /// How many queued operations may share one transaction.
 const MAX_BATCH: usize = 512;
@@ -44,7 +51,7 @@ pub enum Synchronous {
 trait Operation: Send {
     /// Runs the operation inside the current transaction, keeping its result; false if it
     /// failed. May run more than once: a later run replaces the earlier result.
-    fn run(&mut self, conn: &Connection) -> bool;
+    fn run(&mut self, db: &Db) -> bool;
     /// Hands the result over once the transaction it last ran in has ended, with how it
     /// ended: a result is only good if its writes were committed.
     fn finish(self: Box<Self>, transaction: Result<()>);
@@ -59,11 +66,11 @@ struct Call<F, T> {
 
 impl<F, T> Operation for Call<F, T>
 where
-    F: FnMut(&Connection) -> rusqlite::Result<T> + Send,
+    F: FnMut(&Db) -> rusqlite::Result<T> + Send,
     T: Send,
 {
-    fn run(&mut self, conn: &Connection) -> bool {
-        let result = (self.f)(conn).map_err(unavailable);
+    fn run(&mut self, db: &Db) -> bool {
+        let result = (self.f)(db).map_err(unavailable);
         let ok = result.is_ok();
         self.result = Some(result);
         ok
@@ -81,6 +88,40 @@ where
 }
 
 type Job = Box<dyn Operation>;
+
+/// What the writer's operations run on: its connection, and the generations of
+/// processed-event keys, whose filters live in memory beside it.
+struct Db {
+    conn: Connection,
+    events: RefCell<ProcessedEvents>,
+}
+
+impl Deref for Db {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl Db {
+    fn open(conn: Connection, generation_keys: u64) -> rusqlite::Result<Self> {
+        let events = RefCell::new(ProcessedEvents::load(&conn, generation_keys)?);
+        Ok(Self { conn, events })
+    }
+
+    /// Work between batches: sealing a full generation of event keys. A failure leaves
+    /// the generation open (it grows a little past its size) and is tried again after
+    /// the next batch.
+    fn maintain(&self) {
+        let mut events = self.events.borrow_mut();
+        if events.full()
+            && let Err(e) = events.seal(&self.conn)
+        {
+            tracing::warn!(error = %e, "could not seal a generation of processed-event keys");
+        }
+    }
+}
 
 enum Msg {
     Job(Job),
@@ -142,6 +183,15 @@ impl SqliteStore {
     }
 
     fn open_as(path: &Path, synchronous: Synchronous, role: Role) -> Result<Self> {
+        Self::open_with_generations(path, synchronous, role, GENERATION_KEYS)
+    }
+
+    fn open_with_generations(
+        path: &Path,
+        synchronous: Synchronous,
+        role: Role,
+        generation_keys: u64,
+    ) -> Result<Self> {
         let conn = Connection::open(path).map_err(unavailable)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
@@ -182,10 +232,11 @@ impl SqliteStore {
         if let Role::Server { now } = role {
             release_leases(&conn, now).map_err(unavailable)?;
         }
+        let db = Db::open(conn, generation_keys).map_err(unavailable)?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer(conn, rx))
+            .spawn(move || writer(db, rx))
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let reader = Connection::open_with_flags(
             path,
@@ -237,7 +288,7 @@ impl SqliteStore {
     /// once that transaction has committed. `f` may run twice (see [`run_batch`]).
     async fn call<T: Send + 'static>(
         &self,
-        f: impl FnMut(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        f: impl FnMut(&Db) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
         let (reply, rx) = oneshot::channel();
         let job: Job = Box::new(Call {
@@ -350,6 +401,24 @@ const MIGRATIONS: &[&str] = &[
     "DROP INDEX pending_requests_sender;
      CREATE INDEX pending_requests_sender
          ON pending_requests (endpoint_id, target_digest, expires_at);",
+    // 7: event keys in generations (see `events`), each key a 16-byte digest of source
+    // and id. The keys of earlier builds become generation 0, sealed at the first
+    // chance; sorted, they go into the new tree in order.
+    "CREATE TABLE processed_events_v7 (
+         generation INTEGER NOT NULL,
+         key BLOB NOT NULL,
+         expires_at INTEGER NOT NULL,
+         PRIMARY KEY (generation, key)
+     ) WITHOUT ROWID;
+     INSERT OR IGNORE INTO processed_events_v7
+         SELECT 0, letro_event_key(source, id), expires_at FROM processed_events ORDER BY 2;
+     DROP TABLE processed_events;
+     ALTER TABLE processed_events_v7 RENAME TO processed_events;
+     CREATE INDEX processed_events_expiry ON processed_events (expires_at);
+     CREATE TABLE processed_event_filters (
+         generation INTEGER PRIMARY KEY,
+         bits BLOB NOT NULL
+     );",
 ];
 
 fn schema_version(conn: &Connection) -> Result<usize> {
@@ -375,6 +444,19 @@ pub fn create_at_version(path: &Path, version: usize) -> Result<()> {
 }
 
 fn apply_migrations(conn: &Connection, applied: usize, target: usize) -> rusqlite::Result<()> {
+    // Migration 7 computes each stored event's key as this build does.
+    conn.create_scalar_function(
+        "letro_event_key",
+        2,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| {
+            let key = EventKey {
+                source: ctx.get(0)?,
+                id: ctx.get(1)?,
+            };
+            Ok(key.digest().to_vec())
+        },
+    )?;
     for (i, sql) in MIGRATIONS.iter().enumerate().take(target).skip(applied) {
         let tx = conn.unchecked_transaction()?;
         tx.execute_batch(sql)?;
@@ -400,7 +482,7 @@ fn release_leases(conn: &Connection, now: Timestamp) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn writer(conn: Connection, rx: mpsc::Receiver<Msg>) {
+fn writer(db: Db, rx: mpsc::Receiver<Msg>) {
     let mut closing = None;
     while closing.is_none() {
         let Ok(first) = rx.recv() else { break };
@@ -417,10 +499,11 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Msg>) {
             }
         }
         if !jobs.is_empty() {
-            run_batch(&conn, jobs);
+            run_batch(&db, jobs);
+            db.maintain();
         }
     }
-    drop(conn);
+    drop(db);
     if let Some(done) = closing {
         let _ = done.send(());
     }
@@ -443,7 +526,7 @@ fn control(conn: &Connection, sql: &str) -> Result<()> {
 /// itself fails (`BEGIN` waited out the busy timeout behind another process, `COMMIT`
 /// could not write), every operation gets that error at once: running them one by one
 /// would only fail, or wait, as many times again.
-fn run_batch(conn: &Connection, mut jobs: Vec<Job>) {
+fn run_batch(conn: &Db, mut jobs: Vec<Job>) {
     let outcome = match run_together(conn, &mut jobs) {
         Batch::OperationFailed if jobs.len() > 1 => {
             for mut job in jobs {
@@ -481,7 +564,7 @@ enum Batch {
 }
 
 /// Runs `jobs` in one transaction and commits it if they all succeed.
-fn run_together(conn: &Connection, jobs: &mut [Job]) -> Batch {
+fn run_together(conn: &Db, jobs: &mut [Job]) -> Batch {
     if let Err(e) = control(conn, "BEGIN IMMEDIATE") {
         // A failed BEGIN IMMEDIATE can leave no transaction open; ROLLBACK is harmless.
         let _ = control(conn, "ROLLBACK");
@@ -501,27 +584,20 @@ fn run_together(conn: &Connection, jobs: &mut [Job]) -> Batch {
     }
 }
 
-/// Records that `event` is being handled; false if it already was. One statement for
-/// the check and the record: a separate lookup first cost one more walk down a
-/// random-keyed index per request.
-fn record_event(conn: &Connection, event: &EventKey, expiry: Timestamp) -> rusqlite::Result<bool> {
-    conn.prepare_cached(
-        "INSERT INTO processed_events (source, id, expires_at) VALUES (?1, ?2, ?3)
-         ON CONFLICT (source, id) DO NOTHING",
-    )?
-    .execute(params![event.source, event.id, expiry.0])
-    .map(|inserted| inserted == 1)
+/// Records that `event` is being handled; false if it already was.
+fn record_event(db: &Db, event: &EventKey, expiry: Timestamp) -> rusqlite::Result<bool> {
+    db.events
+        .borrow_mut()
+        .record(&db.conn, &event.digest(), expiry)
 }
 
 /// Takes back [`record_event`] for an event that changed nothing (a refused request),
 /// so that the same event, delivered again, is judged again.
-fn forget_event(conn: &Connection, event: &EventKey) -> rusqlite::Result<()> {
-    conn.prepare_cached("DELETE FROM processed_events WHERE source = ?1 AND id = ?2")?
-        .execute(params![event.source, event.id])
-        .map(drop)
+fn forget_event(db: &Db, event: &EventKey) -> rusqlite::Result<()> {
+    db.events.borrow().forget(&db.conn, &event.digest())
 }
 
-fn record_and_queue(conn: &Connection, s: &EventMessages) -> rusqlite::Result<QueueOutcome> {
+fn record_and_queue(conn: &Db, s: &EventMessages) -> rusqlite::Result<QueueOutcome> {
     if !record_event(conn, &s.event, s.event_expiry)? {
         return Ok(QueueOutcome::Duplicate);
     }
@@ -535,7 +611,7 @@ fn record_and_queue(conn: &Connection, s: &EventMessages) -> rusqlite::Result<Qu
     Ok(QueueOutcome::Queued)
 }
 
-fn submit(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairingOutcome> {
+fn submit(conn: &Db, s: &PairingSubmission) -> rusqlite::Result<PairingOutcome> {
     if !record_event(conn, &s.event, s.request_expiry)? {
         return Ok(PairingOutcome::Duplicate);
     }
@@ -1020,12 +1096,19 @@ mod tests {
         f: impl FnMut(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> (Job, oneshot::Receiver<Result<T>>) {
         let (reply, rx) = oneshot::channel();
+        let mut f = f;
         let job: Job = Box::new(Call {
-            f,
+            f: move |db: &Db| f(db),
             result: None,
             reply,
         });
         (job, rx)
+    }
+
+    /// `conn` as the writer holds it, with this build's schema beside the test's tables.
+    fn writer_db(conn: Connection) -> Db {
+        apply_migrations(&conn, 0, MIGRATIONS.len()).expect("migrations");
+        Db::open(conn, GENERATION_KEYS).expect("writer")
     }
 
     fn insert(name: &'static str) -> impl FnMut(&Connection) -> rusqlite::Result<()> + Send {
@@ -1051,6 +1134,7 @@ mod tests {
         let conn = Connection::open(dir.path().join("t.db")).expect("open");
         conn.execute_batch("CREATE TABLE t (name TEXT PRIMARY KEY)")
             .expect("schema");
+        let conn = writer_db(conn);
         let (a, a_rx) = job(insert("a"));
         // Writes, then fails: its write must not survive.
         let (bad, bad_rx) = job(|conn: &Connection| {
@@ -1179,10 +1263,11 @@ mod tests {
         let mut conn = Connection::open(&path).expect("open");
         conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (name TEXT PRIMARY KEY)")
             .expect("schema");
+        conn.busy_handler(Some(give_up)).expect("handler");
+        let conn = writer_db(conn);
         // Another process's write transaction (an admin command, say).
         let other = Connection::open(&path).expect("open");
         other.execute_batch("BEGIN IMMEDIATE").expect("lock");
-        conn.busy_handler(Some(give_up)).expect("handler");
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut answers = Vec::new();
         let jobs = (0..3)
@@ -1209,12 +1294,178 @@ mod tests {
         assert!(conn.is_autocommit());
     }
 
+    fn event(n: usize, expiry: Timestamp) -> EventMessages {
+        EventMessages {
+            event: EventKey {
+                source: format!("0{}", "ab".repeat(32)),
+                id: format!("parcel-{n}"),
+            },
+            messages: Vec::new(),
+            event_expiry: expiry,
+        }
+    }
+
+    /// The first column of each row of `query`, run beside the store.
+    fn column(path: &Path, query: &str) -> Vec<i64> {
+        let conn = Connection::open(path).expect("open");
+        let mut stmt = conn.prepare(query).expect("query");
+        stmt.query_map([], |r| r.get(0))
+            .expect("rows")
+            .collect::<rusqlite::Result<_>>()
+            .expect("column")
+    }
+
+    const LATER: Timestamp = Timestamp(i64::MAX / 2);
+
+    async fn open_small(path: &Path) -> SqliteStore {
+        SqliteStore::open_with_generations(
+            path,
+            Synchronous::Normal,
+            Role::Server { now: Timestamp(0) },
+            3,
+        )
+        .expect("store")
+    }
+
+    /// Records `events`, and waits for the writer's work after the last (a seal).
+    async fn outcomes(store: &SqliteStore, events: std::ops::Range<usize>) -> Vec<QueueOutcome> {
+        let mut outcomes = Vec::new();
+        for n in events {
+            outcomes.push(
+                store
+                    .record_and_queue(event(n, LATER))
+                    .await
+                    .expect("record"),
+            );
+        }
+        store.ping().await.expect("writer");
+        outcomes
+    }
+
+    #[tokio::test]
+    async fn an_event_of_any_generation_is_a_duplicate_before_and_after_a_restart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("events.db");
+        let store = open_small(&path).await;
+        assert!(
+            outcomes(&store, 0..10)
+                .await
+                .iter()
+                .all(|o| *o == QueueOutcome::Queued)
+        );
+        // Three keys a generation: 0, 1 and 2 sealed with their filters, 3 current.
+        assert_eq!(
+            column(
+                &path,
+                "SELECT DISTINCT generation FROM processed_events ORDER BY 1"
+            ),
+            [0, 1, 2, 3]
+        );
+        assert_eq!(
+            column(
+                &path,
+                "SELECT generation FROM processed_event_filters ORDER BY 1"
+            ),
+            [0, 1, 2]
+        );
+        assert!(
+            outcomes(&store, 0..10)
+                .await
+                .iter()
+                .all(|o| *o == QueueOutcome::Duplicate)
+        );
+        store.close().await;
+
+        // From the stored filters.
+        let store = open_small(&path).await;
+        assert!(
+            outcomes(&store, 0..10)
+                .await
+                .iter()
+                .all(|o| *o == QueueOutcome::Duplicate)
+        );
+        store.close().await;
+
+        // With no stored filter (lost, or a database from before generations): built
+        // again from the keys, and stored at the next seal.
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch("DELETE FROM processed_event_filters")
+            .expect("delete");
+        let store = open_small(&path).await;
+        assert!(
+            outcomes(&store, 0..10)
+                .await
+                .iter()
+                .all(|o| *o == QueueOutcome::Duplicate)
+        );
+        assert!(
+            outcomes(&store, 10..12)
+                .await
+                .iter()
+                .all(|o| *o == QueueOutcome::Queued)
+        );
+        assert_eq!(
+            column(
+                &path,
+                "SELECT generation FROM processed_event_filters ORDER BY 1"
+            ),
+            [0, 1, 2, 3]
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_generation_whose_keys_all_expired_loses_its_filter_at_the_next_seal() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("events.db");
+        let store = open_small(&path).await;
+        for n in 0..6 {
+            store
+                .record_and_queue(event(n, Timestamp(1_000)))
+                .await
+                .expect("record");
+        }
+        store.ping().await.expect("writer");
+        assert_eq!(
+            column(
+                &path,
+                "SELECT generation FROM processed_event_filters ORDER BY 1"
+            ),
+            [0, 1]
+        );
+        let purged = store.purge_expired(Timestamp(1_000)).await.expect("purge");
+        assert_eq!(purged.events, 6);
+        assert!(
+            outcomes(&store, 6..9)
+                .await
+                .iter()
+                .all(|o| *o == QueueOutcome::Queued)
+        );
+        assert_eq!(
+            column(
+                &path,
+                "SELECT generation FROM processed_event_filters ORDER BY 1"
+            ),
+            [2]
+        );
+        // Expired keys are forgotten: the same events are new again.
+        assert!(
+            outcomes(&store, 0..2)
+                .await
+                .iter()
+                .all(|o| *o == QueueOutcome::Queued)
+        );
+        store.close().await;
+    }
+
     #[test]
     fn a_batch_that_succeeds_commits_once_for_all() {
         let dir = tempfile::tempdir().expect("temp dir");
         let conn = Connection::open(dir.path().join("t.db")).expect("open");
         conn.execute_batch("CREATE TABLE t (name TEXT PRIMARY KEY)")
             .expect("schema");
+        let conn = writer_db(conn);
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (a, a_rx) = job({
             let runs = runs.clone();
