@@ -11,11 +11,36 @@ use axum::http::{HeaderMap, StatusCode};
 use letro_server::codec::contact_pairing::CONTACT_PAIRING_REQUEST_TYPE;
 use sha2::{Digest, Sha256};
 
+/// 16 bytes of SHA-256 over strings separated by NULs: the tally keeps digests, not the
+/// strings, so that counting millions of matches in a soak costs the machine (which the
+/// server shares) little memory and no growing work.
+type Digest16 = [u8; 16];
+
+fn digest16(parts: &[&str]) -> Digest16 {
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    let mut out = [0; 16];
+    out.copy_from_slice(&hash.finalize()[..16]);
+    out
+}
+
+/// The ce-ids one match arrived under.
+#[derive(Debug)]
+struct Seen {
+    first_id: Digest16,
+    /// Another ce-id came too: the match is conflicting.
+    other_id: bool,
+}
+
 #[derive(Debug, Default)]
 struct Tally {
     /// (recipient VeraId, contact VeraId) of a tmp match, or (recipient endpoint id,
-    /// SHA-256 of the bundle) of a forwarded signed request -> distinct ce-ids seen.
-    matches: HashMap<(String, String), Vec<String>>,
+    /// SHA-256 of the bundle) of a forwarded signed request -> the ce-ids seen.
+    matches: HashMap<Digest16, Seen>,
+    conflicting: u64,
     deliveries: u64,
     last: Option<Instant>,
 }
@@ -64,7 +89,7 @@ impl CountingSink {
         SinkCounts {
             deliveries: tally.deliveries,
             distinct: tally.matches.len() as u64,
-            conflicting: tally.matches.values().filter(|ids| ids.len() > 1).count() as u64,
+            conflicting: tally.conflicting,
         }
     }
 
@@ -82,8 +107,8 @@ impl CountingSink {
     pub(crate) fn matched_once(&self, recipient: &str, contact: &str) -> bool {
         self.tally()
             .matches
-            .get(&(recipient.to_owned(), contact.to_owned()))
-            .is_some_and(|ids| ids.len() == 1)
+            .get(&digest16(&[recipient, contact]))
+            .is_some_and(|seen| !seen.other_id)
     }
 }
 
@@ -113,13 +138,20 @@ async fn receive(
         };
         (recipient.to_owned(), contact.to_owned())
     };
-    let id = header("ce-id").to_owned();
+    let (pair, id) = (
+        digest16(&[&recipient, &contact]),
+        digest16(&[header("ce-id")]),
+    );
     let mut tally = tally.lock().unwrap_or_else(PoisonError::into_inner);
     tally.deliveries += 1;
     tally.last = Some(Instant::now());
-    let ids = tally.matches.entry((recipient, contact)).or_default();
-    if !ids.contains(&id) {
-        ids.push(id);
+    let seen = tally.matches.entry(pair).or_insert(Seen {
+        first_id: id,
+        other_id: false,
+    });
+    if seen.first_id != id && !seen.other_id {
+        seen.other_id = true;
+        tally.conflicting += 1;
     }
     StatusCode::ACCEPTED
 }

@@ -71,11 +71,31 @@ fn machine_cpu() -> (u64, u64) {
     (idle, ticks.iter().take(8).sum())
 }
 
+/// The benchmark's own CPU time (generator and sink, every thread), from
+/// `/proc/self/stat`, in µs: when it grows per request, the server gets less of the
+/// machine, and its figures say so.
+fn own_cpu_us() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // After the command name's ")": state is field 0, utime 11, stime 12 (clock ticks).
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    // USER_HZ, which Linux fixes at 100 for what it reports to user space.
+    ticks * 10_000
+}
+
 /// One tenth of the soak.
 struct Slice {
     report: LoadReport,
     /// Server CPU µs per request: (all threads, SQLite writer).
     cpu: (f64, f64),
+    /// The benchmark's CPU µs per request.
+    own: f64,
     /// Share of the machine idle or waiting for I/O (server, generator and sink share it).
     idle: f64,
     /// Bytes the server had written to storage, per request.
@@ -111,8 +131,12 @@ pub(crate) async fn soak(
     let mut slices = Vec::new();
     for k in 1..=SLICES {
         let label = format!("soak {k}/{SLICES}");
-        let (cpu_before, machine_before, written_before) =
-            (server.cpu(), machine_cpu(), server.storage_writes());
+        let (cpu_before, machine_before, written_before, own_before) = (
+            server.cpu(),
+            machine_cpu(),
+            server.storage_writes(),
+            own_cpu_us(),
+        );
         let report = run_until(
             server.addr,
             make.clone(),
@@ -129,6 +153,7 @@ pub(crate) async fn soak(
         let machine = machine_cpu();
         slices.push(Slice {
             cpu: cpu_before.per_request(server.cpu(), usize::try_from(n)?),
+            own: own_cpu_us().saturating_sub(own_before) as f64 / n.max(1) as f64,
             idle: (machine.0 - machine_before.0) as f64
                 / (machine.1 - machine_before.1).max(1) as f64,
             written: server.storage_writes().saturating_sub(written_before) as f64
@@ -150,12 +175,13 @@ pub(crate) async fn soak(
     let mut rows = Vec::new();
     for (k, s) in slices.iter().enumerate() {
         rows.push(format!(
-            "| {} | {:.0} req/s | {:.2} / {:.2} ms | {} | {:.0}% | {:.1} KiB | {} of {} |",
+            "| {} | {:.0} req/s | {:.2} / {:.2} ms | {} | {:.0} µs | {:.0}% | {:.1} KiB | {} of {} |",
             k + 1,
             s.report.throughput(),
             s.report.latency_ms(0.5),
             s.report.latency_ms(0.99),
             cpu_cell(s.cpu),
+            s.own,
             100.0 * s.idle,
             s.written / 1024.0,
             s.delivered,
@@ -168,8 +194,8 @@ pub(crate) async fn soak(
          One server on a fresh SQLite database (synchronous=full), a closed loop of pairing requests over {} connections for {:.0} s, \
          every match delivered to the sink during the load; parcel ids are random-looking UUIDs, as Letro's are. Latency here is the closed loop's (from sending to the answer); \
          idle is the whole machine's (generator and sink included), from /proc/stat; storage writes are the server's `write_bytes` (/proc/<pid>/io).\n\n\
-         | Slice | Throughput | Latency p50 / p99 | Server CPU per request | Machine idle or in I/O wait | Written to storage per request | Matches delivered by its end |\n\
-         | --- | --- | --- | --- | --- | --- | --- |\n{}\n\n\
+         | Slice | Throughput | Latency p50 / p99 | Server CPU per request | Generator and sink CPU per request | Machine idle or in I/O wait | Written to storage per request | Matches delivered by its end |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n{}\n\n\
          - Last slice vs first: throughput {:.0}% (target >= 90%), p99 {:.2}x (target <= 2x).\n\
          - {} requests in {:.0} s; the last match delivered {:.1} s after the load began; server RSS {:.0} MiB (peak {:.0}).\n\
          - Start: {}.\n\
