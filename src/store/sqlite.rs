@@ -94,6 +94,9 @@ type Job = Box<dyn Operation>;
 struct Db {
     conn: Connection,
     events: RefCell<ProcessedEvents>,
+    /// Only the server seals generations: an admin command or `migrate` beside it would
+    /// seal the generation the server is still filling.
+    seals: bool,
 }
 
 impl Deref for Db {
@@ -105,9 +108,13 @@ impl Deref for Db {
 }
 
 impl Db {
-    fn open(conn: Connection, generation_keys: u64) -> rusqlite::Result<Self> {
+    fn open(conn: Connection, generation_keys: u64, seals: bool) -> rusqlite::Result<Self> {
         let events = RefCell::new(ProcessedEvents::load(&conn, generation_keys)?);
-        Ok(Self { conn, events })
+        Ok(Self {
+            conn,
+            events,
+            seals,
+        })
     }
 
     /// Work between batches: sealing a full generation of event keys. A failure leaves
@@ -115,7 +122,8 @@ impl Db {
     /// the next batch.
     fn maintain(&self) {
         let mut events = self.events.borrow_mut();
-        if events.full()
+        if self.seals
+            && events.full()
             && let Err(e) = events.seal(&self.conn)
         {
             tracing::warn!(error = %e, "could not seal a generation of processed-event keys");
@@ -232,7 +240,8 @@ impl SqliteStore {
         if let Role::Server { now } = role {
             release_leases(&conn, now).map_err(unavailable)?;
         }
-        let db = Db::open(conn, generation_keys).map_err(unavailable)?;
+        let seals = matches!(role, Role::Server { .. });
+        let db = Db::open(conn, generation_keys, seals).map_err(unavailable)?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -1108,7 +1117,7 @@ mod tests {
     /// `conn` as the writer holds it, with this build's schema beside the test's tables.
     fn writer_db(conn: Connection) -> Db {
         apply_migrations(&conn, 0, MIGRATIONS.len()).expect("migrations");
-        Db::open(conn, GENERATION_KEYS).expect("writer")
+        Db::open(conn, GENERATION_KEYS, true).expect("writer")
     }
 
     fn insert(name: &'static str) -> impl FnMut(&Connection) -> rusqlite::Result<()> + Send {
@@ -1457,6 +1466,32 @@ mod tests {
                 .all(|o| *o == QueueOutcome::Queued)
         );
         store.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_admin_command_beside_the_server_seals_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("events.db");
+        let server = open_small(&path).await;
+        assert!(
+            outcomes(&server, 0..2)
+                .await
+                .iter()
+                .all(|o| *o == QueueOutcome::Queued)
+        );
+        // For the admin, the server's current generation is already full.
+        let admin = SqliteStore::open_with_generations(&path, Synchronous::Normal, Role::Admin, 1)
+            .expect("admin");
+        admin.purge_expired(Timestamp(0)).await.expect("purge");
+        admin.ping().await.expect("writer");
+        admin.close().await;
+        assert!(column(&path, "SELECT generation FROM processed_event_filters").is_empty());
+        assert_eq!(outcomes(&server, 2..3).await, [QueueOutcome::Queued]);
+        assert_eq!(
+            column(&path, "SELECT generation FROM processed_event_filters"),
+            [0]
+        );
+        server.close().await;
     }
 
     #[test]
