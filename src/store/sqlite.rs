@@ -210,10 +210,13 @@ impl SqliteStore {
         // An 8 MiB page cache (the default is 2 MiB) keeps more of a large database's
         // index pages in memory. Not more: SQLite scans the cache's whole hash table at
         // the end of every write transaction (pcache1TruncateUnsafe, 16% of the writer's
-        // time with a 32 MiB cache of 1 KiB pages). Checkpoints stay at SQLite's 1000
-        // pages: a checkpoint runs in the writer and stalls every request while it
-        // copies and syncs; at 4000 pages the p99 at half load was 25-294 ms, at 1000
-        // 10-59 ms, for the same CPU per request (four A/B pairs).
+        // time with a 32 MiB cache of 1 KiB pages). A checkpoint runs in the writer and
+        // stalls every request while it copies and syncs, and with a million pending
+        // requests each page it copies lands somewhere else in the file: at 4000 pages
+        // the p99 at half load was 25-294 ms, at 1000 10-59 ms (four A/B pairs, an
+        // earlier schema); with a million pending, 13.5 and 13.1 ms at 1000, 8.8 and
+        // 8.4 at 500, 5.8 and 5.9 at 250, for 0-10% less throughput there and a fifth
+        // more bytes written in the soak (A/B alternated, issue 17's note). So 250.
         // A statement that may fail half-way inside a transaction keeps a copy of each
         // page it changes (its statement journal): in memory, not in a temporary file
         // (with a savepoint per operation, writing that file was 11% of the writer's time).
@@ -221,7 +224,7 @@ impl SqliteStore {
         // match would otherwise leave both parties' VeraIds in the file's free space.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};
-             PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = 1000;
+             PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = 250;
              PRAGMA temp_store = MEMORY; PRAGMA secure_delete = ON;"
         ))
         .map_err(unavailable)?;
