@@ -1327,6 +1327,23 @@ mod tests {
             .expect("column")
     }
 
+    /// The generations with a stored filter.
+    fn filters(path: &Path) -> Vec<i64> {
+        column(
+            path,
+            "SELECT generation FROM processed_event_filters ORDER BY 1",
+        )
+    }
+
+    /// Whether recording each of `events` came out as `expected`.
+    async fn all(
+        store: &SqliteStore,
+        events: std::ops::Range<usize>,
+        expected: QueueOutcome,
+    ) -> bool {
+        outcomes(store, events).await.iter().all(|o| *o == expected)
+    }
+
     const LATER: Timestamp = Timestamp(i64::MAX / 2);
 
     async fn open_small(path: &Path) -> SqliteStore {
@@ -1359,12 +1376,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("events.db");
         let store = open_small(&path).await;
-        assert!(
-            outcomes(&store, 0..10)
-                .await
-                .iter()
-                .all(|o| *o == QueueOutcome::Queued)
-        );
+        assert!(all(&store, 0..10, QueueOutcome::Queued).await);
         // Three keys a generation: 0, 1 and 2 sealed with their filters, 3 current.
         assert_eq!(
             column(
@@ -1373,29 +1385,13 @@ mod tests {
             ),
             [0, 1, 2, 3]
         );
-        assert_eq!(
-            column(
-                &path,
-                "SELECT generation FROM processed_event_filters ORDER BY 1"
-            ),
-            [0, 1, 2]
-        );
-        assert!(
-            outcomes(&store, 0..10)
-                .await
-                .iter()
-                .all(|o| *o == QueueOutcome::Duplicate)
-        );
+        assert_eq!(filters(&path), [0, 1, 2]);
+        assert!(all(&store, 0..10, QueueOutcome::Duplicate).await);
         store.close().await;
 
         // From the stored filters.
         let store = open_small(&path).await;
-        assert!(
-            outcomes(&store, 0..10)
-                .await
-                .iter()
-                .all(|o| *o == QueueOutcome::Duplicate)
-        );
+        assert!(all(&store, 0..10, QueueOutcome::Duplicate).await);
         store.close().await;
 
         // With no stored filter (lost, or a database from before generations): built
@@ -1405,25 +1401,9 @@ mod tests {
             .execute_batch("DELETE FROM processed_event_filters")
             .expect("delete");
         let store = open_small(&path).await;
-        assert!(
-            outcomes(&store, 0..10)
-                .await
-                .iter()
-                .all(|o| *o == QueueOutcome::Duplicate)
-        );
-        assert!(
-            outcomes(&store, 10..12)
-                .await
-                .iter()
-                .all(|o| *o == QueueOutcome::Queued)
-        );
-        assert_eq!(
-            column(
-                &path,
-                "SELECT generation FROM processed_event_filters ORDER BY 1"
-            ),
-            [0, 1, 2, 3]
-        );
+        assert!(all(&store, 0..10, QueueOutcome::Duplicate).await);
+        assert!(all(&store, 10..12, QueueOutcome::Queued).await);
+        assert_eq!(filters(&path), [0, 1, 2, 3]);
         store.close().await;
     }
 
@@ -1439,35 +1419,13 @@ mod tests {
                 .expect("record");
         }
         store.ping().await.expect("writer");
-        assert_eq!(
-            column(
-                &path,
-                "SELECT generation FROM processed_event_filters ORDER BY 1"
-            ),
-            [0, 1]
-        );
+        assert_eq!(filters(&path), [0, 1]);
         let purged = store.purge_expired(Timestamp(1_000)).await.expect("purge");
         assert_eq!(purged.events, 6);
-        assert!(
-            outcomes(&store, 6..9)
-                .await
-                .iter()
-                .all(|o| *o == QueueOutcome::Queued)
-        );
-        assert_eq!(
-            column(
-                &path,
-                "SELECT generation FROM processed_event_filters ORDER BY 1"
-            ),
-            [2]
-        );
+        assert!(all(&store, 6..9, QueueOutcome::Queued).await);
+        assert_eq!(filters(&path), [2]);
         // Expired keys are forgotten: the same events are new again.
-        assert!(
-            outcomes(&store, 0..2)
-                .await
-                .iter()
-                .all(|o| *o == QueueOutcome::Queued)
-        );
+        assert!(all(&store, 0..2, QueueOutcome::Queued).await);
         store.close().await;
     }
 
@@ -1476,24 +1434,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("events.db");
         let server = open_small(&path).await;
-        assert!(
-            outcomes(&server, 0..2)
-                .await
-                .iter()
-                .all(|o| *o == QueueOutcome::Queued)
-        );
+        assert!(all(&server, 0..2, QueueOutcome::Queued).await);
         // For the admin, the server's current generation is already full.
         let admin = SqliteStore::open_with_generations(&path, Synchronous::Normal, Role::Admin, 1)
             .expect("admin");
         admin.purge_expired(Timestamp(0)).await.expect("purge");
         admin.ping().await.expect("writer");
         admin.close().await;
-        assert!(column(&path, "SELECT generation FROM processed_event_filters").is_empty());
+        assert!(filters(&path).is_empty());
         assert_eq!(outcomes(&server, 2..3).await, [QueueOutcome::Queued]);
-        assert_eq!(
-            column(&path, "SELECT generation FROM processed_event_filters"),
-            [0]
-        );
+        assert_eq!(filters(&path), [0]);
         server.close().await;
     }
 
