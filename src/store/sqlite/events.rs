@@ -21,7 +21,7 @@ use crate::domain::Timestamp;
 /// Keys per generation. Smaller generations make inserts cheaper and filters more
 /// numerous (one cache line each per request): at 65,536 the writer spent 26 µs per
 /// request in a two-minute soak (1.9 million keys), at 262,144 30 µs, with one B-tree for
-/// all keys 37-47 µs (bench/RESULTS.md, issue 17's note).
+/// all keys 37-47 µs (alternated builds; issue 17's note, stop 24).
 pub(super) const GENERATION_KEYS: u64 = 65_536;
 
 /// The generations of processed-event keys, as the writer holds them.
