@@ -34,6 +34,9 @@ use crate::domain::{
 use crate::flow::{PairState, Plan, plan};
 use events::{GENERATION_KEYS, ProcessedEvents};
 
+/// How long a statement waits for a lock another connection holds.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How many queued operations may share one transaction.
 const MAX_BATCH: usize = 512;
 
@@ -201,8 +204,7 @@ impl SqliteStore {
         generation_keys: u64,
     ) -> Result<Self> {
         let conn = Connection::open(path).map_err(unavailable)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(unavailable)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
         let sync = match synchronous {
             Synchronous::Full => "FULL",
             Synchronous::Normal => "NORMAL",
@@ -255,9 +257,7 @@ impl SqliteStore {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(unavailable)?;
-        reader
-            .busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(unavailable)?;
+        reader.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
         Ok(Self {
             jobs: tx,
             reader: Arc::new(Mutex::new(Some(reader))),
@@ -596,21 +596,19 @@ fn run_together(conn: &Db, jobs: &mut [Job]) -> Batch {
     }
 }
 
-/// Records that `event` is being handled; false if it already was.
-fn record_event(db: &Db, event: &EventKey, expiry: Timestamp) -> rusqlite::Result<bool> {
-    db.events
-        .borrow_mut()
-        .record(&db.conn, &event.digest(), expiry)
+/// Records that the event whose digest is `key` is being handled; false if it already was.
+fn record_event(db: &Db, key: &[u8; 16], expiry: Timestamp) -> rusqlite::Result<bool> {
+    db.events.borrow_mut().record(&db.conn, key, expiry)
 }
 
 /// Takes back [`record_event`] for an event that changed nothing (a refused request),
 /// so that the same event, delivered again, is judged again.
-fn forget_event(db: &Db, event: &EventKey) -> rusqlite::Result<()> {
-    db.events.borrow().forget(&db.conn, &event.digest())
+fn forget_event(db: &Db, key: &[u8; 16]) -> rusqlite::Result<()> {
+    db.events.borrow().forget(&db.conn, key)
 }
 
 fn record_and_queue(conn: &Db, s: &EventMessages) -> rusqlite::Result<QueueOutcome> {
-    if !record_event(conn, &s.event, s.event_expiry)? {
+    if !record_event(conn, &s.event.digest(), s.event_expiry)? {
         return Ok(QueueOutcome::Duplicate);
     }
     // No unique index on ids (migration 3): the same id twice in one submission is the
@@ -624,13 +622,14 @@ fn record_and_queue(conn: &Db, s: &EventMessages) -> rusqlite::Result<QueueOutco
 }
 
 fn submit(conn: &Db, s: &PairingSubmission) -> rusqlite::Result<PairingOutcome> {
-    if !record_event(conn, &s.event, s.request_expiry)? {
+    let key = s.event.digest();
+    if !record_event(conn, &key, s.request_expiry)? {
         return Ok(PairingOutcome::Duplicate);
     }
     let plan = plan(s, pair_state(conn, s)?, || count_pending(conn, s))?;
     let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
     match &plan {
-        Plan::Refuse(_) => forget_event(conn, &s.event)?,
+        Plan::Refuse(_) => forget_event(conn, &key)?,
         Plan::Wait { .. } => {
             conn.prepare_cached(
                 "INSERT INTO pending_requests (requester_digest, target_digest, endpoint_id,
@@ -1105,10 +1104,9 @@ mod tests {
 
     /// A writer job running `f`, and where its answer will arrive.
     fn job<T: Send + 'static>(
-        f: impl FnMut(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        mut f: impl FnMut(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> (Job, oneshot::Receiver<Result<T>>) {
         let (reply, rx) = oneshot::channel();
-        let mut f = f;
         let job: Job = Box::new(Call {
             f: move |db: &Db| f(db),
             result: None,
