@@ -10,6 +10,7 @@
 
 mod events;
 mod filter;
+mod pending;
 
 use std::cell::RefCell;
 use std::ops::Deref;
@@ -27,12 +28,10 @@ use super::{
     PurgeReport, QueueOutcome, RequestStats, Result, Stats, Store, StoreError, StoredMessage,
     check_schema_version, deliverable,
 };
-use crate::domain::{
-    EndpointId, EventKey, MessageId, MessageKind, Offer, OutgoingMessage, PendingCounts,
-    PendingRequest, Protocol, Timestamp,
-};
-use crate::flow::{PairState, Plan, plan};
+use crate::domain::{EventKey, MessageId, MessageKind, OutgoingMessage, Timestamp};
+use crate::flow::{Plan, plan};
 use events::{GENERATION_KEYS, ProcessedEvents};
+use pending::{RECENT_ROWS, Recent};
 
 /// How long a statement waits for a lock another connection holds.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -92,14 +91,16 @@ where
 
 type Job = Box<dyn Operation>;
 
-/// What the writer's operations run on: its connection, and the generations of
-/// processed-event keys, whose filters live in memory beside it.
+/// What the writer's operations run on: its connection, the generations of
+/// processed-event keys, whose filters live in memory beside it, and the recent table of
+/// pending requests.
 struct Db {
     conn: Connection,
     events: RefCell<ProcessedEvents>,
-    /// Only the server seals generations: an admin command or `migrate` beside it would
-    /// seal the generation the server is still filling.
-    seals: bool,
+    recent: Recent,
+    /// Only the server seals generations and settles requests: an admin command or
+    /// `migrate` beside it would seal the generation the server is still filling.
+    maintains: bool,
 }
 
 impl Deref for Db {
@@ -110,26 +111,51 @@ impl Deref for Db {
     }
 }
 
+/// Sizes of the writer's structures: the defaults, smaller in tests.
+#[derive(Debug, Clone, Copy)]
+struct Tuning {
+    generation_keys: u64,
+    recent: pending::Tuning,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            generation_keys: GENERATION_KEYS,
+            recent: pending::Tuning {
+                recent_rows: RECENT_ROWS,
+            },
+        }
+    }
+}
+
 impl Db {
-    fn open(conn: Connection, generation_keys: u64, seals: bool) -> rusqlite::Result<Self> {
-        let events = RefCell::new(ProcessedEvents::load(&conn, generation_keys)?);
+    fn open(conn: Connection, tuning: Tuning, maintains: bool) -> rusqlite::Result<Self> {
+        let events = RefCell::new(ProcessedEvents::load(&conn, tuning.generation_keys)?);
         Ok(Self {
             conn,
             events,
-            seals,
+            recent: Recent::new(tuning.recent),
+            maintains,
         })
     }
 
-    /// Work between batches: sealing a full generation of event keys. A failure leaves
-    /// the generation open (it grows a little past its size) and is tried again after
-    /// the next batch.
+    /// Work between batches: sealing a full generation of event keys, settling pending
+    /// requests that have been waiting a while. A failure leaves things as they were (a
+    /// generation grows a little past its size, requests stay recent a little longer)
+    /// and is tried again after the next batch.
     fn maintain(&self) {
+        if !self.maintains {
+            return;
+        }
         let mut events = self.events.borrow_mut();
-        if self.seals
-            && events.full()
+        if events.full()
             && let Err(e) = events.seal(&self.conn)
         {
             tracing::warn!(error = %e, "could not seal a generation of processed-event keys");
+        }
+        if let Err(e) = self.recent.settle(&self.conn, crate::clock::now()) {
+            tracing::warn!(error = %e, "could not settle pending requests");
         }
     }
 }
@@ -174,6 +200,23 @@ impl SqliteStore {
         Self::open_as(path, synchronous, Role::Server { now })
     }
 
+    /// [`Self::open`] with at most `recent_rows` pending requests kept recent: with 0,
+    /// every waiting request is settled after the batch that stored it (for tests of
+    /// settled requests).
+    #[doc(hidden)]
+    pub fn open_with_recent_rows(
+        path: &Path,
+        synchronous: Synchronous,
+        now: Timestamp,
+        recent_rows: u64,
+    ) -> Result<Self> {
+        let tuning = Tuning {
+            recent: pending::Tuning { recent_rows },
+            ..Tuning::default()
+        };
+        Self::open_tuned(path, synchronous, Role::Server { now }, tuning)
+    }
+
     /// Opens (creating if missing) and migrates the database, for `migrate`, which may
     /// run beside a server: leases are left alone.
     pub fn open_to_migrate(path: &Path, synchronous: Synchronous) -> Result<Self> {
@@ -194,14 +237,14 @@ impl SqliteStore {
     }
 
     fn open_as(path: &Path, synchronous: Synchronous, role: Role) -> Result<Self> {
-        Self::open_with_generations(path, synchronous, role, GENERATION_KEYS)
+        Self::open_tuned(path, synchronous, role, Tuning::default())
     }
 
-    fn open_with_generations(
+    fn open_tuned(
         path: &Path,
         synchronous: Synchronous,
         role: Role,
-        generation_keys: u64,
+        tuning: Tuning,
     ) -> Result<Self> {
         let conn = Connection::open(path).map_err(unavailable)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
@@ -245,8 +288,8 @@ impl SqliteStore {
         if let Role::Server { now } = role {
             release_leases(&conn, now).map_err(unavailable)?;
         }
-        let seals = matches!(role, Role::Server { .. });
-        let db = Db::open(conn, generation_keys, seals).map_err(unavailable)?;
+        let maintains = matches!(role, Role::Server { .. });
+        let db = Db::open(conn, tuning, maintains).map_err(unavailable)?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -262,6 +305,14 @@ impl SqliteStore {
             jobs: tx,
             reader: Arc::new(Mutex::new(Some(reader))),
         })
+    }
+
+    /// Moves every pending request into the table of those that have waited a while, as
+    /// a server running long enough does: for a benchmark's preloaded database, and tests.
+    #[doc(hidden)]
+    pub async fn settle_pending(&self) -> Result<u64> {
+        self.call(|db| pending::settle_all(db).map(|n| n as u64))
+            .await
     }
 
     /// Runs the read `f` on the reader connection, off the async workers.
@@ -431,6 +482,21 @@ const MIGRATIONS: &[&str] = &[
          generation INTEGER PRIMARY KEY,
          bits BLOB NOT NULL
      );",
+    // 8: new pending requests wait in a small table of their own (see `pending`); the
+    // age index finds those to settle into `pending_requests`.
+    "CREATE TABLE pending_recent (
+         requester_digest BLOB NOT NULL,
+         target_digest BLOB NOT NULL,
+         endpoint_id TEXT NOT NULL,
+         protocol TEXT NOT NULL,
+         offer BLOB NOT NULL,
+         created_at INTEGER NOT NULL,
+         expires_at INTEGER NOT NULL,
+         PRIMARY KEY (target_digest, requester_digest)
+     ) WITHOUT ROWID;
+     CREATE INDEX pending_recent_sender
+         ON pending_recent (endpoint_id, target_digest, expires_at);
+     CREATE INDEX pending_recent_age ON pending_recent (created_at);",
 ];
 
 fn schema_version(conn: &Connection) -> Result<usize> {
@@ -621,146 +687,25 @@ fn record_and_queue(conn: &Db, s: &EventMessages) -> rusqlite::Result<QueueOutco
     Ok(QueueOutcome::Queued)
 }
 
-fn submit(conn: &Db, s: &PairingSubmission) -> rusqlite::Result<PairingOutcome> {
+fn submit(db: &Db, s: &PairingSubmission) -> rusqlite::Result<PairingOutcome> {
     let key = s.event.digest();
-    if !record_event(conn, &key, s.request_expiry)? {
+    if !record_event(db, &key, s.request_expiry)? {
         return Ok(PairingOutcome::Duplicate);
     }
-    let plan = plan(s, pair_state(conn, s)?, || count_pending(conn, s))?;
-    let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
+    let plan = plan(s, pending::pair_state(db, s)?, || {
+        pending::count_pending(db, s)
+    })?;
     match &plan {
-        Plan::Refuse(_) => forget_event(conn, &key)?,
-        Plan::Wait { .. } => {
-            conn.prepare_cached(
-                "INSERT INTO pending_requests (requester_digest, target_digest, endpoint_id,
-                                               protocol, offer, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (target_digest, requester_digest) DO UPDATE SET
-                     endpoint_id = excluded.endpoint_id, protocol = excluded.protocol,
-                     offer = excluded.offer, created_at = excluded.created_at,
-                     expires_at = excluded.expires_at",
-            )?
-            .execute(params![
-                requester,
-                target,
-                s.request.endpoint_id.as_str(),
-                s.request.offer.protocol.name(),
-                s.request.offer.bytes,
-                s.now.0,
-                s.request_expiry.0
-            ])?;
-        }
+        Plan::Refuse(_) => forget_event(db, &key)?,
+        Plan::Wait { .. } => pending::wait(db, &db.recent, s)?,
         Plan::Match { messages } => {
-            conn.prepare_cached(
-                "DELETE FROM pending_requests
-                 WHERE (requester_digest = ?1 AND target_digest = ?2)
-                    OR (requester_digest = ?2 AND target_digest = ?1)",
-            )?
-            .execute(params![requester, target])?;
+            pending::remove_pair(db, s)?;
             for m in messages {
-                insert_message(conn, m)?;
+                insert_message(db, m)?;
             }
         }
     }
     Ok(plan.outcome())
-}
-
-/// The live reverse request and the live request this one would replace.
-fn pair_state(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairState> {
-    let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    let mut pending = conn.prepare_cached(
-        "SELECT endpoint_id, protocol, offer FROM pending_requests
-         WHERE requester_digest = ?1 AND target_digest = ?2 AND expires_at > ?3",
-    )?;
-    let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(String, String, Vec<u8>)> {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-    };
-    let counterpart = pending
-        .query_row(params![target, requester, s.now.0], read)
-        .optional()?;
-    let previous = pending
-        .query_row(params![requester, target, s.now.0], read)
-        .optional()?;
-    Ok(PairState {
-        counterpart: match counterpart {
-            Some((id, protocol, bytes)) => pending_request(&id, &protocol, bytes)?,
-            None => None,
-        },
-        previous: match previous {
-            Some((id, _, _)) => Some(endpoint_id(&id)?),
-            None => None,
-        },
-    })
-}
-
-/// A stored pending request; `None` for a protocol this build does not know (a newer
-/// build's row: it cannot match any request this build handles).
-fn pending_request(
-    id: &str,
-    protocol: &str,
-    bytes: Vec<u8>,
-) -> rusqlite::Result<Option<PendingRequest>> {
-    let endpoint_id = endpoint_id(id)?;
-    Ok(
-        Protocol::from_name(protocol).map(|protocol| PendingRequest {
-            endpoint_id,
-            offer: Offer { protocol, bytes },
-        }),
-    )
-}
-
-fn endpoint_id(id: &str) -> rusqlite::Result<EndpointId> {
-    EndpointId::parse(id).map_err(|_| corrupt("pending endpoint id"))
-}
-
-/// Counts what the caps look at, stopping at each cap: a full count of a flooded
-/// sender's requests would cost more than the request is worth.
-fn count_pending(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PendingCounts> {
-    let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    // u32::MAX is no cap: nothing to count.
-    let from_sender: i64 = if s.limits.per_sender == u32::MAX {
-        0
-    } else {
-        conn.prepare_cached(
-            "SELECT count(*) FROM (
-                 SELECT 1 FROM pending_requests
-                 WHERE endpoint_id = ?1 AND expires_at > ?2
-                   AND NOT (requester_digest = ?3 AND target_digest = ?4)
-                 LIMIT ?5)",
-        )?
-        .query_row(
-            params![
-                s.request.endpoint_id.as_str(),
-                s.now.0,
-                requester,
-                target,
-                s.limits.per_sender
-            ],
-            |r| r.get(0),
-        )?
-    };
-    let for_target: i64 = conn
-        .prepare_cached(
-            "SELECT count(*) FROM (
-                 SELECT 1 FROM pending_requests INDEXED BY pending_requests_sender
-                 WHERE endpoint_id = ?5 AND target_digest = ?1 AND expires_at > ?2
-                   AND requester_digest <> ?3
-                 LIMIT ?4)",
-        )?
-        .query_row(
-            params![
-                target,
-                s.now.0,
-                requester,
-                s.limits.per_target,
-                s.request.endpoint_id.as_str()
-            ],
-            |r| r.get(0),
-        )?;
-    Ok(PendingCounts {
-        from_sender: u64::try_from(from_sender).unwrap_or(0),
-        for_target: u64::try_from(for_target).unwrap_or(0),
-    })
 }
 
 fn insert_message(conn: &Connection, m: &OutgoingMessage) -> rusqlite::Result<()> {
@@ -936,8 +881,12 @@ impl Store for SqliteStore {
                 conn.query_row("SELECT count(*), min(time_ms) FROM outbox", [], |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })?;
-            let pending: i64 =
-                conn.query_row("SELECT count(*) FROM pending_requests", [], |r| r.get(0))?;
+            let pending: i64 = conn.query_row(
+                "SELECT (SELECT count(*) FROM pending_recent)
+                        + (SELECT count(*) FROM pending_requests)",
+                [],
+                |r| r.get(0),
+            )?;
             Ok(Stats {
                 outbox_depth: u64::try_from(depth).unwrap_or(0),
                 outbox_oldest: oldest.map(Timestamp),
@@ -949,7 +898,11 @@ impl Store for SqliteStore {
 
     async fn purge_expired(&self, now: Timestamp) -> Result<PurgeReport> {
         self.call(move |conn| {
+            // The recent table has no expiry index: it is small, and scanned.
             let requests = conn.execute(
+                "DELETE FROM pending_recent WHERE expires_at <= ?1",
+                params![now.0],
+            )? + conn.execute(
                 "DELETE FROM pending_requests WHERE expires_at <= ?1",
                 params![now.0],
             )?;
@@ -1064,12 +1017,17 @@ impl Store for SqliteStore {
             let (live, expired, oldest): (Option<i64>, Option<i64>, Option<i64>) = conn.query_row(
                 "SELECT sum(expires_at > ?1), sum(expires_at <= ?1),
                             min(CASE WHEN expires_at > ?1 THEN created_at END)
-                     FROM pending_requests",
+                     FROM (SELECT expires_at, created_at FROM pending_recent
+                           UNION ALL
+                           SELECT expires_at, created_at FROM pending_requests)",
                 params![now.0],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )?;
             let senders: i64 = conn.query_row(
-                "SELECT count(DISTINCT endpoint_id) FROM pending_requests WHERE expires_at > ?1",
+                "SELECT count(*) FROM (
+                     SELECT endpoint_id FROM pending_recent WHERE expires_at > ?1
+                     UNION
+                     SELECT endpoint_id FROM pending_requests WHERE expires_at > ?1)",
                 params![now.0],
                 |r| r.get(0),
             )?;
@@ -1118,7 +1076,7 @@ mod tests {
     /// `conn` as the writer holds it, with this build's schema beside the test's tables.
     fn writer_db(conn: Connection) -> Db {
         apply_migrations(&conn, 0, MIGRATIONS.len()).expect("migrations");
-        Db::open(conn, GENERATION_KEYS, true).expect("writer")
+        Db::open(conn, Tuning::default(), true).expect("writer")
     }
 
     fn insert(name: &'static str) -> impl FnMut(&Connection) -> rusqlite::Result<()> + Send {
@@ -1345,11 +1303,14 @@ mod tests {
     const LATER: Timestamp = Timestamp(i64::MAX / 2);
 
     async fn open_small(path: &Path) -> SqliteStore {
-        SqliteStore::open_with_generations(
+        SqliteStore::open_tuned(
             path,
             Synchronous::Normal,
             Role::Server { now: Timestamp(0) },
-            3,
+            Tuning {
+                generation_keys: 3,
+                ..Tuning::default()
+            },
         )
         .expect("store")
     }
@@ -1434,7 +1395,11 @@ mod tests {
         let server = open_small(&path).await;
         assert!(all(&server, 0..2, QueueOutcome::Queued).await);
         // For the admin, the server's current generation is already full.
-        let admin = SqliteStore::open_with_generations(&path, Synchronous::Normal, Role::Admin, 1)
+        let tuning = Tuning {
+            generation_keys: 1,
+            ..Tuning::default()
+        };
+        let admin = SqliteStore::open_tuned(&path, Synchronous::Normal, Role::Admin, tuning)
             .expect("admin");
         admin.purge_expired(Timestamp(0)).await.expect("purge");
         admin.ping().await.expect("writer");
@@ -1472,6 +1437,7 @@ mod tests {
 #[cfg(test)]
 mod secure_delete {
     use super::*;
+    use crate::domain::EndpointId;
 
     const DAY_MS: i64 = 86_400_000;
 

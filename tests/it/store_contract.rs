@@ -1,5 +1,6 @@
 //! One contract for every `Store` backend: each test below runs on a temporary SQLite
-//! file and on a fresh PostgreSQL database (from `TEST_DATABASE_URL`; skipped, with a
+//! file (twice: as it is, and with every waiting request settled into the long-term
+//! table at once) and on a fresh PostgreSQL database (from `TEST_DATABASE_URL`; skipped, with a
 //! message, when that is not set).
 
 use std::sync::Arc;
@@ -39,6 +40,18 @@ impl Backend {
     pub async fn sqlite() -> Self {
         let (dir, path) = temp_db();
         let store = SqliteStore::open(&path, Synchronous::Full, NOW).expect("open SQLite");
+        Self {
+            store: Arc::new(store),
+            cleanup: Cleanup::Sqlite(dir),
+        }
+    }
+
+    /// SQLite with no recent pending requests: each waiting request is settled into the
+    /// long-term table after the batch that stored it, so every test meets it there.
+    pub async fn sqlite_settled() -> Self {
+        let (dir, path) = temp_db();
+        let store = SqliteStore::open_with_recent_rows(&path, Synchronous::Full, NOW, 0)
+            .expect("open SQLite");
         Self {
             store: Arc::new(store),
             cleanup: Cleanup::Sqlite(dir),
@@ -538,6 +551,16 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     let backend = super::Backend::sqlite().await;
+                    super::$test(backend.store.clone()).await;
+                    backend.finish().await;
+                }
+            )*
+        }
+        mod sqlite_settled {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let backend = super::Backend::sqlite_settled().await;
                     super::$test(backend.store.clone()).await;
                     backend.finish().await;
                 }

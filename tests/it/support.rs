@@ -304,7 +304,12 @@ pub fn outbox_ids(db: &Path) -> Vec<String> {
 pub fn pending_count(db: &Path) -> u64 {
     let conn = rusqlite::Connection::open(db).expect("open database");
     let n: i64 = conn
-        .query_row("SELECT count(*) FROM pending_requests", [], |r| r.get(0))
+        .query_row(
+            "SELECT (SELECT count(*) FROM pending_recent)
+                    + (SELECT count(*) FROM pending_requests)",
+            [],
+            |r| r.get(0),
+        )
         .expect("count");
     u64::try_from(n).expect("count")
 }
