@@ -31,7 +31,7 @@ use super::{
 use crate::domain::{EventKey, MessageId, MessageKind, OutgoingMessage, Timestamp};
 use crate::flow::{Plan, plan};
 use events::{GENERATION_KEYS, ProcessedEvents};
-use pending::{RECENT_ROWS, Recent};
+use pending::{Keys, Pending, RECENT_ROWS};
 
 /// How long a statement waits for a lock another connection holds.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -97,7 +97,7 @@ type Job = Box<dyn Operation>;
 struct Db {
     conn: Connection,
     events: RefCell<ProcessedEvents>,
-    recent: Recent,
+    pending: Pending,
     /// Only the server seals generations and settles requests: an admin command or
     /// `migrate` beside it would seal the generation the server is still filling.
     maintains: bool,
@@ -132,10 +132,11 @@ impl Default for Tuning {
 impl Db {
     fn open(conn: Connection, tuning: Tuning, maintains: bool) -> rusqlite::Result<Self> {
         let events = RefCell::new(ProcessedEvents::load(&conn, tuning.generation_keys)?);
+        let pending = Pending::load(&conn, tuning.recent, maintains)?;
         Ok(Self {
             conn,
             events,
-            recent: Recent::new(tuning.recent),
+            pending,
             maintains,
         })
     }
@@ -154,7 +155,7 @@ impl Db {
         {
             tracing::warn!(error = %e, "could not seal a generation of processed-event keys");
         }
-        if let Err(e) = self.recent.settle(&self.conn, crate::clock::now()) {
+        if let Err(e) = self.pending.settle(&self.conn, crate::clock::now()) {
             tracing::warn!(error = %e, "could not settle pending requests");
         }
     }
@@ -311,7 +312,7 @@ impl SqliteStore {
     /// a server running long enough does: for a benchmark's preloaded database, and tests.
     #[doc(hidden)]
     pub async fn settle_pending(&self) -> Result<u64> {
-        self.call(|db| pending::settle_all(db).map(|n| n as u64))
+        self.call(|db| db.pending.settle_all(db).map(|n| n as u64))
             .await
     }
 
@@ -692,14 +693,15 @@ fn submit(db: &Db, s: &PairingSubmission) -> rusqlite::Result<PairingOutcome> {
     if !record_event(db, &key, s.request_expiry)? {
         return Ok(PairingOutcome::Duplicate);
     }
-    let plan = plan(s, pending::pair_state(db, s)?, || {
-        pending::count_pending(db, s)
+    let keys = Keys::of(s);
+    let plan = plan(s, pending::pair_state(db, &db.pending, s, &keys)?, || {
+        pending::count_pending(db, &db.pending, s, &keys)
     })?;
     match &plan {
         Plan::Refuse(_) => forget_event(db, &key)?,
-        Plan::Wait { .. } => pending::wait(db, &db.recent, s)?,
+        Plan::Wait { .. } => pending::wait(db, &db.pending, s, &keys)?,
         Plan::Match { messages } => {
-            pending::remove_pair(db, s)?;
+            pending::remove_pair(db, &db.pending, s, &keys)?;
             for m in messages {
                 insert_message(db, m)?;
             }

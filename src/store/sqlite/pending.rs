@@ -12,11 +12,24 @@
 //! moved (settled) into the large table by the writer between batches, a few hundred at
 //! a time, in a transaction of its own. A pair has a row in one of the two tables at
 //! most; every lookup, count and deletion looks in both.
+//!
+//! Looking in the large table costs a random leaf read each time (three or four per
+//! request), so the server keeps a Bloom filter of its keys in memory ([`Settled`]):
+//! every pair, and every (sending endpoint, target) couple, it holds. A request whose
+//! pair has nothing settled, the usual case, then touches the recent table only. The
+//! filter is filled before the rows it covers are committed (a rollback only adds false
+//! positives) and is built from the table when the writer starts, so it never lacks a
+//! key the table holds. Deleted rows stay in it until it is rebuilt, once as many rows
+//! have been settled as it was sized for.
 
 use std::cell::Cell;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use std::cell::RefCell;
 
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use sha2::{Digest, Sha256};
+
+use super::filter::Filter;
 use crate::domain::{EndpointId, Offer, PendingCounts, PendingRequest, Protocol, Timestamp};
 use crate::flow::{PairState, PairingSubmission};
 
@@ -37,27 +50,141 @@ pub(super) struct Tuning {
     pub recent_rows: u64,
 }
 
-/// The recent table as the writer tracks it.
+/// Settled rows a filter is sized for at least.
+const MIN_SETTLED_ROWS: u64 = 65_536;
+
+/// The filter keys of a request: its pair, the reverse pair, and its sender and target.
 #[derive(Debug)]
-pub(super) struct Recent {
+pub(super) struct Keys {
+    pair: [u8; 16],
+    reverse: [u8; 16],
+    sender: [u8; 16],
+}
+
+impl Keys {
+    pub(super) fn of(s: &PairingSubmission) -> Self {
+        let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
+        Self {
+            pair: pair_key(target, requester),
+            reverse: pair_key(requester, target),
+            sender: sender_key(s.request.endpoint_id.as_str(), target),
+        }
+    }
+}
+
+/// A row's pair as a filter key (tagged, so that no pair key is a sender key).
+fn pair_key(target: &[u8], requester: &[u8]) -> [u8; 16] {
+    let mut hash = Sha256::new();
+    hash.update(b"pair\0");
+    hash.update(target);
+    hash.update(requester);
+    first_16(&hash.finalize())
+}
+
+/// A row's sending endpoint and target as a filter key.
+fn sender_key(endpoint_id: &str, target: &[u8]) -> [u8; 16] {
+    let mut hash = Sha256::new();
+    hash.update(b"sender\0");
+    hash.update(endpoint_id.as_bytes());
+    hash.update(b"\0");
+    hash.update(target);
+    first_16(&hash.finalize())
+}
+
+fn first_16(digest: &[u8]) -> [u8; 16] {
+    let mut key = [0; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
+
+/// The filter of the large table's keys.
+#[derive(Debug)]
+struct Settled {
+    filter: Filter,
+    /// Rows added since it was built.
+    added: u64,
+    /// Rows it is sized for (two keys each).
+    rows: u64,
+}
+
+impl Settled {
+    /// Built from every row of the table, sized for twice as many (or the minimum).
+    fn build(conn: &Connection) -> rusqlite::Result<Self> {
+        let rows: i64 =
+            conn.query_row("SELECT count(*) FROM pending_requests", [], |r| r.get(0))?;
+        let rows = (u64::try_from(rows).unwrap_or(0) * 2).max(MIN_SETTLED_ROWS);
+        let mut settled = Self {
+            filter: Filter::with_capacity(rows * 2),
+            added: 0,
+            rows,
+        };
+        let mut stmt = conn
+            .prepare("SELECT target_digest, requester_digest, endpoint_id FROM pending_requests")?;
+        let mut table = stmt.query([])?;
+        while let Some(row) = table.next()? {
+            settled.add(row)?;
+        }
+        settled.added = 0;
+        Ok(settled)
+    }
+
+    /// Adds the keys of a row read as (target_digest, requester_digest, endpoint_id).
+    fn add(&mut self, row: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
+        let target = row.get_ref(0)?.as_blob()?;
+        let requester = row.get_ref(1)?.as_blob()?;
+        let endpoint_id = row.get_ref(2)?.as_str()?;
+        self.filter.insert(&pair_key(target, requester));
+        self.filter.insert(&sender_key(endpoint_id, target));
+        self.added += 1;
+        Ok(())
+    }
+}
+
+/// The pending requests as the writer tracks them: how full the recent table is, and the
+/// filter of the large table's keys.
+#[derive(Debug)]
+pub(super) struct Pending {
     tuning: Tuning,
     /// Rows stored in the recent table since it was last counted (rolled-back ones
     /// included: it only decides when to count).
     stored: Cell<u64>,
+    /// `None` where no request is planned (an admin command, `migrate`): every lookup
+    /// then reads the large table.
+    settled: RefCell<Option<Settled>>,
 }
 
-impl Recent {
-    pub(super) fn new(tuning: Tuning) -> Self {
-        Self {
+impl Pending {
+    /// For the server (`filtered`), with the large table's filter built from its rows.
+    pub(super) fn load(
+        conn: &Connection,
+        tuning: Tuning,
+        filtered: bool,
+    ) -> rusqlite::Result<Self> {
+        let settled = if filtered {
+            Some(Settled::build(conn)?)
+        } else {
+            None
+        };
+        Ok(Self {
             tuning,
             // Counted at the first step: an earlier process may have left it full.
             stored: Cell::new(tuning.recent_rows),
-        }
+            settled: RefCell::new(settled),
+        })
+    }
+
+    /// False if the large table certainly has no row with this key.
+    fn may_be_settled(&self, key: &[u8; 16]) -> bool {
+        self.settled
+            .borrow()
+            .as_ref()
+            .is_none_or(|settled| settled.filter.may_contain(key))
     }
 
     /// Settles one step's worth of rows that are too old, or too many: none if neither.
     /// Returns how many were moved.
     pub(super) fn settle(&self, conn: &Connection, now: Timestamp) -> rusqlite::Result<usize> {
+        self.rebuild_if_full(conn)?;
         let oldest: Option<i64> = conn
             .prepare_cached("SELECT min(created_at) FROM pending_recent")?
             .query_row([], |r| r.get(0))?;
@@ -98,7 +225,9 @@ impl Recent {
         if let Some(limit) = nth_oldest(SETTLE_STEP)? {
             cutoff = cutoff.min(limit);
         }
-        let moved = move_up_to(conn, cutoff)?;
+        let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+        let moved = self.move_rows(&tx, cutoff)?;
+        tx.commit()?;
         if excess > moved as u64 {
             // Not all of it this time: count again after the next batch.
             self.stored.set(self.tuning.recent_rows);
@@ -110,59 +239,84 @@ impl Recent {
     fn stored(&self) {
         self.stored.set(self.stored.get().saturating_add(1));
     }
-}
 
-/// Moves the recent rows created at or before `cutoff` into the large table, in one
-/// immediate transaction (an admin command writing beside the server makes it wait its
-/// turn rather than fail half-way).
-fn move_up_to(conn: &Connection, cutoff: i64) -> rusqlite::Result<usize> {
-    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-    let moved = move_rows(&tx, cutoff)?;
-    tx.commit()?;
-    Ok(moved)
-}
+    /// Rebuilds the filter once as many rows were added as it was sized for: deleted
+    /// rows' keys go, and it is sized for the table as it is now.
+    fn rebuild_if_full(&self, conn: &Connection) -> rusqlite::Result<()> {
+        let full = self
+            .settled
+            .borrow()
+            .as_ref()
+            .is_some_and(|settled| settled.added >= settled.rows);
+        if full {
+            let started = std::time::Instant::now();
+            let settled = Settled::build(conn)?;
+            tracing::info!(
+                sized_for = settled.rows,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "filter of settled pending requests rebuilt"
+            );
+            *self.settled.borrow_mut() = Some(settled);
+        }
+        Ok(())
+    }
 
-/// [`move_up_to`] inside the caller's transaction.
-fn move_rows(conn: &Connection, cutoff: i64) -> rusqlite::Result<usize> {
-    // In key order, so the inserts walk the large table forward. A pair's row is in one
-    // table only; were one in both, the recent row is the newer.
-    let moved = conn
-        .prepare_cached(
-            "INSERT INTO pending_requests (requester_digest, target_digest, endpoint_id,
-                                           protocol, offer, created_at, expires_at)
-             SELECT requester_digest, target_digest, endpoint_id, protocol, offer,
-                    created_at, expires_at
-             FROM pending_recent WHERE created_at <= ?1
-             ORDER BY target_digest, requester_digest
-             ON CONFLICT (target_digest, requester_digest) DO UPDATE SET
-                 endpoint_id = excluded.endpoint_id, protocol = excluded.protocol,
-                 offer = excluded.offer, created_at = excluded.created_at,
-                 expires_at = excluded.expires_at",
-        )?
-        .execute(params![cutoff])?;
-    conn.prepare_cached("DELETE FROM pending_recent WHERE created_at <= ?1")?
-        .execute(params![cutoff])?;
-    Ok(moved)
-}
+    /// Moves the recent rows created at or before `cutoff` into the large table, inside
+    /// the caller's transaction, their keys into the filter first.
+    fn move_rows(&self, conn: &Connection, cutoff: i64) -> rusqlite::Result<usize> {
+        if let Some(settled) = self.settled.borrow_mut().as_mut() {
+            let mut stmt = conn.prepare_cached(
+                "SELECT target_digest, requester_digest, endpoint_id FROM pending_recent
+                 WHERE created_at <= ?1",
+            )?;
+            let mut rows = stmt.query(params![cutoff])?;
+            while let Some(row) = rows.next()? {
+                settled.add(row)?;
+            }
+        }
+        // In key order, so the inserts walk the large table forward. A pair's row is in
+        // one table only; were one in both, the recent row is the newer.
+        let moved = conn
+            .prepare_cached(
+                "INSERT INTO pending_requests (requester_digest, target_digest, endpoint_id,
+                                               protocol, offer, created_at, expires_at)
+                 SELECT requester_digest, target_digest, endpoint_id, protocol, offer,
+                        created_at, expires_at
+                 FROM pending_recent WHERE created_at <= ?1
+                 ORDER BY target_digest, requester_digest
+                 ON CONFLICT (target_digest, requester_digest) DO UPDATE SET
+                     endpoint_id = excluded.endpoint_id, protocol = excluded.protocol,
+                     offer = excluded.offer, created_at = excluded.created_at,
+                     expires_at = excluded.expires_at",
+            )?
+            .execute(params![cutoff])?;
+        conn.prepare_cached("DELETE FROM pending_recent WHERE created_at <= ?1")?
+            .execute(params![cutoff])?;
+        Ok(moved)
+    }
 
-/// Moves every recent row into the large table, as a long-running server would in time,
-/// inside the caller's transaction.
-pub(super) fn settle_all(conn: &Connection) -> rusqlite::Result<usize> {
-    move_rows(conn, i64::MAX)
+    /// Moves every recent row into the large table, as a long-running server would in
+    /// time, inside the caller's transaction.
+    pub(super) fn settle_all(&self, conn: &Connection) -> rusqlite::Result<usize> {
+        self.move_rows(conn, i64::MAX)
+    }
 }
 
 /// Stores `s` to wait for its counterpart, replacing the pair's earlier request.
 pub(super) fn wait(
     conn: &Connection,
-    recent: &Recent,
+    pending: &Pending,
     s: &PairingSubmission,
+    keys: &Keys,
 ) -> rusqlite::Result<()> {
     let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
     // The earlier request may have been settled: the new one is recent.
-    conn.prepare_cached(
-        "DELETE FROM pending_requests WHERE target_digest = ?1 AND requester_digest = ?2",
-    )?
-    .execute(params![target, requester])?;
+    if pending.may_be_settled(&keys.pair) {
+        conn.prepare_cached(
+            "DELETE FROM pending_requests WHERE target_digest = ?1 AND requester_digest = ?2",
+        )?
+        .execute(params![target, requester])?;
+    }
     conn.prepare_cached(
         "INSERT INTO pending_recent (requester_digest, target_digest, endpoint_id,
                                      protocol, offer, created_at, expires_at)
@@ -181,48 +335,66 @@ pub(super) fn wait(
         s.now.0,
         s.request_expiry.0
     ])?;
-    recent.stored();
+    pending.stored();
     Ok(())
 }
 
 /// Deletes the pair's requests, both ways round, from both tables.
-pub(super) fn remove_pair(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<()> {
+pub(super) fn remove_pair(
+    conn: &Connection,
+    pending: &Pending,
+    s: &PairingSubmission,
+    keys: &Keys,
+) -> rusqlite::Result<()> {
     let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    for sql in [
+    conn.prepare_cached(
         "DELETE FROM pending_recent
          WHERE (requester_digest = ?1 AND target_digest = ?2)
             OR (requester_digest = ?2 AND target_digest = ?1)",
-        "DELETE FROM pending_requests
-         WHERE (requester_digest = ?1 AND target_digest = ?2)
-            OR (requester_digest = ?2 AND target_digest = ?1)",
-    ] {
-        conn.prepare_cached(sql)?
-            .execute(params![requester, target])?;
+    )?
+    .execute(params![requester, target])?;
+    if pending.may_be_settled(&keys.pair) || pending.may_be_settled(&keys.reverse) {
+        conn.prepare_cached(
+            "DELETE FROM pending_requests
+             WHERE (requester_digest = ?1 AND target_digest = ?2)
+                OR (requester_digest = ?2 AND target_digest = ?1)",
+        )?
+        .execute(params![requester, target])?;
     }
     Ok(())
 }
 
 /// The live reverse request and the live request this one would replace.
-pub(super) fn pair_state(conn: &Connection, s: &PairingSubmission) -> rusqlite::Result<PairState> {
+pub(super) fn pair_state(
+    conn: &Connection,
+    pending: &Pending,
+    s: &PairingSubmission,
+    keys: &Keys,
+) -> rusqlite::Result<PairState> {
     let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    // The recent table first: a counterpart is usually there.
-    let mut pending = conn.prepare_cached(
-        "SELECT endpoint_id, protocol, offer FROM pending_recent
-         WHERE requester_digest = ?1 AND target_digest = ?2 AND expires_at > ?3
-         UNION ALL
-         SELECT endpoint_id, protocol, offer FROM pending_requests
-         WHERE requester_digest = ?1 AND target_digest = ?2 AND expires_at > ?3
-         LIMIT 1",
-    )?;
-    let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(String, String, Vec<u8>)> {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-    };
-    let counterpart = pending
-        .query_row(params![target, requester, s.now.0], read)
-        .optional()?;
-    let previous = pending
+    let find = |requester: &[u8], target: &[u8], key: &[u8; 16]| {
+        let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(String, String, Vec<u8>)> {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        };
+        let recent = conn
+            .prepare_cached(
+                "SELECT endpoint_id, protocol, offer FROM pending_recent
+                 WHERE requester_digest = ?1 AND target_digest = ?2 AND expires_at > ?3",
+            )?
+            .query_row(params![requester, target, s.now.0], read)
+            .optional()?;
+        if recent.is_some() || !pending.may_be_settled(key) {
+            return Ok(recent);
+        }
+        conn.prepare_cached(
+            "SELECT endpoint_id, protocol, offer FROM pending_requests
+             WHERE requester_digest = ?1 AND target_digest = ?2 AND expires_at > ?3",
+        )?
         .query_row(params![requester, target, s.now.0], read)
-        .optional()?;
+        .optional()
+    };
+    let counterpart = find(target, requester, &keys.reverse)?;
+    let previous = find(requester, target, &keys.pair)?;
     Ok(PairState {
         counterpart: match counterpart {
             Some((id, protocol, bytes)) => pending_request(&id, &protocol, bytes)?,
@@ -259,10 +431,12 @@ fn endpoint_id(id: &str) -> rusqlite::Result<EndpointId> {
 /// sender's requests would cost more than the request is worth.
 pub(super) fn count_pending(
     conn: &Connection,
+    pending: &Pending,
     s: &PairingSubmission,
+    keys: &Keys,
 ) -> rusqlite::Result<PendingCounts> {
     let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    // u32::MAX is no cap: nothing to count.
+    // u32::MAX is no cap: nothing to count. The filter has no key for a sender alone.
     let from_sender: i64 = if s.limits.per_sender == u32::MAX {
         0
     } else {
@@ -288,31 +462,40 @@ pub(super) fn count_pending(
             |r| r.get(0),
         )?
     };
-    let for_target: i64 = conn
-        .prepare_cached(
-            "SELECT count(*) FROM (
-                 SELECT 1 FROM pending_recent INDEXED BY pending_recent_sender
-                 WHERE endpoint_id = ?5 AND target_digest = ?1 AND expires_at > ?2
-                   AND requester_digest <> ?3
-                 UNION ALL
-                 SELECT 1 FROM pending_requests INDEXED BY pending_requests_sender
-                 WHERE endpoint_id = ?5 AND target_digest = ?1 AND expires_at > ?2
-                   AND requester_digest <> ?3
-                 LIMIT ?4)",
-        )?
-        .query_row(
+    let for_target = |sql: &str, limit: i64| -> rusqlite::Result<i64> {
+        conn.prepare_cached(sql)?.query_row(
             params![
                 target,
                 s.now.0,
                 requester,
-                s.limits.per_target,
+                limit,
                 s.request.endpoint_id.as_str()
             ],
             |r| r.get(0),
+        )
+    };
+    let cap = i64::from(s.limits.per_target);
+    let mut for_target_count = for_target(
+        "SELECT count(*) FROM (
+             SELECT 1 FROM pending_recent INDEXED BY pending_recent_sender
+             WHERE endpoint_id = ?5 AND target_digest = ?1 AND expires_at > ?2
+               AND requester_digest <> ?3
+             LIMIT ?4)",
+        cap,
+    )?;
+    if for_target_count < cap && pending.may_be_settled(&keys.sender) {
+        for_target_count += for_target(
+            "SELECT count(*) FROM (
+                 SELECT 1 FROM pending_requests INDEXED BY pending_requests_sender
+                 WHERE endpoint_id = ?5 AND target_digest = ?1 AND expires_at > ?2
+                   AND requester_digest <> ?3
+                 LIMIT ?4)",
+            cap - for_target_count,
         )?;
+    }
     Ok(PendingCounts {
         from_sender: u64::try_from(from_sender).unwrap_or(0),
-        for_target: u64::try_from(for_target).unwrap_or(0),
+        for_target: u64::try_from(for_target_count).unwrap_or(0),
     })
 }
 
@@ -359,8 +542,8 @@ mod tests {
             .expect("ages")
     }
 
-    fn recent(rows: u64) -> Recent {
-        Recent::new(Tuning { recent_rows: rows })
+    fn recent(conn: &Connection, rows: u64) -> Pending {
+        Pending::load(conn, Tuning { recent_rows: rows }, true).expect("load")
     }
 
     #[test]
@@ -368,17 +551,17 @@ mod tests {
         let conn = db();
         add(&conn, 1, NOW.0 - 2 * MINUTE, b"old");
         add(&conn, 2, NOW.0 - MINUTE + 1, b"young");
-        assert_eq!(recent(100).settle(&conn, NOW).expect("settle"), 1);
+        assert_eq!(recent(&conn, 100).settle(&conn, NOW).expect("settle"), 1);
         assert_eq!(ages(&conn, "pending_requests"), [NOW.0 - 2 * MINUTE]);
         assert_eq!(ages(&conn, "pending_recent"), [NOW.0 - MINUTE + 1]);
         // Nothing more is due.
-        assert_eq!(recent(100).settle(&conn, NOW).expect("settle"), 0);
+        assert_eq!(recent(&conn, 100).settle(&conn, NOW).expect("settle"), 0);
     }
 
     #[test]
     fn beyond_the_recent_rows_the_oldest_are_settled() {
         let conn = db();
-        let recent = recent(4);
+        let recent = recent(&conn, 4);
         for n in 0..10 {
             add(&conn, n, NOW.0 + i64::from(n), b"k");
             recent.stored();
@@ -397,7 +580,7 @@ mod tests {
         for n in 0..1_000 {
             add(&conn, n, NOW.0 - 10 * MINUTE + i64::from(n), b"k");
         }
-        let recent = recent(100);
+        let recent = recent(&conn, 100);
         assert_eq!(recent.settle(&conn, NOW).expect("settle"), 512);
         assert_eq!(recent.settle(&conn, NOW).expect("settle"), 488);
         assert_eq!(recent.settle(&conn, NOW).expect("settle"), 0);
@@ -408,14 +591,75 @@ mod tests {
     fn a_settled_copy_of_a_pair_gives_way_to_the_recent_one() {
         let conn = db();
         add(&conn, 7, NOW.0 - 3 * MINUTE, b"first");
-        settle_all(&conn).expect("settle");
+        recent(&conn, 100).settle_all(&conn).expect("settle");
         // A bug's duplicate: the recent row is the newer and must win.
         add(&conn, 7, NOW.0 - 2 * MINUTE, b"second");
-        assert_eq!(recent(100).settle(&conn, NOW).expect("settle"), 1);
+        assert_eq!(recent(&conn, 100).settle(&conn, NOW).expect("settle"), 1);
         let offer: Vec<u8> = conn
             .query_row("SELECT offer FROM pending_requests", [], |r| r.get(0))
             .expect("row");
         assert_eq!(offer, b"second");
         assert!(ages(&conn, "pending_recent").is_empty());
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+
+    fn db() -> Connection {
+        let conn = Connection::open_in_memory().expect("open");
+        super::super::apply_migrations(&conn, 0, super::super::SCHEMA_VERSION).expect("schema");
+        conn
+    }
+
+    fn settle_one(conn: &Connection, pending: &Pending, n: u8) -> [u8; 16] {
+        let (target, requester) = ([n; 32], [n ^ 0xff; 32]);
+        conn.execute(
+            "INSERT INTO pending_recent (requester_digest, target_digest, endpoint_id,
+                                         protocol, offer, created_at, expires_at)
+             VALUES (?1, ?2, 'e', 'tmp', x'00', 0, 1)",
+            params![requester, target],
+        )
+        .expect("insert");
+        pending.settle_all(conn).expect("settle");
+        pair_key(&target, &requester)
+    }
+
+    #[test]
+    fn the_filter_covers_rows_settled_now_and_rows_found_at_start() {
+        let conn = db();
+        let pending = Pending::load(&conn, Tuning { recent_rows: 10 }, true).expect("load");
+        let now = settle_one(&conn, &pending, 1);
+        assert!(pending.may_be_settled(&now));
+        assert!(pending.may_be_settled(&sender_key("e", &[1; 32])));
+        // A new writer (a restart) builds its filter from the table.
+        let restarted = Pending::load(&conn, Tuning { recent_rows: 10 }, true).expect("load");
+        assert!(restarted.may_be_settled(&now));
+        assert!(!restarted.may_be_settled(&pair_key(&[1; 32], &[1; 32])));
+        // Without a filter, everything may be there.
+        let admin = Pending::load(&conn, Tuning { recent_rows: 10 }, false).expect("load");
+        assert!(admin.may_be_settled(&pair_key(&[1; 32], &[1; 32])));
+    }
+
+    #[test]
+    fn a_full_filter_is_rebuilt_without_the_deleted_rows() {
+        let conn = db();
+        let pending = Pending::load(&conn, Tuning { recent_rows: 10 }, true).expect("load");
+        let gone = settle_one(&conn, &pending, 1);
+        let kept = settle_one(&conn, &pending, 2);
+        conn.execute(
+            "DELETE FROM pending_requests WHERE target_digest = ?1",
+            [[1u8; 32]],
+        )
+        .expect("delete");
+        pending.rebuild_if_full(&conn).expect("not full yet");
+        assert!(pending.may_be_settled(&gone));
+        if let Some(settled) = pending.settled.borrow_mut().as_mut() {
+            settled.added = settled.rows;
+        }
+        pending.rebuild_if_full(&conn).expect("rebuild");
+        assert!(!pending.may_be_settled(&gone));
+        assert!(pending.may_be_settled(&kept));
     }
 }
