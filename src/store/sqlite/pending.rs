@@ -25,6 +25,7 @@
 use std::cell::Cell;
 
 use std::cell::RefCell;
+use std::hash::Hasher;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
@@ -72,23 +73,57 @@ impl Keys {
     }
 }
 
-/// A row's pair as a filter key (tagged, so that no pair key is a sender key).
+/// A row's pair as a filter key. Digests are HMAC-SHA-256 outputs, uniform and unknown
+/// to senders, so halves of them make a uniform key with no hashing (a SHA-256 per key
+/// was a third of the start's 0.7 s with a million settled rows); other lengths, which
+/// this build never writes, are hashed.
 fn pair_key(target: &[u8], requester: &[u8]) -> [u8; 16] {
-    let mut hash = Sha256::new();
-    hash.update(b"pair\0");
-    hash.update(target);
-    hash.update(requester);
-    first_16(&hash.finalize())
+    match (
+        <&[u8; 32]>::try_from(target),
+        <&[u8; 32]>::try_from(requester),
+    ) {
+        (Ok(target), Ok(requester)) => xor(&target[..16], &requester[16..]),
+        _ => {
+            let mut hash = Sha256::new();
+            hash.update(b"pair\0");
+            hash.update(target);
+            hash.update(b"\0");
+            hash.update(requester);
+            first_16(&hash.finalize())
+        }
+    }
 }
 
-/// A row's sending endpoint and target as a filter key.
+/// A row's sending endpoint and target as a filter key: the target digest's other half
+/// mixed with a fast hash of the endpoint id (a weak hash only costs false positives).
 fn sender_key(endpoint_id: &str, target: &[u8]) -> [u8; 16] {
-    let mut hash = Sha256::new();
-    hash.update(b"sender\0");
-    hash.update(endpoint_id.as_bytes());
-    hash.update(b"\0");
-    hash.update(target);
-    first_16(&hash.finalize())
+    let half = |seed: u8| {
+        let mut hasher = std::hash::DefaultHasher::new();
+        hasher.write_u8(seed);
+        hasher.write(endpoint_id.as_bytes());
+        hasher.finish().to_le_bytes()
+    };
+    let mut endpoint = [0; 16];
+    endpoint[..8].copy_from_slice(&half(0));
+    endpoint[8..].copy_from_slice(&half(1));
+    match <&[u8; 32]>::try_from(target) {
+        Ok(target) => xor(&target[16..], &endpoint),
+        Err(_) => {
+            let mut hash = Sha256::new();
+            hash.update(b"sender\0");
+            hash.update(endpoint);
+            hash.update(target);
+            first_16(&hash.finalize())
+        }
+    }
+}
+
+fn xor(a: &[u8], b: &[u8]) -> [u8; 16] {
+    let mut key = [0; 16];
+    for (k, (a, b)) in key.iter_mut().zip(a.iter().zip(b)) {
+        *k = a ^ b;
+    }
+    key
 }
 
 fn first_16(digest: &[u8]) -> [u8; 16] {
@@ -118,8 +153,12 @@ impl Settled {
             added: 0,
             rows,
         };
-        let mut stmt = conn
-            .prepare("SELECT target_digest, requester_digest, endpoint_id FROM pending_requests")?;
+        // The sender index holds all three, in a tenth of the table's pages (the table
+        // has the offers too).
+        let mut stmt = conn.prepare(
+            "SELECT target_digest, requester_digest, endpoint_id
+             FROM pending_requests INDEXED BY pending_requests_sender",
+        )?;
         let mut table = stmt.query([])?;
         while let Some(row) = table.next()? {
             settled.add(row)?;
@@ -614,7 +653,9 @@ mod filter_tests {
     }
 
     fn settle_one(conn: &Connection, pending: &Pending, n: u8) -> [u8; 16] {
-        let (target, requester) = ([n; 32], [n ^ 0xff; 32]);
+        // Digests as the server's are: uniform.
+        let target: [u8; 32] = Sha256::digest([n, 0]).into();
+        let requester: [u8; 32] = Sha256::digest([n, 1]).into();
         conn.execute(
             "INSERT INTO pending_recent (requester_digest, target_digest, endpoint_id,
                                          protocol, offer, created_at, expires_at)
@@ -632,7 +673,7 @@ mod filter_tests {
         let pending = Pending::load(&conn, Tuning { recent_rows: 10 }, true).expect("load");
         let now = settle_one(&conn, &pending, 1);
         assert!(pending.may_be_settled(&now));
-        assert!(pending.may_be_settled(&sender_key("e", &[1; 32])));
+        assert!(pending.may_be_settled(&sender_key("e", &Sha256::digest([1, 0]))));
         // A new writer (a restart) builds its filter from the table.
         let restarted = Pending::load(&conn, Tuning { recent_rows: 10 }, true).expect("load");
         assert!(restarted.may_be_settled(&now));
@@ -648,9 +689,10 @@ mod filter_tests {
         let pending = Pending::load(&conn, Tuning { recent_rows: 10 }, true).expect("load");
         let gone = settle_one(&conn, &pending, 1);
         let kept = settle_one(&conn, &pending, 2);
+        let target: [u8; 32] = Sha256::digest([1, 0]).into();
         conn.execute(
             "DELETE FROM pending_requests WHERE target_digest = ?1",
-            [[1u8; 32]],
+            [target],
         )
         .expect("delete");
         pending.rebuild_if_full(&conn).expect("not full yet");
