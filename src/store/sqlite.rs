@@ -12,10 +12,11 @@ mod events;
 mod filter;
 mod pending;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ops::Deref;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::config::DbConfig;
@@ -33,8 +34,11 @@ use crate::flow::{Plan, plan};
 use events::{GENERATION_KEYS, ProcessedEvents};
 use pending::{Keys, Pending, RECENT_ROWS};
 
+/// How long the writer leaves its maintenance after it failed.
+const MAINTENANCE_PAUSE: Duration = Duration::from_secs(1);
+
 /// How long a statement waits for a lock another connection holds.
-const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How many queued operations may share one transaction.
 const MAX_BATCH: usize = 512;
@@ -101,6 +105,8 @@ struct Db {
     /// Only the server seals generations and settles requests: an admin command or
     /// `migrate` beside it would seal the generation the server is still filling.
     maintains: bool,
+    /// No maintenance before this, after a failure.
+    paused_until: Cell<Option<Instant>>,
 }
 
 impl Deref for Db {
@@ -138,26 +144,38 @@ impl Db {
             events,
             pending,
             maintains,
+            paused_until: Cell::new(None),
         })
     }
 
     /// Work between batches: sealing a full generation of event keys, settling pending
     /// requests that have been waiting a while. A failure leaves things as they were (a
-    /// generation grows a little past its size, requests stay recent a little longer)
-    /// and is tried again after the next batch.
+    /// generation grows a little past its size, requests stay recent a little longer);
+    /// the work is tried again after [`MAINTENANCE_PAUSE`], not after every batch (on a
+    /// full disk, that would be a warning and a failed transaction per batch).
     fn maintain(&self) {
-        if !self.maintains {
+        if !self.maintains
+            || self
+                .paused_until
+                .get()
+                .is_some_and(|until| Instant::now() < until)
+        {
             return;
         }
+        let mut failed = false;
         let mut events = self.events.borrow_mut();
         if events.full()
             && let Err(e) = events.seal(&self.conn)
         {
             tracing::warn!(error = %e, "could not seal a generation of processed-event keys");
+            failed = true;
         }
         if let Err(e) = self.pending.settle(&self.conn, crate::clock::now()) {
             tracing::warn!(error = %e, "could not settle pending requests");
+            failed = true;
         }
+        self.paused_until
+            .set(failed.then(|| Instant::now() + MAINTENANCE_PAUSE));
     }
 }
 
@@ -1410,6 +1428,28 @@ mod tests {
         assert_eq!(outcomes(&server, 2..3).await, [QueueOutcome::Queued]);
         assert_eq!(filters(&path), [0]);
         server.close().await;
+    }
+
+    #[test]
+    fn failed_maintenance_waits_before_it_is_tried_again() {
+        let db = writer_db(Connection::open_in_memory().expect("open"));
+        db.maintain();
+        assert_eq!(db.paused_until.get(), None);
+        db.execute_batch("DROP TABLE pending_recent").expect("drop");
+        db.maintain();
+        let until = db.paused_until.get().expect("paused after a failure");
+        assert!(until > Instant::now());
+        db.execute_batch(
+            "CREATE TABLE pending_recent (requester_digest, target_digest, endpoint_id,
+                 protocol, offer, created_at, expires_at)",
+        )
+        .expect("create");
+        // Still paused: nothing runs, the pause stands.
+        db.maintain();
+        assert_eq!(db.paused_until.get(), Some(until));
+        db.paused_until.set(Some(Instant::now()));
+        db.maintain();
+        assert_eq!(db.paused_until.get(), None);
     }
 
     #[test]
