@@ -32,7 +32,7 @@ use super::{
 use crate::domain::{EventKey, MessageId, MessageKind, OutgoingMessage, Timestamp};
 use crate::flow::{Plan, plan};
 use events::{GENERATION_KEYS, ProcessedEvents};
-use pending::{Keys, Pending, RECENT_ROWS};
+use pending::{Pending, RECENT_ROWS, Request};
 
 /// How long the writer leaves its maintenance after it failed.
 const MAINTENANCE_PAUSE: Duration = Duration::from_secs(1);
@@ -711,15 +711,15 @@ fn submit(db: &Db, s: &PairingSubmission) -> rusqlite::Result<PairingOutcome> {
     if !record_event(db, &key, s.request_expiry)? {
         return Ok(PairingOutcome::Duplicate);
     }
-    let keys = Keys::of(s);
-    let plan = plan(s, pending::pair_state(db, &db.pending, s, &keys)?, || {
-        pending::count_pending(db, &db.pending, s, &keys)
+    let request = Request::of(s);
+    let plan = plan(s, db.pending.pair_state(db, &request)?, || {
+        db.pending.count_pending(db, &request)
     })?;
     match &plan {
         Plan::Refuse(_) => forget_event(db, &key)?,
-        Plan::Wait { .. } => pending::wait(db, &db.pending, s, &keys)?,
+        Plan::Wait { .. } => db.pending.wait(db, &request)?,
         Plan::Match { messages } => {
-            pending::remove_pair(db, &db.pending, s, &keys)?;
+            db.pending.remove_pair(db, &request)?;
             for m in messages {
                 insert_message(db, m)?;
             }

@@ -54,18 +54,24 @@ pub(super) struct Tuning {
 /// Settled rows a filter is sized for at least.
 const MIN_SETTLED_ROWS: u64 = 65_536;
 
-/// The filter keys of a request: its pair, the reverse pair, and its sender and target.
-#[derive(Debug)]
-pub(super) struct Keys {
+/// A submission as the pending tables see it: its digests, and its filter keys.
+pub(super) struct Request<'a> {
+    s: &'a PairingSubmission,
+    requester: &'a [u8],
+    target: &'a [u8],
+    /// Its pair, the reverse pair, and its sender and target, as filter keys.
     pair: [u8; 16],
     reverse: [u8; 16],
     sender: [u8; 16],
 }
 
-impl Keys {
-    pub(super) fn of(s: &PairingSubmission) -> Self {
+impl<'a> Request<'a> {
+    pub(super) fn of(s: &'a PairingSubmission) -> Self {
         let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
         Self {
+            s,
+            requester,
+            target,
             pair: pair_key(target, requester),
             reverse: pair_key(requester, target),
             sender: sender_key(s.request.endpoint_id.as_str(), target),
@@ -341,109 +347,172 @@ impl Pending {
     }
 }
 
-/// Stores `s` to wait for its counterpart, replacing the pair's earlier request.
-pub(super) fn wait(
-    conn: &Connection,
-    pending: &Pending,
-    s: &PairingSubmission,
-    keys: &Keys,
-) -> rusqlite::Result<()> {
-    let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    // The earlier request may have been settled: the new one is recent.
-    if pending.may_be_settled(&keys.pair) {
+/// What a request does to the pending tables.
+impl Pending {
+    /// Stores `s` to wait for its counterpart, replacing the pair's earlier request.
+    pub(super) fn wait(&self, conn: &Connection, r: &Request<'_>) -> rusqlite::Result<()> {
+        let (s, requester, target) = (r.s, r.requester, r.target);
+        // The earlier request may have been settled: the new one is recent.
+        if self.may_be_settled(&r.pair) {
+            conn.prepare_cached(
+                "DELETE FROM pending_requests WHERE target_digest = ?1 AND requester_digest = ?2",
+            )?
+            .execute(params![target, requester])?;
+        }
         conn.prepare_cached(
-            "DELETE FROM pending_requests WHERE target_digest = ?1 AND requester_digest = ?2",
+            "INSERT INTO pending_recent (requester_digest, target_digest, endpoint_id,
+                                         protocol, offer, created_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (target_digest, requester_digest) DO UPDATE SET
+                 endpoint_id = excluded.endpoint_id, protocol = excluded.protocol,
+                 offer = excluded.offer, created_at = excluded.created_at,
+                 expires_at = excluded.expires_at",
         )?
-        .execute(params![target, requester])?;
+        .execute(params![
+            requester,
+            target,
+            s.request.endpoint_id.as_str(),
+            s.request.offer.protocol.name(),
+            s.request.offer.bytes,
+            s.now.0,
+            s.request_expiry.0
+        ])?;
+        self.stored();
+        Ok(())
     }
-    conn.prepare_cached(
-        "INSERT INTO pending_recent (requester_digest, target_digest, endpoint_id,
-                                     protocol, offer, created_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT (target_digest, requester_digest) DO UPDATE SET
-             endpoint_id = excluded.endpoint_id, protocol = excluded.protocol,
-             offer = excluded.offer, created_at = excluded.created_at,
-             expires_at = excluded.expires_at",
-    )?
-    .execute(params![
-        requester,
-        target,
-        s.request.endpoint_id.as_str(),
-        s.request.offer.protocol.name(),
-        s.request.offer.bytes,
-        s.now.0,
-        s.request_expiry.0
-    ])?;
-    pending.stored();
-    Ok(())
-}
 
-/// Deletes the pair's requests, both ways round, from both tables.
-pub(super) fn remove_pair(
-    conn: &Connection,
-    pending: &Pending,
-    s: &PairingSubmission,
-    keys: &Keys,
-) -> rusqlite::Result<()> {
-    let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    conn.prepare_cached(
-        "DELETE FROM pending_recent
-         WHERE (requester_digest = ?1 AND target_digest = ?2)
-            OR (requester_digest = ?2 AND target_digest = ?1)",
-    )?
-    .execute(params![requester, target])?;
-    if pending.may_be_settled(&keys.pair) || pending.may_be_settled(&keys.reverse) {
+    /// Deletes the pair's requests, both ways round, from both tables.
+    pub(super) fn remove_pair(&self, conn: &Connection, r: &Request<'_>) -> rusqlite::Result<()> {
+        let (requester, target) = (r.requester, r.target);
         conn.prepare_cached(
-            "DELETE FROM pending_requests
+            "DELETE FROM pending_recent
              WHERE (requester_digest = ?1 AND target_digest = ?2)
                 OR (requester_digest = ?2 AND target_digest = ?1)",
         )?
         .execute(params![requester, target])?;
+        if self.may_be_settled(&r.pair) || self.may_be_settled(&r.reverse) {
+            conn.prepare_cached(
+                "DELETE FROM pending_requests
+                 WHERE (requester_digest = ?1 AND target_digest = ?2)
+                    OR (requester_digest = ?2 AND target_digest = ?1)",
+            )?
+            .execute(params![requester, target])?;
+        }
+        Ok(())
     }
-    Ok(())
-}
 
-/// The live reverse request and the live request this one would replace.
-pub(super) fn pair_state(
-    conn: &Connection,
-    pending: &Pending,
-    s: &PairingSubmission,
-    keys: &Keys,
-) -> rusqlite::Result<PairState> {
-    let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    let find = |requester: &[u8], target: &[u8], key: &[u8; 16]| {
-        let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(String, String, Vec<u8>)> {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        };
-        let recent = conn
-            .prepare_cached(
-                "SELECT endpoint_id, protocol, offer FROM pending_recent
+    /// The live reverse request and the live request this one would replace.
+    pub(super) fn pair_state(
+        &self,
+        conn: &Connection,
+        r: &Request<'_>,
+    ) -> rusqlite::Result<PairState> {
+        let (s, requester, target) = (r.s, r.requester, r.target);
+        let find = |requester: &[u8], target: &[u8], key: &[u8; 16]| {
+            let read = |row: &rusqlite::Row<'_>| -> rusqlite::Result<(String, String, Vec<u8>)> {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            };
+            let recent = conn
+                .prepare_cached(
+                    "SELECT endpoint_id, protocol, offer FROM pending_recent
+                     WHERE requester_digest = ?1 AND target_digest = ?2 AND expires_at > ?3",
+                )?
+                .query_row(params![requester, target, s.now.0], read)
+                .optional()?;
+            if recent.is_some() || !self.may_be_settled(key) {
+                return Ok(recent);
+            }
+            conn.prepare_cached(
+                "SELECT endpoint_id, protocol, offer FROM pending_requests
                  WHERE requester_digest = ?1 AND target_digest = ?2 AND expires_at > ?3",
             )?
             .query_row(params![requester, target, s.now.0], read)
-            .optional()?;
-        if recent.is_some() || !pending.may_be_settled(key) {
-            return Ok(recent);
+            .optional()
+        };
+        let counterpart = find(target, requester, &r.reverse)?;
+        let previous = find(requester, target, &r.pair)?;
+        Ok(PairState {
+            counterpart: match counterpart {
+                Some((id, protocol, bytes)) => pending_request(&id, &protocol, bytes)?,
+                None => None,
+            },
+            previous: match previous {
+                Some((id, _, _)) => Some(endpoint_id(&id)?),
+                None => None,
+            },
+        })
+    }
+
+    /// Counts what the caps look at, stopping at each cap: a full count of a flooded
+    /// sender's requests would cost more than the request is worth.
+    pub(super) fn count_pending(
+        &self,
+        conn: &Connection,
+        r: &Request<'_>,
+    ) -> rusqlite::Result<PendingCounts> {
+        let (s, requester, target) = (r.s, r.requester, r.target);
+        // u32::MAX is no cap: nothing to count. The filter has no key for a sender alone.
+        let from_sender: i64 = if s.limits.per_sender == u32::MAX {
+            0
+        } else {
+            conn.prepare_cached(
+                "SELECT count(*) FROM (
+                     SELECT 1 FROM pending_recent
+                     WHERE endpoint_id = ?1 AND expires_at > ?2
+                       AND NOT (requester_digest = ?3 AND target_digest = ?4)
+                     UNION ALL
+                     SELECT 1 FROM pending_requests
+                     WHERE endpoint_id = ?1 AND expires_at > ?2
+                       AND NOT (requester_digest = ?3 AND target_digest = ?4)
+                     LIMIT ?5)",
+            )?
+            .query_row(
+                params![
+                    s.request.endpoint_id.as_str(),
+                    s.now.0,
+                    requester,
+                    target,
+                    s.limits.per_sender
+                ],
+                |r| r.get(0),
+            )?
+        };
+        let for_target = |sql: &str, limit: i64| -> rusqlite::Result<i64> {
+            conn.prepare_cached(sql)?.query_row(
+                params![
+                    target,
+                    s.now.0,
+                    requester,
+                    limit,
+                    s.request.endpoint_id.as_str()
+                ],
+                |r| r.get(0),
+            )
+        };
+        let cap = i64::from(s.limits.per_target);
+        let mut for_target_count = for_target(
+            "SELECT count(*) FROM (
+                 SELECT 1 FROM pending_recent INDEXED BY pending_recent_sender
+                 WHERE endpoint_id = ?5 AND target_digest = ?1 AND expires_at > ?2
+                   AND requester_digest <> ?3
+                 LIMIT ?4)",
+            cap,
+        )?;
+        if for_target_count < cap && self.may_be_settled(&r.sender) {
+            for_target_count += for_target(
+                "SELECT count(*) FROM (
+                     SELECT 1 FROM pending_requests INDEXED BY pending_requests_sender
+                     WHERE endpoint_id = ?5 AND target_digest = ?1 AND expires_at > ?2
+                       AND requester_digest <> ?3
+                     LIMIT ?4)",
+                cap - for_target_count,
+            )?;
         }
-        conn.prepare_cached(
-            "SELECT endpoint_id, protocol, offer FROM pending_requests
-             WHERE requester_digest = ?1 AND target_digest = ?2 AND expires_at > ?3",
-        )?
-        .query_row(params![requester, target, s.now.0], read)
-        .optional()
-    };
-    let counterpart = find(target, requester, &keys.reverse)?;
-    let previous = find(requester, target, &keys.pair)?;
-    Ok(PairState {
-        counterpart: match counterpart {
-            Some((id, protocol, bytes)) => pending_request(&id, &protocol, bytes)?,
-            None => None,
-        },
-        previous: match previous {
-            Some((id, _, _)) => Some(endpoint_id(&id)?),
-            None => None,
-        },
-    })
+        Ok(PendingCounts {
+            from_sender: u64::try_from(from_sender).unwrap_or(0),
+            for_target: u64::try_from(for_target_count).unwrap_or(0),
+        })
+    }
 }
 
 /// A stored pending request; `None` for a protocol this build does not know (a newer
@@ -464,78 +533,6 @@ fn pending_request(
 
 fn endpoint_id(id: &str) -> rusqlite::Result<EndpointId> {
     EndpointId::parse(id).map_err(|_| super::corrupt("pending endpoint id"))
-}
-
-/// Counts what the caps look at, stopping at each cap: a full count of a flooded
-/// sender's requests would cost more than the request is worth.
-pub(super) fn count_pending(
-    conn: &Connection,
-    pending: &Pending,
-    s: &PairingSubmission,
-    keys: &Keys,
-) -> rusqlite::Result<PendingCounts> {
-    let (requester, target) = (&s.requester_digest.0[..], &s.target_digest.0[..]);
-    // u32::MAX is no cap: nothing to count. The filter has no key for a sender alone.
-    let from_sender: i64 = if s.limits.per_sender == u32::MAX {
-        0
-    } else {
-        conn.prepare_cached(
-            "SELECT count(*) FROM (
-                 SELECT 1 FROM pending_recent
-                 WHERE endpoint_id = ?1 AND expires_at > ?2
-                   AND NOT (requester_digest = ?3 AND target_digest = ?4)
-                 UNION ALL
-                 SELECT 1 FROM pending_requests
-                 WHERE endpoint_id = ?1 AND expires_at > ?2
-                   AND NOT (requester_digest = ?3 AND target_digest = ?4)
-                 LIMIT ?5)",
-        )?
-        .query_row(
-            params![
-                s.request.endpoint_id.as_str(),
-                s.now.0,
-                requester,
-                target,
-                s.limits.per_sender
-            ],
-            |r| r.get(0),
-        )?
-    };
-    let for_target = |sql: &str, limit: i64| -> rusqlite::Result<i64> {
-        conn.prepare_cached(sql)?.query_row(
-            params![
-                target,
-                s.now.0,
-                requester,
-                limit,
-                s.request.endpoint_id.as_str()
-            ],
-            |r| r.get(0),
-        )
-    };
-    let cap = i64::from(s.limits.per_target);
-    let mut for_target_count = for_target(
-        "SELECT count(*) FROM (
-             SELECT 1 FROM pending_recent INDEXED BY pending_recent_sender
-             WHERE endpoint_id = ?5 AND target_digest = ?1 AND expires_at > ?2
-               AND requester_digest <> ?3
-             LIMIT ?4)",
-        cap,
-    )?;
-    if for_target_count < cap && pending.may_be_settled(&keys.sender) {
-        for_target_count += for_target(
-            "SELECT count(*) FROM (
-                 SELECT 1 FROM pending_requests INDEXED BY pending_requests_sender
-                 WHERE endpoint_id = ?5 AND target_digest = ?1 AND expires_at > ?2
-                   AND requester_digest <> ?3
-                 LIMIT ?4)",
-            cap - for_target_count,
-        )?;
-    }
-    Ok(PendingCounts {
-        from_sender: u64::try_from(from_sender).unwrap_or(0),
-        for_target: u64::try_from(for_target_count).unwrap_or(0),
-    })
 }
 
 #[cfg(test)]
