@@ -275,12 +275,16 @@ impl SqliteStore {
         // index pages in memory. Not more: SQLite scans the cache's whole hash table at
         // the end of every write transaction (pcache1TruncateUnsafe, 16% of the writer's
         // time with a 32 MiB cache of 1 KiB pages). A checkpoint runs in the writer and
-        // stalls every request while it copies and syncs, and with a million pending
-        // requests each page it copies lands somewhere else in the file: at 4000 pages
-        // the p99 at half load was 25-294 ms, at 1000 10-59 ms (four A/B pairs, an
-        // earlier schema); with a million pending, 13.5 and 13.1 ms at 1000, 8.8 and
-        // 8.4 at 500, 5.8 and 5.9 at 250, for 0-10% less throughput there and a fifth
-        // more bytes written in the soak (A/B alternated, issue 17's note). So 250.
+        // stalls every request while it copies and syncs. While every request wrote a
+        // page of its own somewhere in the file, long checkpoints cost the tail: with a
+        // million pending, the p99 at half load was 13.5 and 13.1 ms at 1000 pages, 5.8
+        // and 5.9 at 250 (issue 17, stop 24). Since new requests wait in a small table
+        // (`pending`), most pages a checkpoint copies were rewritten many times since the
+        // last, and a longer interval folds more rewrites into one copy: with a million
+        // pending, 15.3-16.0k req/s at 1000 pages against 12.0-13.1k at 250, the p99 at
+        // half load 6.7-7.8 ms against 5.5-6.2; in a two-minute soak 4% more requests
+        // and 9.6-10.1 KiB written per request against 11.8-12.4 (A/B alternated, stop
+        // 25). So 1000.
         // A statement that may fail half-way inside a transaction keeps a copy of each
         // page it changes (its statement journal): in memory, not in a temporary file
         // (with a savepoint per operation, writing that file was 11% of the writer's time).
@@ -288,7 +292,7 @@ impl SqliteStore {
         // match would otherwise leave both parties' VeraIds in the file's free space.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};
-             PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = 250;
+             PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = 1000;
              PRAGMA temp_store = MEMORY; PRAGMA secure_delete = ON;"
         ))
         .map_err(unavailable)?;
