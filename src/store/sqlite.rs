@@ -281,10 +281,11 @@ impl SqliteStore {
         // and 5.9 at 250 (issue 17, stop 24). Since new requests wait in a small table
         // (`pending`), most pages a checkpoint copies were rewritten many times since the
         // last, and a longer interval folds more rewrites into one copy: with a million
-        // pending, 15.3-16.0k req/s at 1000 pages against 12.0-13.1k at 250, the p99 at
-        // half load 6.7-7.8 ms against 5.5-6.2; in a two-minute soak 4% more requests
-        // and 9.6-10.1 KiB written per request against 11.8-12.4 (A/B alternated, stop
-        // 25). So 1000.
+        // pending, 13.9-16.0k req/s at 1000 pages against 12.0-14.7k at 250 (five runs
+        // each, alternated), the p99 at half load 6.5-7.8 ms against 5.5-6.4, and one
+        // whole-benchmark run's empty row at 11.2 ms; in a two-minute soak 4% more
+        // requests and 9.6-10.1 KiB written per request against 11.8-12.4 (stop 25).
+        // So 1000.
         // A statement that may fail half-way inside a transaction keeps a copy of each
         // page it changes (its statement journal): in memory, not in a temporary file
         // (with a savepoint per operation, writing that file was 11% of the writer's time).
