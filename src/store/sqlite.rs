@@ -121,16 +121,14 @@ impl Deref for Db {
 #[derive(Debug, Clone, Copy)]
 struct Tuning {
     generation_keys: u64,
-    recent: pending::Tuning,
+    recent_rows: u64,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
         Self {
             generation_keys: GENERATION_KEYS,
-            recent: pending::Tuning {
-                recent_rows: RECENT_ROWS,
-            },
+            recent_rows: RECENT_ROWS,
         }
     }
 }
@@ -138,7 +136,7 @@ impl Default for Tuning {
 impl Db {
     fn open(conn: Connection, tuning: Tuning, maintains: bool) -> rusqlite::Result<Self> {
         let events = RefCell::new(ProcessedEvents::load(&conn, tuning.generation_keys)?);
-        let pending = Pending::load(&conn, tuning.recent, maintains)?;
+        let pending = Pending::load(&conn, tuning.recent_rows, maintains)?;
         Ok(Self {
             conn,
             events,
@@ -230,7 +228,7 @@ impl SqliteStore {
         recent_rows: u64,
     ) -> Result<Self> {
         let tuning = Tuning {
-            recent: pending::Tuning { recent_rows },
+            recent_rows,
             ..Tuning::default()
         };
         Self::open_tuned(path, synchronous, Role::Server { now }, tuning)

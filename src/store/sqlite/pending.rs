@@ -8,7 +8,7 @@
 //! third of its time waiting on the disk; issue 17, stop 24). Most requests are matched
 //! soon after they arrive, so they are stored in a small table whose pages stay cached
 //! and are written again and again between checkpoints, not once each. A request still
-//! waiting after [`SETTLE_AFTER_MS`], or beyond the newest [`Tuning::recent_rows`], is
+//! waiting after [`SETTLE_AFTER_MS`], or beyond the newest [`RECENT_ROWS`], is
 //! moved (settled) into the large table by the writer between batches, a few hundred at
 //! a time, in a transaction of its own. A pair has a row in one of the two tables at
 //! most; every lookup, count and deletion looks in both.
@@ -22,20 +22,17 @@
 //! key the table holds. Deleted rows stay in it until it is rebuilt, once as many rows
 //! have been settled as it was sized for.
 
-use std::cell::Cell;
-
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::hash::Hasher;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
-use sha2::{Digest, Sha256};
 
 use super::filter::Filter;
 use crate::domain::{EndpointId, Offer, PendingCounts, PendingRequest, Protocol, Timestamp};
 use crate::flow::{PairState, PairingSubmission};
 
 /// Age at which a waiting request is settled: by then most of its kind have matched.
-pub(super) const SETTLE_AFTER_MS: i64 = 60_000;
+const SETTLE_AFTER_MS: i64 = 60_000;
 
 /// Rows kept in the recent table at most (beyond, the oldest are settled): about 1.8 MiB
 /// of rows with RSA-2048 endpoint keys, a fifth of the page cache.
@@ -44,12 +41,6 @@ pub(super) const RECENT_ROWS: u64 = 4_096;
 /// Rows settled at most per step, so that one step holds the writer for a few
 /// milliseconds at most.
 const SETTLE_STEP: i64 = 512;
-
-/// How the recent table is sized (tests make it small).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Tuning {
-    pub recent_rows: u64,
-}
 
 /// Settled rows a filter is sized for at least.
 const MIN_SETTLED_ROWS: u64 = 65_536;
@@ -81,23 +72,14 @@ impl<'a> Request<'a> {
 
 /// A row's pair as a filter key. Digests are HMAC-SHA-256 outputs, uniform and unknown
 /// to senders, so halves of them make a uniform key with no hashing (a SHA-256 per key
-/// was a third of the start's 0.7 s with a million settled rows); other lengths, which
-/// this build never writes, are hashed.
+/// was a third of the start's 0.7 s with a million settled rows). A digest of another
+/// length (this build writes none) still gets a key, only a less uniform one: any key
+/// that depends on the row alone keeps the filter free of false negatives.
 fn pair_key(target: &[u8], requester: &[u8]) -> [u8; 16] {
-    match (
-        <&[u8; 32]>::try_from(target),
-        <&[u8; 32]>::try_from(requester),
-    ) {
-        (Ok(target), Ok(requester)) => xor(&target[..16], &requester[16..]),
-        _ => {
-            let mut hash = Sha256::new();
-            hash.update(b"pair\0");
-            hash.update(target);
-            hash.update(b"\0");
-            hash.update(requester);
-            first_16(&hash.finalize())
-        }
-    }
+    xor(
+        target.get(..16).unwrap_or(target),
+        requester.get(16..).unwrap_or(requester),
+    )
 }
 
 /// A row's sending endpoint and target as a filter key: the target digest's other half
@@ -112,29 +94,15 @@ fn sender_key(endpoint_id: &str, target: &[u8]) -> [u8; 16] {
     let mut endpoint = [0; 16];
     endpoint[..8].copy_from_slice(&half(0));
     endpoint[8..].copy_from_slice(&half(1));
-    match <&[u8; 32]>::try_from(target) {
-        Ok(target) => xor(&target[16..], &endpoint),
-        Err(_) => {
-            let mut hash = Sha256::new();
-            hash.update(b"sender\0");
-            hash.update(endpoint);
-            hash.update(target);
-            first_16(&hash.finalize())
-        }
-    }
+    xor(target.get(16..).unwrap_or(target), &endpoint)
 }
 
+/// The first 16 bytes of `a` and `b` XORed, zeros where either is shorter.
 fn xor(a: &[u8], b: &[u8]) -> [u8; 16] {
     let mut key = [0; 16];
     for (k, (a, b)) in key.iter_mut().zip(a.iter().zip(b)) {
         *k = a ^ b;
     }
-    key
-}
-
-fn first_16(digest: &[u8]) -> [u8; 16] {
-    let mut key = [0; 16];
-    key.copy_from_slice(&digest[..16]);
     key
 }
 
@@ -189,7 +157,8 @@ impl Settled {
 /// filter of the large table's keys.
 #[derive(Debug)]
 pub(super) struct Pending {
-    tuning: Tuning,
+    /// Rows kept in the recent table at most ([`RECENT_ROWS`]; tests make it small).
+    recent_rows: u64,
     /// Rows stored in the recent table since it was last counted (rolled-back ones
     /// included: it only decides when to count).
     stored: Cell<u64>,
@@ -202,7 +171,7 @@ impl Pending {
     /// For the server (`filtered`), with the large table's filter built from its rows.
     pub(super) fn load(
         conn: &Connection,
-        tuning: Tuning,
+        recent_rows: u64,
         filtered: bool,
     ) -> rusqlite::Result<Self> {
         let settled = if filtered {
@@ -211,9 +180,9 @@ impl Pending {
             None
         };
         Ok(Self {
-            tuning,
+            recent_rows,
             // Counted at the first step: an earlier process may have left it full.
-            stored: Cell::new(tuning.recent_rows),
+            stored: Cell::new(recent_rows),
             settled: RefCell::new(settled),
         })
     }
@@ -241,13 +210,13 @@ impl Pending {
         let mut cutoff = (oldest <= by_age).then_some(by_age);
         // Counting walks the table, so only once enough rows were stored to matter.
         let mut excess = 0;
-        if self.stored.get() >= (self.tuning.recent_rows / 8).max(1) {
+        if self.stored.get() >= (self.recent_rows / 8).max(1) {
             let rows: i64 = conn
                 .prepare_cached("SELECT count(*) FROM pending_recent")?
                 .query_row([], |r| r.get(0))?;
             excess = u64::try_from(rows)
                 .unwrap_or(0)
-                .saturating_sub(self.tuning.recent_rows);
+                .saturating_sub(self.recent_rows);
             self.stored.set(0);
         }
         let step = i64::try_from(excess)
@@ -275,7 +244,7 @@ impl Pending {
         tx.commit()?;
         if excess > moved as u64 {
             // Not all of it this time: count again after the next batch.
-            self.stored.set(self.tuning.recent_rows);
+            self.stored.set(self.recent_rows);
         }
         Ok(moved)
     }
@@ -538,6 +507,7 @@ fn endpoint_id(id: &str) -> rusqlite::Result<EndpointId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     const MINUTE: i64 = 60_000;
     const NOW: Timestamp = Timestamp(1_800_000_000_000);
@@ -579,7 +549,7 @@ mod tests {
     }
 
     fn recent(conn: &Connection, rows: u64) -> Pending {
-        Pending::load(conn, Tuning { recent_rows: rows }, true).expect("load")
+        Pending::load(conn, rows, true).expect("load")
     }
 
     #[test]
@@ -637,17 +607,6 @@ mod tests {
         assert_eq!(offer, b"second");
         assert!(ages(&conn, "pending_recent").is_empty());
     }
-}
-
-#[cfg(test)]
-mod filter_tests {
-    use super::*;
-
-    fn db() -> Connection {
-        let conn = Connection::open_in_memory().expect("open");
-        super::super::apply_migrations(&conn, 0, super::super::SCHEMA_VERSION).expect("schema");
-        conn
-    }
 
     fn settle_one(conn: &Connection, pending: &Pending, n: u8) -> [u8; 16] {
         // Digests as the server's are: uniform.
@@ -667,23 +626,23 @@ mod filter_tests {
     #[test]
     fn the_filter_covers_rows_settled_now_and_rows_found_at_start() {
         let conn = db();
-        let pending = Pending::load(&conn, Tuning { recent_rows: 10 }, true).expect("load");
+        let pending = recent(&conn, 10);
         let now = settle_one(&conn, &pending, 1);
         assert!(pending.may_be_settled(&now));
         assert!(pending.may_be_settled(&sender_key("e", &Sha256::digest([1, 0]))));
         // A new writer (a restart) builds its filter from the table.
-        let restarted = Pending::load(&conn, Tuning { recent_rows: 10 }, true).expect("load");
+        let restarted = recent(&conn, 10);
         assert!(restarted.may_be_settled(&now));
         assert!(!restarted.may_be_settled(&pair_key(&[1; 32], &[1; 32])));
         // Without a filter, everything may be there.
-        let admin = Pending::load(&conn, Tuning { recent_rows: 10 }, false).expect("load");
+        let admin = Pending::load(&conn, 10, false).expect("load");
         assert!(admin.may_be_settled(&pair_key(&[1; 32], &[1; 32])));
     }
 
     #[test]
     fn a_full_filter_is_rebuilt_without_the_deleted_rows() {
         let conn = db();
-        let pending = Pending::load(&conn, Tuning { recent_rows: 10 }, true).expect("load");
+        let pending = recent(&conn, 10);
         let gone = settle_one(&conn, &pending, 1);
         let kept = settle_one(&conn, &pending, 2);
         let target: [u8; 32] = Sha256::digest([1, 0]).into();
