@@ -57,7 +57,7 @@ struct Args {
     #[arg(long)]
     pg_connections: Option<u32>,
     /// Replica counts of the closed-loop PostgreSQL rows: each runs that many servers on
-    /// one fresh database, the two halves of a pair sent to different replicas (empty:
+    /// one fresh database, the two halves of a pair sent to different replicas (0:
     /// none).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     pg_replicas: Vec<usize>,
@@ -72,6 +72,9 @@ struct Args {
     /// (0 skips it).
     #[arg(long, default_value_t = 300)]
     soak: u64,
+    /// Soak PostgreSQL too (`--postgres`), as long, on a fresh database, after SQLite's.
+    #[arg(long, requires = "postgres")]
+    soak_postgres: bool,
     /// Signed requests each from an organisation of its own.
     #[arg(long, default_value_t = 2_000)]
     signed_new_organisation_requests: usize,
@@ -897,11 +900,11 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
 
-    let soak = if args.soak > 0 {
+    let mut soak = if args.soak > 0 {
         eprintln!("soak: {} s", args.soak);
         soak::soak(
             &binary,
-            &dir.path().join("soak.db"),
+            soak::SoakDatabase::Sqlite(&dir.path().join("soak.db")),
             &sink,
             &keys,
             args.connections,
@@ -911,6 +914,22 @@ async fn main() -> anyhow::Result<()> {
     } else {
         "Soak: skipped (`--soak 0`).\n".to_owned()
     };
+    if let (true, Some(url)) = (args.soak > 0 && args.soak_postgres, &args.postgres) {
+        eprintln!("soak on PostgreSQL: {} s", args.soak);
+        let db = PgDatabase::create_on(url, "letro_soak").await?;
+        let section = soak::soak(
+            &binary,
+            soak::SoakDatabase::Postgres(&db),
+            &sink,
+            &keys,
+            args.connections,
+            Duration::from_secs(args.soak),
+        )
+        .await;
+        db.drop_database().await;
+        soak.push('\n');
+        soak.push_str(&section?);
+    }
 
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())

@@ -1,11 +1,12 @@
-//! The soak: one server on a fresh SQLite database under a closed loop of pairing
-//! requests for minutes, reported per tenth of the time, to show whether throughput,
-//! latency or CPU per request drift as the database and its WAL grow.
+//! The soak: one server on a fresh database under a closed loop of pairing requests for
+//! minutes, reported per tenth of the time, to show whether throughput, latency or CPU
+//! per request drift as the database (and SQLite's WAL) grow.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use letro_testkit::PgDatabase;
 use letro_testkit::load::{LoadReport, MakeRequest, run_until};
 
 use crate::keys::BenchKey;
@@ -15,10 +16,56 @@ use crate::{Server, cpu_cell, drain, pair_half};
 /// Slices the soak is reported in.
 const SLICES: u32 = 10;
 
+/// Where the soak runs.
+pub(crate) enum SoakDatabase<'a> {
+    /// A fresh SQLite file.
+    Sqlite(&'a Path),
+    /// A fresh PostgreSQL database.
+    Postgres(&'a PgDatabase),
+}
+
+impl SoakDatabase<'_> {
+    /// The tag of its parties' VeraIds and parcel ids: the sink counts matches by
+    /// content, so a second soak must not repeat the first one's.
+    fn tag(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "soak",
+            Self::Postgres(_) => "soak-pg",
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Self::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Self::Postgres(db) => db.url.clone(),
+        }
+    }
+
+    /// The section's title and its first words about the database.
+    fn described(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::Sqlite(_) => ("Soak", "a fresh SQLite database (synchronous=full)"),
+            Self::Postgres(_) => (
+                "Soak on PostgreSQL",
+                "a fresh PostgreSQL database on the local server (its own processes' CPU and writes are not the server's, but they share the machine, so they show in the idle share)",
+            ),
+        }
+    }
+
+    /// What the database holds now.
+    async fn state(&self) -> anyhow::Result<DatabaseState> {
+        match self {
+            Self::Sqlite(path) => DatabaseState::read_sqlite(path),
+            Self::Postgres(db) => DatabaseState::read_postgres(&db.url).await,
+        }
+    }
+}
+
 /// What the database holds at one moment.
 struct DatabaseState {
     file_mib: f64,
-    wal_mib: f64,
+    /// SQLite's WAL; PostgreSQL has none of its own to show.
+    wal_mib: Option<f64>,
     pending: i64,
     processed_events: i64,
     outbox: i64,
@@ -26,7 +73,7 @@ struct DatabaseState {
 
 impl DatabaseState {
     /// Reads `path` (and its WAL) through a read-only connection beside the server's.
-    fn read(path: &Path) -> anyhow::Result<Self> {
+    fn read_sqlite(path: &Path) -> anyhow::Result<Self> {
         let mib = |p: &Path| std::fs::metadata(p).map_or(0.0, |m| m.len() as f64 / 1048576.0);
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
@@ -39,17 +86,43 @@ impl DatabaseState {
         };
         Ok(Self {
             file_mib: mib(path),
-            wal_mib: mib(Path::new(&wal)),
-            pending: count("pending_requests")?,
+            wal_mib: Some(mib(Path::new(&wal))),
+            // New requests wait in `pending_recent` before they settle (SQLite schema 8).
+            pending: count("pending_requests")? + count("pending_recent")?,
             processed_events: count("processed_events")?,
             outbox: count("outbox")?,
         })
     }
 
+    async fn read_postgres(url: &str) -> anyhow::Result<Self> {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let (size, pending, processed_events, outbox): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT pg_database_size(current_database()),
+                    (SELECT count(*) FROM pending_requests),
+                    (SELECT count(*) FROM processed_events),
+                    (SELECT count(*) FROM outbox)",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        let _ = conn.close().await;
+        Ok(Self {
+            file_mib: size as f64 / 1048576.0,
+            wal_mib: None,
+            pending,
+            processed_events,
+            outbox,
+        })
+    }
+
     fn describe(&self) -> String {
+        let wal = self
+            .wal_mib
+            .map(|w| format!(", WAL {w:.1} MiB"))
+            .unwrap_or_default();
         format!(
-            "database {:.1} MiB, WAL {:.1} MiB; rows: {} pending requests, {} processed-event keys, {} outbox",
-            self.file_mib, self.wal_mib, self.pending, self.processed_events, self.outbox
+            "database {:.1} MiB{wal}; rows: {} pending requests, {} processed-event keys, {} outbox",
+            self.file_mib, self.pending, self.processed_events, self.outbox
         )
     }
 }
@@ -109,21 +182,17 @@ struct Slice {
 /// of the results.
 pub(crate) async fn soak(
     binary: &Path,
-    db: &Path,
+    db: SoakDatabase<'_>,
     sink: &CountingSink,
     keys: &[BenchKey],
     connections: usize,
     duration: Duration,
 ) -> anyhow::Result<String> {
-    let server = Server::start(
-        binary,
-        &format!("sqlite://{}", db.display()),
-        sink.addr,
-        &[],
-    )?;
+    let server = Server::start(binary, &db.url(), sink.addr, &[])?;
     let keys: Arc<Vec<BenchKey>> = Arc::new(keys.to_vec());
-    let make: MakeRequest = Arc::new(move |n| pair_half(&keys, "soak", n, "/"));
-    let before = DatabaseState::read(db)?;
+    let tag = db.tag();
+    let make: MakeRequest = Arc::new(move |n| pair_half(&keys, tag, n, "/"));
+    let before = db.state().await?;
     let delivered_before = sink.counts().distinct;
     let start = Instant::now();
     let slice_time = duration / SLICES;
@@ -168,7 +237,7 @@ pub(crate) async fn soak(
     let drained = drain(sink, delivered_before + owed)
         .await
         .saturating_duration_since(start);
-    let after = DatabaseState::read(db)?;
+    let after = db.state().await?;
     let (rss, peak) = server.rss_mib();
     server.stop()?;
 
@@ -189,9 +258,10 @@ pub(crate) async fn soak(
         ));
     }
     let (first, last) = (&slices[0], &slices[slices.len() - 1]);
+    let (title, database) = db.described();
     Ok(format!(
-        "## Soak\n\n\
-         One server on a fresh SQLite database (synchronous=full), a closed loop of pairing requests over {} connections for {:.0} s, \
+        "## {}\n\n\
+         One server on {}, a closed loop of pairing requests over {} connections for {:.0} s, \
          every match delivered to the sink during the load; parcel ids are random-looking UUIDs, as Letro's are. Latency here is the closed loop's (from sending to the answer); \
          idle is the whole machine's (generator and sink included), from /proc/stat; storage writes are the server's `write_bytes` (/proc/<pid>/io).\n\n\
          | Slice | Throughput | Latency p50 / p99 | Server CPU per request | Generator and sink CPU per request | Machine idle or in I/O wait | Written to storage per request | Matches delivered by its end |\n\
@@ -200,6 +270,8 @@ pub(crate) async fn soak(
          - {} requests in {:.0} s; the last match delivered {:.1} s after the load began; server RSS {:.0} MiB (peak {:.0}).\n\
          - Start: {}.\n\
          - End: {}.\n",
+        title,
+        database,
         connections,
         soaked.as_secs_f64(),
         rows.join("\n"),
