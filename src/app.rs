@@ -342,6 +342,8 @@ impl App {
             stop_rx.clone(),
         ));
 
+        let reclaimer = tokio::spawn(reclaim_loop(state.store.clone(), stop_rx.clone()));
+
         // The ceiling is judged by a count made in the background, never by a request.
         let counter = config.pending_ceiling.map(|_| {
             let (every, stop) = (config.pending_count_interval, stop_rx.clone());
@@ -401,6 +403,13 @@ impl App {
             purger.abort();
             tracing::warn!("shutdown timeout: a purge was cut short");
         }
+        let mut reclaimer = reclaimer;
+        if tokio::time::timeout_at(deadline, &mut reclaimer)
+            .await
+            .is_err()
+        {
+            reclaimer.abort();
+        }
         if let Some(counter) = counter {
             counter.abort();
         }
@@ -409,6 +418,33 @@ impl App {
         store.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// How often the server makes the churned tables' space reusable ([`Store::reclaim`]).
+const RECLAIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn reclaim_loop(store: Arc<dyn Store>, mut stop: watch::Receiver<bool>) {
+    // One warning per spell of failures: the store's other errors are logged by the
+    // requests and deliveries they fail.
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(RECLAIM_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match store.reclaim().await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("reclaiming the outbox's space works again");
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "could not reclaim the outbox's space; will try again");
+            }
+            Err(_) => {}
+        }
     }
 }
 

@@ -213,6 +213,14 @@ pub trait Store: Send + Sync + 'static {
     /// Counts of pending pairing requests at `now`, for operators.
     async fn request_stats(&self, now: Timestamp) -> Result<RequestStats>;
 
+    /// Makes the space of rows that the busiest tables churn through (every outbox
+    /// message and most pending requests are deleted within seconds) reusable; the
+    /// server calls it every few seconds. Returns whether it did anything. SQLite reuses
+    /// a freed page by itself: nothing to do there.
+    async fn reclaim(&self) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Finishes queued work and releases the database.
     async fn close(&self);
 }

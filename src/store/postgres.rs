@@ -96,6 +96,10 @@ const MIGRATIONS: &[&str] = &[
 /// Advisory lock key of migrations ("letro" in ASCII).
 const MIGRATION_LOCK: i64 = 0x006c_6574_726f;
 
+/// Advisory lock of [`Store::reclaim`], in the two-integer key space, which never meets
+/// the single 64-bit keys of migrations and pairs: one replica vacuums at a time.
+pub const RECLAIM_LOCK: (i32, i32) = (0x6c65_7472, 1);
+
 pub use batch::{BatchAnswer, BatchOp};
 use batch::{Batcher, Counters};
 
@@ -523,6 +527,45 @@ impl Store for PostgresStore {
             oldest: oldest.map(Timestamp),
             processed_events: count(events),
         })
+    }
+
+    async fn reclaim(&self) -> Result<bool> {
+        // Each outbox message leaves two dead row versions (the claim's update, the
+        // delete) and a matched pair one. Autovacuum, where it runs at all, comes by
+        // too seldom for tables that turn over thousands of rows a second: in a
+        // one-minute soak on a fresh database, throughput fell to 75% of the first tenth
+        // with autovacuum on and to 22% with it off, and the database grew by 2.3 KiB
+        // per request (issue 17). A VACUUM of a few seconds of churn took 28-184 ms
+        // under full load.
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(RECLAIM_LOCK.0)
+            .bind(RECLAIM_LOCK.1)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        if !locked {
+            return Ok(false);
+        }
+        // The simple protocol: VACUUM refuses to run in a transaction block, and an
+        // extended-protocol statement may be taken for one. SKIP_LOCKED: a table that
+        // autovacuum (or another VACUUM) holds is being done already.
+        let vacuumed = sqlx::raw_sql("VACUUM (SKIP_LOCKED) outbox, pending_requests")
+            .execute(&mut *conn)
+            .await;
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+            .bind(RECLAIM_LOCK.0)
+            .bind(RECLAIM_LOCK.1)
+            .execute(&mut *conn)
+            .await;
+        if vacuumed.is_err() || unlocked.is_err() {
+            // The session lock must not go back to the pool with the connection: closing
+            // the session releases it.
+            conn.close_on_drop();
+        }
+        vacuumed.map_err(unavailable)?;
+        unlocked.map_err(unavailable)?;
+        Ok(true)
     }
 
     async fn close(&self) {

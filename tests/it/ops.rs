@@ -875,3 +875,40 @@ async fn shutdown_takes_at_most_one_shutdown_timeout_in_all() {
     );
     drop(slow);
 }
+
+/// On PostgreSQL the running server vacuums the tables it churns by itself
+/// (`Store::reclaim`, every 5 s): autovacuum may be off, as on this project's CI machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_vacuums_its_churned_tables_on_postgres() {
+    use sqlx::Connection;
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let app = TestApp::spawn(db.config(None)).await;
+    let TestDb::Postgres(pg) = &db else {
+        unreachable!("made as PostgreSQL")
+    };
+    let mut conn = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let vacuumed = loop {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_user_tables
+             WHERE relname IN ('outbox', 'pending_requests') AND vacuum_count > 0",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("read the statistics");
+        if n == 2 || tokio::time::Instant::now() > deadline {
+            break n;
+        }
+        // PostgreSQL tells no one when a VACUUM ends: its statistics are watched.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = conn.close().await;
+    app.stop().await;
+    db.finish().await;
+    assert_eq!(
+        vacuumed, 2,
+        "no VACUUM of the outbox and pending requests in 20 s"
+    );
+}

@@ -939,3 +939,102 @@ mod postgres_batches {
         db.drop_database().await;
     }
 }
+
+/// PostgreSQL: the server's own VACUUM of the tables it churns (`Store::reclaim`).
+mod postgres_reclaim {
+    use letro_server::store::postgres::RECLAIM_LOCK;
+    use sqlx::Connection;
+
+    use super::*;
+
+    /// The tables VACUUM has been run on by hand (autovacuum's runs are counted apart).
+    async fn vacuumed(db: &PgDatabase) -> Vec<String> {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+        let names = sqlx::query_scalar(
+            "SELECT relname::text FROM pg_stat_user_tables
+             WHERE vacuum_count > 0 ORDER BY relname",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .expect("read the statistics");
+        let _ = conn.close().await;
+        names
+    }
+
+    /// A store whose outbox and pending requests churned: a pair matched, its two
+    /// messages delivered.
+    async fn churned(db: &PgDatabase) -> PostgresStore {
+        let store = PostgresStore::connect(&db.url, 4, Duration::from_secs(5))
+            .await
+            .expect("connect to the test database");
+        seed_for_operators(&store, NOW).await;
+        let claimed = store
+            .claim_due_messages(NOW, NOW.plus(DAY), 10)
+            .await
+            .expect("claim");
+        for entry in &claimed {
+            store.mark_delivered(entry).await.expect("delivered");
+        }
+        store
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reclaim_vacuums_the_outbox_and_the_pending_requests_and_keeps_every_live_row() {
+        let Some(db) = PgDatabase::create().await else {
+            return;
+        };
+        let store = churned(&db).await;
+        let before = store.stats().await.expect("stats");
+        assert!(store.reclaim().await.expect("reclaim"));
+        assert_eq!(vacuumed(&db).await, ["outbox", "pending_requests"]);
+        let after = store.stats().await.expect("stats");
+        assert_eq!(
+            (after.pending_requests, after.outbox_depth),
+            (before.pending_requests, before.outbox_depth)
+        );
+        store.close().await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_replica_reclaims_at_a_time_and_none_keeps_the_lock() {
+        let Some(db) = PgDatabase::create().await else {
+            return;
+        };
+        let store = churned(&db).await;
+        let mut other = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+        let lock = |sql: &'static str| sqlx::query(sql).bind(RECLAIM_LOCK.0).bind(RECLAIM_LOCK.1);
+        // Another replica is vacuuming: this one leaves it be.
+        lock("SELECT pg_advisory_lock($1, $2)")
+            .execute(&mut other)
+            .await
+            .expect("lock");
+        assert!(!store.reclaim().await.expect("reclaim"));
+        assert!(vacuumed(&db).await.is_empty());
+        lock("SELECT pg_advisory_unlock($1, $2)")
+            .execute(&mut other)
+            .await
+            .expect("unlock");
+        // Its turn now; and it lets go of the lock when done, or the other could never
+        // take it again.
+        assert!(store.reclaim().await.expect("reclaim"));
+        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(RECLAIM_LOCK.0)
+            .bind(RECLAIM_LOCK.1)
+            .fetch_one(&mut other)
+            .await
+            .expect("try the lock");
+        assert!(taken, "the store kept the reclaim lock");
+        let _ = other.close().await;
+        store.close().await;
+        db.drop_database().await;
+    }
+
+    /// SQLite has nothing to reclaim: it reuses a freed page by itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_has_nothing_to_reclaim() {
+        let backend = Backend::sqlite().await;
+        assert!(!backend.store.reclaim().await.expect("reclaim"));
+        backend.finish().await;
+    }
+}
