@@ -244,7 +244,7 @@ pub(crate) async fn soak(
     let mut rows = Vec::new();
     for (k, s) in slices.iter().enumerate() {
         rows.push(format!(
-            "| {} | {:.0} req/s | {:.2} / {:.2} ms | {} | {:.0} µs | {:.0}% | {:.1} KiB | {} of {} |",
+            "| {} | {:.0} req/s | {:.2} / {:.2} ms | {} | {:.0} µs | {:.0}% | {} | {} of {} |",
             k + 1,
             s.report.throughput(),
             s.report.latency_ms(0.5),
@@ -252,7 +252,11 @@ pub(crate) async fn soak(
             cpu_cell(s.cpu),
             s.own,
             100.0 * s.idle,
-            s.written / 1024.0,
+            match db {
+                // PostgreSQL's own processes write, not the server.
+                SoakDatabase::Postgres(_) => "—".to_owned(),
+                SoakDatabase::Sqlite(_) => format!("{:.1} KiB", s.written / 1024.0),
+            },
             s.delivered,
             s.owed,
         ));
