@@ -97,14 +97,26 @@ impl DatabaseState {
     async fn read_postgres(url: &str) -> anyhow::Result<Self> {
         use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect(url).await?;
-        let (size, pending, processed_events, outbox): (i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT pg_database_size(current_database()),
-                    (SELECT count(*) FROM pending_requests),
-                    (SELECT count(*) FROM processed_events),
-                    (SELECT count(*) FROM outbox)",
-        )
-        .fetch_one(&mut conn)
-        .await?;
+        // Schema 5 keeps the keys in a table of their own (older builds, for A/B runs:
+        // `processed_events`).
+        let digests: bool =
+            sqlx::query_scalar("SELECT to_regclass('processed_event_keys') IS NOT NULL")
+                .fetch_one(&mut conn)
+                .await?;
+        let events = if digests {
+            "processed_event_keys"
+        } else {
+            "processed_events"
+        };
+        let (size, pending, processed_events, outbox): (i64, i64, i64, i64) =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT pg_database_size(current_database()),
+                        (SELECT count(*) FROM pending_requests),
+                        (SELECT count(*) FROM {events}),
+                        (SELECT count(*) FROM outbox)"
+            )))
+            .fetch_one(&mut conn)
+            .await?;
         let _ = conn.close().await;
         Ok(Self {
             file_mib: size as f64 / 1048576.0,

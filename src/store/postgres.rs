@@ -91,6 +91,48 @@ const MIGRATIONS: &[&str] = &[
      DROP INDEX pending_requests_target;
      CREATE INDEX pending_requests_sender
          ON pending_requests (endpoint_id, target_digest, expires_at);",
+    // 5: processed-event keys as 16-byte digests ([`EventKey::digest`], as SQLite keeps
+    // them) in a table of their own. Keys are random, so each insert lands on a random
+    // leaf of the primary key; keyed by (source, id), about 160 bytes a key, that index
+    // outgrew the shared buffers within a few million events and every insert then wrote
+    // a dirty page out (issue 17). A uuid holds the digest in 16 bytes without a length
+    // header: 28 bytes an index entry. The old table stays for replicas of the previous
+    // build during a rolling upgrade: its triggers record and forget their keys here, and
+    // an insert of a key known here is skipped, which they read as a redelivery. Locked
+    // first, so that no old replica's key slips between the copy and the triggers.
+    "LOCK TABLE processed_events IN ACCESS EXCLUSIVE MODE;
+     CREATE FUNCTION letro_event_key(source TEXT, id TEXT) RETURNS UUID
+         LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+         AS $$ SELECT encode(substring(sha256(convert_to(source, 'UTF8') || '\\x00'::bytea
+                                              || convert_to(id, 'UTF8')) FROM 1 FOR 16),
+                             'hex')::uuid $$;
+     CREATE TABLE processed_event_keys (
+         key UUID PRIMARY KEY,
+         expires_at BIGINT NOT NULL
+     );
+     CREATE INDEX processed_event_keys_expiry ON processed_event_keys (expires_at);
+     INSERT INTO processed_event_keys (key, expires_at)
+         SELECT letro_event_key(source, id), max(expires_at) FROM processed_events GROUP BY 1;
+     TRUNCATE processed_events;
+     CREATE FUNCTION letro_record_old_event_key() RETURNS trigger LANGUAGE plpgsql AS $$
+     BEGIN
+         INSERT INTO processed_event_keys (key, expires_at)
+             VALUES (letro_event_key(NEW.source, NEW.id), NEW.expires_at)
+             ON CONFLICT (key) DO NOTHING;
+         IF FOUND THEN
+             RETURN NEW;
+         END IF;
+         RETURN NULL;
+     END $$;
+     CREATE TRIGGER record_event_key BEFORE INSERT ON processed_events
+         FOR EACH ROW EXECUTE FUNCTION letro_record_old_event_key();
+     CREATE FUNCTION letro_forget_old_event_key() RETURNS trigger LANGUAGE plpgsql AS $$
+     BEGIN
+         DELETE FROM processed_event_keys WHERE key = letro_event_key(OLD.source, OLD.id);
+         RETURN NULL;
+     END $$;
+     CREATE TRIGGER forget_event_key AFTER DELETE ON processed_events
+         FOR EACH ROW EXECUTE FUNCTION letro_forget_old_event_key();",
 ];
 
 /// Advisory lock key of migrations ("letro" in ASCII).
@@ -407,12 +449,19 @@ impl Store for PostgresStore {
             .await
             .map_err(unavailable)?
             .rows_affected();
-        let events = sqlx::query("DELETE FROM processed_events WHERE expires_at <= $1")
+        let events = sqlx::query("DELETE FROM processed_event_keys WHERE expires_at <= $1")
             .bind(now.0)
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?
             .rows_affected();
+        // What replicas of the previous build recorded during a rolling upgrade: copies
+        // of keys above, so not counted.
+        sqlx::query("DELETE FROM processed_events WHERE expires_at <= $1")
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
         Ok(PurgeReport { requests, events })
     }
@@ -513,7 +562,7 @@ impl Store for PostgresStore {
                         count(*) FILTER (WHERE expires_at <= $1),
                         count(DISTINCT endpoint_id) FILTER (WHERE expires_at > $1),
                         min(created_at) FILTER (WHERE expires_at > $1),
-                        (SELECT count(*) FROM processed_events)
+                        (SELECT count(*) FROM processed_event_keys)
                  FROM pending_requests",
             )
             .bind(now.0)

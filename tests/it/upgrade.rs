@@ -370,6 +370,106 @@ async fn a_waiting_request_of_another_protocol_is_no_match(db: &TestDb) {
     store.close().await;
 }
 
+/// During a rolling upgrade to schema 5 on PostgreSQL, replicas of the previous build
+/// still record event keys in `processed_events` by (source, id), with the statement
+/// below; this build records 16-byte digests elsewhere. Either build sees the other's
+/// keys: a redelivery is a duplicate whichever replica handles it, and a key the old
+/// build takes back (a refused request) is judged afresh by this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_of_the_previous_build_share_the_event_keys() {
+    use crate::store_contract::{NOW, submission};
+    use letro_server::store::PairingOutcome;
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let TestDb::Postgres(pg) = &db else {
+        unreachable!()
+    };
+    let p = parties();
+    let later = NOW.0 + DAY_MS;
+    PostgresStore::create_at_version(&pg.url, 4)
+        .await
+        .expect("old schema");
+    // Recorded before the upgrade.
+    execute(
+        &db,
+        &format!(
+            "INSERT INTO processed_events (source, id, expires_at)
+             VALUES ('{}', 'before', {later});",
+            p[0].id
+        ),
+    )
+    .await;
+    let store = open(&db).await;
+    // The previous build's statement: the keys it returns are new to it.
+    let old_replica_records = |source: &str, id: &str| {
+        let sql = format!(
+            "INSERT INTO processed_events (source, id, expires_at)
+             VALUES ('{source}', '{id}', {later})
+             ON CONFLICT (source, id) DO NOTHING RETURNING id"
+        );
+        let db = &db;
+        async move { texts(db, &sql).await }
+    };
+    let submit = |from: usize, parcel: &'static str, requester: &'static str| {
+        let store = store.clone();
+        let from = p[from].clone();
+        async move {
+            store
+                .submit_pairing_request(submission(&from, parcel, requester, "target@t.io"))
+                .await
+                .expect("submit")
+        }
+    };
+    let stored = PairingOutcome::Stored { replaced: None };
+
+    assert_eq!(
+        submit(0, "before", "a@x.io").await,
+        PairingOutcome::Duplicate
+    );
+    // Recorded by an old replica: a duplicate here.
+    assert_eq!(old_replica_records(&p[1].id, "old").await, ["old"]);
+    assert_eq!(submit(1, "old", "b@x.io").await, PairingOutcome::Duplicate);
+    // Recorded here: a duplicate there, and there too for the key from before.
+    assert_eq!(submit(2, "new", "c@x.io").await, stored);
+    assert!(old_replica_records(&p[2].id, "new").await.is_empty());
+    assert!(old_replica_records(&p[0].id, "before").await.is_empty());
+    // Taken back by an old replica (its request was refused): new again here.
+    execute(
+        &db,
+        &format!(
+            "DELETE FROM processed_events WHERE source = '{}' AND id = 'old';",
+            p[1].id
+        ),
+    )
+    .await;
+    assert_eq!(submit(1, "old", "b@x.io").await, stored);
+    // Every key once, however many builds recorded it.
+    assert_eq!(
+        texts(&db, "SELECT count(*)::text FROM processed_event_keys").await,
+        ["3"]
+    );
+    let stats = store.request_stats(NOW).await.expect("stats");
+    assert_eq!(stats.processed_events, 3);
+    // The purge empties both tables of what expired.
+    let report = store
+        .purge_expired(letro_server::domain::Timestamp(later))
+        .await
+        .expect("purge");
+    assert_eq!(report.events, 3);
+    assert_eq!(
+        texts(
+            &db,
+            "SELECT count(*)::text FROM processed_event_keys; \
+             SELECT count(*)::text FROM processed_events"
+        )
+        .await,
+        ["0", "0"]
+    );
+    store.close().await;
+    db.finish().await;
+}
+
 crate::on_both_backends!(
     a_waiting_request_of_another_protocol_is_no_match,
     an_upgraded_database_keeps_and_delivers_everything,

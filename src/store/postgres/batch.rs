@@ -27,8 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::pair_lock;
 use crate::domain::{
-    EndpointId, EventKey, Offer, OutgoingMessage, PendingCounts, PendingRequest, Protocol,
-    Timestamp,
+    EndpointId, Offer, OutgoingMessage, PendingCounts, PendingRequest, Protocol, Timestamp,
 };
 use crate::flow::{PairState, Plan, plan};
 use crate::store::{
@@ -356,13 +355,15 @@ fn is_operations_fault(e: &sqlx::Error) -> bool {
 /// Locks every pair of the batch, in ascending order (so that two batches never wait
 /// for each other both ways), then records every event key; returns the keys that were
 /// new. A racing transaction recording the same key makes this wait for it to finish.
+/// Keys are [`EventKey::digest`](crate::domain::EventKey::digest)s, bound as bytea and stored as uuid (16 bytes, no
+/// length header: the smallest index entry PostgreSQL has for them).
 const RECORD_EVENTS: &str = "
     WITH locked AS (SELECT count(pg_advisory_xact_lock(k)) AS n FROM unnest($1::int8[]) AS k)
-    INSERT INTO processed_events (source, id, expires_at)
-    SELECT e.source, e.id, e.expires_at
-    FROM locked, unnest($2::text[], $3::text[], $4::int8[]) AS e(source, id, expires_at)
-    ON CONFLICT (source, id) DO NOTHING
-    RETURNING source, id";
+    INSERT INTO processed_event_keys (key, expires_at)
+    SELECT encode(e.key, 'hex')::uuid, e.expires_at
+    FROM locked, unnest($2::bytea[], $3::int8[]) AS e(key, expires_at)
+    ON CONFLICT (key) DO NOTHING
+    RETURNING uuid_send(key)";
 
 /// Every pending request of the given pairs (`i` is -1), live or not; then for each
 /// request `i`, what its caps look at, each counted up to the limit given (a sender
@@ -393,36 +394,38 @@ const READ_PAIRS: &str = "
 /// same row.
 const WRITE: &str = "
     WITH forgotten AS (
-        DELETE FROM processed_events AS e USING unnest($1::text[], $2::text[]) AS f(source, id)
-        WHERE e.source = f.source AND e.id = f.id),
+        DELETE FROM processed_event_keys AS e USING unnest($1::bytea[]) AS f(key)
+        WHERE e.key = encode(f.key, 'hex')::uuid),
     unpaired AS (
-        DELETE FROM pending_requests AS p USING unnest($3::bytea[], $4::bytea[]) AS d(r, t)
+        DELETE FROM pending_requests AS p USING unnest($2::bytea[], $3::bytea[]) AS d(r, t)
         WHERE p.requester_digest = d.r AND p.target_digest = d.t),
     waiting AS (
         INSERT INTO pending_requests (requester_digest, target_digest, endpoint_id, protocol,
                                       offer, created_at, expires_at)
-        SELECT * FROM unnest($5::bytea[], $6::bytea[], $7::text[], $8::text[], $9::bytea[],
-                             $10::int8[], $11::int8[])
+        SELECT * FROM unnest($4::bytea[], $5::bytea[], $6::text[], $7::text[], $8::bytea[],
+                             $9::int8[], $10::int8[])
         ON CONFLICT (requester_digest, target_digest) DO UPDATE SET
             endpoint_id = excluded.endpoint_id, protocol = excluded.protocol,
             offer = excluded.offer, created_at = excluded.created_at,
             expires_at = excluded.expires_at),
     removed AS (
-        DELETE FROM outbox AS o USING unnest($12::int8[]) AS d(seq) WHERE o.seq = d.seq),
+        DELETE FROM outbox AS o USING unnest($11::int8[]) AS d(seq) WHERE o.seq = d.seq),
     retried AS (
         UPDATE outbox AS o SET attempts = o.attempts + 1, next_attempt_at = r.at,
                                last_error = r.error
-        FROM unnest($13::int8[], $14::int8[], $15::text[]) AS r(seq, at, error)
+        FROM unnest($12::int8[], $13::int8[], $14::text[]) AS r(seq, at, error)
         WHERE o.seq = r.seq)
     INSERT INTO outbox (id, source, recipient, kind, content_type, content, time_ms,
                         expiry_ms, next_attempt_at)
     SELECT id, source, recipient, kind, content_type, content, time_ms, expiry_ms, time_ms
-    FROM unnest($16::text[], $17::text[], $18::text[], $19::text[], $20::text[],
-                $21::bytea[], $22::int8[], $23::int8[])
+    FROM unnest($15::text[], $16::text[], $17::text[], $18::text[], $19::text[],
+                $20::bytea[], $21::int8[], $22::int8[])
          AS m(id, source, recipient, kind, content_type, content, time_ms, expiry_ms)
     ON CONFLICT (id) DO NOTHING";
 
 type Digest = [u8; 32];
+/// An event key as stored: [`EventKey::digest`](crate::domain::EventKey::digest).
+type EventDigest = [u8; 16];
 /// A pending request's key: (requester digest, target digest).
 type PairKey = (Digest, Digest);
 
@@ -499,7 +502,7 @@ impl Pairs {
 /// The writes a batch has planned.
 #[derive(Default)]
 struct Writes {
-    forgotten: Vec<EventKey>,
+    forgotten: Vec<EventDigest>,
     messages: Vec<OutgoingMessage>,
     removed: Vec<i64>,
     retried: Vec<(i64, Timestamp, String)>,
@@ -511,11 +514,12 @@ async fn attempt(
     ops: &[BatchOp],
     counters: &Counters,
 ) -> std::result::Result<Vec<BatchAnswer>, BatchError> {
-    let events: Vec<(&EventKey, Timestamp)> = ops
+    // Each operation's event key and its expiry; deliveries have none.
+    let events: Vec<Option<(EventDigest, Timestamp)>> = ops
         .iter()
-        .filter_map(|op| match op {
-            BatchOp::Pair(s) => Some((&s.event, s.request_expiry)),
-            BatchOp::Queue(q) => Some((&q.event, q.event_expiry)),
+        .map(|op| match op {
+            BatchOp::Pair(s) => Some((s.event.digest(), s.request_expiry)),
+            BatchOp::Queue(q) => Some((q.event.digest(), q.event_expiry)),
             _ => None,
         })
         .collect();
@@ -527,7 +531,7 @@ async fn attempt(
             _ => {}
         }
     }
-    if events.is_empty() {
+    if events.iter().all(Option::is_none) {
         // No pairing: each statement is its own transaction.
         if !writes.removed.is_empty() || !writes.retried.is_empty() {
             counters.statement();
@@ -556,37 +560,43 @@ async fn attempt(
         .collect();
     locks.sort_unstable();
     locks.dedup();
-    let recorded: HashSet<(String, String)> = sqlx::query(RECORD_EVENTS)
+    let recorded: HashSet<EventDigest> = sqlx::query(RECORD_EVENTS)
         .bind(locks)
         .bind(
             events
                 .iter()
-                .map(|(e, _)| e.source.clone())
+                .flatten()
+                .map(|(k, _)| k.to_vec())
                 .collect::<Vec<_>>(),
         )
-        .bind(events.iter().map(|(e, _)| e.id.clone()).collect::<Vec<_>>())
-        .bind(events.iter().map(|(_, t)| t.0).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .flatten()
+                .map(|(_, t)| t.0)
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&mut *tx)
         .await?
         .iter()
-        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .map(|row| {
+            let key: Vec<u8> = row.try_get(0)?;
+            EventDigest::try_from(key.as_slice())
+                .map_err(|_| sqlx::Error::Decode("an event key of other than 16 bytes".into()))
+        })
         .collect::<std::result::Result<_, sqlx::Error>>()?;
     let mut round_trips = 2;
 
     // New to the database, and not recorded yet by an earlier operation of the batch.
-    let is_new = |key: &EventKey, taken: &HashSet<(&str, &str)>| {
-        let k = (key.source.clone(), key.id.clone());
-        recorded.contains(&k) && !taken.contains(&(key.source.as_str(), key.id.as_str()))
+    let key = |i: usize| events[i].map(|(k, _)| k);
+    let is_new = |key: Option<EventDigest>, taken: &HashSet<EventDigest>| {
+        key.is_some_and(|k| recorded.contains(&k) && !taken.contains(&k))
     };
     let candidates: Vec<(usize, &PairingSubmission)> = ops
         .iter()
         .enumerate()
         .filter_map(|(i, op)| match op {
-            BatchOp::Pair(s)
-                if recorded.contains(&(s.event.source.clone(), s.event.id.clone())) =>
-            {
-                Some((i, &**s))
-            }
+            BatchOp::Pair(s) if key(i).is_some_and(|k| recorded.contains(&k)) => Some((i, &**s)),
             _ => None,
         })
         .collect();
@@ -597,13 +607,13 @@ async fn attempt(
         read_pairs(&mut tx, &candidates).await?
     };
 
-    let mut taken: HashSet<(&str, &str)> = HashSet::new();
+    let mut taken: HashSet<EventDigest> = HashSet::new();
     let mut answers = Vec::with_capacity(ops.len());
     for (i, op) in ops.iter().enumerate() {
         let answer = match op {
             BatchOp::Queue(q) => {
-                if is_new(&q.event, &taken) {
-                    taken.insert((q.event.source.as_str(), q.event.id.as_str()));
+                if is_new(key(i), &taken) {
+                    taken.extend(key(i));
                     writes.messages.extend(q.messages.iter().cloned());
                     BatchAnswer::Queue(QueueOutcome::Queued)
                 } else {
@@ -611,13 +621,13 @@ async fn attempt(
                 }
             }
             BatchOp::Pair(s) => {
-                if is_new(&s.event, &taken) {
+                if is_new(key(i), &taken) {
                     let base = counts.get(&i).copied().unwrap_or_default();
                     let plan = plan_one(s, &mut pairs, base)?;
                     match &plan {
                         Plan::Refuse(_) => {}
                         Plan::Wait { .. } | Plan::Match { .. } => {
-                            taken.insert((s.event.source.as_str(), s.event.id.as_str()));
+                            taken.extend(key(i));
                         }
                     }
                     if let Plan::Match { messages } = &plan {
@@ -637,14 +647,9 @@ async fn attempt(
     }
     // Keys recorded for requests that were refused: taken back, so that a redelivery is
     // judged afresh.
-    for (source, id) in &recorded {
-        if !taken.contains(&(source.as_str(), id.as_str())) {
-            writes.forgotten.push(EventKey {
-                source: source.clone(),
-                id: id.clone(),
-            });
-        }
-    }
+    writes
+        .forgotten
+        .extend(recorded.iter().filter(|k| !taken.contains(*k)));
     write(&mut *tx, &writes, &pairs).await?;
     for (op, answer) in ops.iter().zip(answers.iter_mut()) {
         if let Some(read) = read_outbox(&mut *tx, op).await? {
@@ -919,14 +924,7 @@ async fn write<'e>(
             writes
                 .forgotten
                 .iter()
-                .map(|e| e.source.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            writes
-                .forgotten
-                .iter()
-                .map(|e| e.id.clone())
+                .map(|k| k.to_vec())
                 .collect::<Vec<_>>(),
         )
         .bind(unpaired.iter().map(|k| k.0.to_vec()).collect::<Vec<_>>())
