@@ -93,7 +93,7 @@ const MIGRATIONS: &[&str] = &[
          ON pending_requests (endpoint_id, target_digest, expires_at);",
     // 5: processed-event keys as 16-byte digests ([`EventKey::digest`], as SQLite keeps
     // them) in a table of their own. Keys are random, so each insert lands on a random
-    // leaf of the primary key; keyed by (source, id), about 160 bytes a key, that index
+    // leaf of the primary key; keyed by (source, id), 174 bytes a key, that index
     // outgrew the shared buffers within a few million events and every insert then wrote
     // a dirty page out (issue 17). A uuid holds the digest in 16 bytes without a length
     // header: 28 bytes an index entry. The old table stays for replicas of the previous
@@ -102,8 +102,8 @@ const MIGRATIONS: &[&str] = &[
     // first, so that no old replica's key slips between the copy and the triggers.
     "LOCK TABLE processed_events IN ACCESS EXCLUSIVE MODE;
      CREATE FUNCTION letro_event_key(source TEXT, id TEXT) RETURNS UUID
-         LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-         AS $$ SELECT encode(substring(sha256(convert_to(source, 'UTF8') || '\\x00'::bytea
+         LANGUAGE sql STABLE STRICT PARALLEL SAFE
+         AS $$ SELECT encode(substring(sha256(convert_to(source, 'UTF8') || decode('00', 'hex')
                                               || convert_to(id, 'UTF8')) FROM 1 FOR 16),
                              'hex')::uuid $$;
      CREATE TABLE processed_event_keys (
@@ -243,6 +243,13 @@ impl PostgresStore {
     /// Applies the migrations up to `target` that are not applied yet.
     async fn migrate(&self, target: usize) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        // Each statement sees what committed before it, whatever the database's default
+        // isolation: migration 5 locks a table, then copies it, and must see every row
+        // committed before its lock.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         // PostgreSQL's NOTICEs ("relation already exists, skipping") are not news. SET
         // LOCAL, not a connection option: poolers such as PgBouncer refuse `options`.
         sqlx::query("SET LOCAL client_min_messages = warning")

@@ -355,8 +355,9 @@ fn is_operations_fault(e: &sqlx::Error) -> bool {
 /// Locks every pair of the batch, in ascending order (so that two batches never wait
 /// for each other both ways), then records every event key; returns the keys that were
 /// new. A racing transaction recording the same key makes this wait for it to finish.
-/// Keys are [`EventKey::digest`](crate::domain::EventKey::digest)s, bound as bytea and stored as uuid (16 bytes, no
-/// length header: the smallest index entry PostgreSQL has for them).
+/// Keys are [`EventKey::digest`](crate::domain::EventKey::digest)s, bound as bytea and
+/// stored as uuid (16 bytes, no length header: the smallest index entry PostgreSQL has
+/// for them).
 const RECORD_EVENTS: &str = "
     WITH locked AS (SELECT count(pg_advisory_xact_lock(k)) AS n FROM unnest($1::int8[]) AS k)
     INSERT INTO processed_event_keys (key, expires_at)
