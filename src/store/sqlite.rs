@@ -10,6 +10,7 @@
 
 mod events;
 mod filter;
+mod leases;
 mod pending;
 
 use std::cell::{Cell, RefCell};
@@ -32,6 +33,7 @@ use super::{
 use crate::domain::{EventKey, MessageId, MessageKind, OutgoingMessage, Timestamp};
 use crate::flow::{Plan, plan};
 use events::{GENERATION_KEYS, ProcessedEvents};
+use leases::Leases;
 use pending::{Pending, RECENT_ROWS, Request};
 
 /// How long the writer leaves its maintenance after it failed.
@@ -107,6 +109,7 @@ struct Db {
     maintains: bool,
     /// No maintenance before this, after a failure.
     paused_until: Cell<Option<Instant>>,
+    leases: Leases,
 }
 
 impl Deref for Db {
@@ -143,6 +146,7 @@ impl Db {
             pending,
             maintains,
             paused_until: Cell::new(None),
+            leases: Leases::default(),
         })
     }
 
@@ -203,6 +207,8 @@ pub struct SqliteStore {
     /// a `/metrics` scrape counting a million rows does not stall every request. `None`
     /// once closed.
     reader: Arc<Mutex<Option<Connection>>>,
+    /// The outbox leases the writer committed ([`leases`]), for the next due time.
+    leases: Arc<Mutex<leases::Held>>,
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -312,6 +318,7 @@ impl SqliteStore {
         }
         let maintains = matches!(role, Role::Server { .. });
         let db = Db::open(conn, tuning, maintains).map_err(unavailable)?;
+        let leases = db.leases.shared();
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -326,6 +333,7 @@ impl SqliteStore {
         Ok(Self {
             jobs: tx,
             reader: Arc::new(Mutex::new(Some(reader))),
+            leases,
         })
     }
 
@@ -567,10 +575,10 @@ fn apply_migrations(conn: &Connection, applied: usize, target: usize) -> rusqlit
 }
 
 /// Makes every message due now. A SQLite file has one server process, so at start no
-/// delivery is in flight and any lease in the future belongs to a process that died:
-/// waiting it out would delay, after a crash, exactly the messages that were being sent.
-/// Retry delays are reset too, which costs one early attempt each (one probe, when the
-/// sink is down).
+/// delivery is in flight. This build keeps leases in memory ([`leases`]); a lease in the
+/// future in a row was left by an older build's process, which died: waiting it out
+/// would delay, after a crash, exactly the messages that were being sent. Retry delays
+/// are reset too, which costs one early attempt each (one probe, when the sink is down).
 fn release_leases(conn: &Connection, now: Timestamp) -> rusqlite::Result<()> {
     let released = conn.execute(
         "UPDATE outbox SET next_attempt_at = ?1 WHERE next_attempt_at > ?1",
@@ -672,13 +680,18 @@ fn run_together(conn: &Db, jobs: &mut [Job]) -> Batch {
     }
     if !jobs.iter_mut().all(|job| job.run(conn)) {
         let _ = control(conn, "ROLLBACK");
+        conn.leases.discard();
         return Batch::OperationFailed;
     }
     match control(conn, "COMMIT") {
-        Ok(()) => Batch::Committed,
+        Ok(()) => {
+            conn.leases.commit();
+            Batch::Committed
+        }
         Err(e) => {
             // The transaction may still be open after a failed COMMIT.
             let _ = control(conn, "ROLLBACK");
+            conn.leases.discard();
             Batch::TransactionFailed(e)
         }
     }
@@ -761,22 +774,27 @@ fn corrupt(what: &str) -> rusqlite::Error {
     rusqlite::Error::InvalidParameterName(format!("corrupt row: {what}"))
 }
 
+/// Claims up to `limit` due messages that no one holds, leasing them until
+/// `lease_until` in memory ([`leases`]): the rows are only read. Leased messages are
+/// due too, and come first in due order, so the scan reads past them: as many rows as
+/// are in flight (at most `--delivery-concurrency`), cached pages.
 fn claim(
-    conn: &Connection,
+    conn: &Db,
     now: Timestamp,
     lease_until: Timestamp,
     limit: usize,
 ) -> rusqlite::Result<Vec<OutboxEntry>> {
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    conn.leases.forget_ended(now.0);
+    let leased = conn.leases.current(now.0);
+    let scan = i64::try_from(limit.saturating_add(leased.len())).unwrap_or(i64::MAX);
     let mut stmt = conn.prepare_cached(
-        "UPDATE outbox SET next_attempt_at = ?1
-         WHERE seq IN (SELECT seq FROM outbox WHERE next_attempt_at <= ?2
-                       ORDER BY next_attempt_at, seq LIMIT ?3)
-         RETURNING seq, id, source, recipient, kind, content_type, content, time_ms,
-                   expiry_ms, attempts",
+        "SELECT seq, id, source, recipient, kind, content_type, content, time_ms,
+                expiry_ms, attempts
+         FROM outbox WHERE next_attempt_at <= ?1
+         ORDER BY next_attempt_at, seq LIMIT ?2",
     )?;
     let rows = stmt
-        .query_map(params![lease_until.0, now.0, limit], |r| {
+        .query_map(params![now.0, scan], |r| {
             Ok(StoredMessage {
                 seq: r.get(0)?,
                 id: r.get(1)?,
@@ -790,12 +808,18 @@ fn claim(
                 attempts: r.get(9)?,
             })
         })?
+        .filter(|row| !row.as_ref().is_ok_and(|m| leased.contains_key(&m.seq)))
+        .take(limit)
         .collect::<rusqlite::Result<Vec<_>>>()?;
+    for row in &rows {
+        conn.leases.take(row.seq, lease_until.0);
+    }
     let (entries, undeliverable) = deliverable(rows, now);
     for row in undeliverable {
         if row.expired {
             conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
                 .execute(params![row.seq])?;
+            conn.leases.release(row.seq);
         } else {
             conn.prepare_cached("UPDATE outbox SET last_error = ?2 WHERE seq = ?1")?
                 .execute(params![row.seq, row.reason])?;
@@ -863,10 +887,28 @@ impl Store for SqliteStore {
     }
 
     async fn next_due(&self) -> Result<Option<Timestamp>> {
-        self.read(|conn| {
-            conn.prepare_cached("SELECT min(next_attempt_at) FROM outbox")?
-                .query_row([], |r| r.get::<_, Option<i64>>(0))
-                .map(|t| t.map(Timestamp))
+        let leases = self.leases.clone();
+        self.read(move |conn| {
+            // Leased messages are not due before their lease ends.
+            let leased = leases::lock(&leases).clone();
+            let scan = i64::try_from(leased.len().saturating_add(1)).unwrap_or(i64::MAX);
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, next_attempt_at FROM outbox ORDER BY next_attempt_at, seq LIMIT ?1",
+            )?;
+            let mut rows = stmt.query(params![scan])?;
+            let mut next = None;
+            while let Some(row) = rows.next()? {
+                let seq: i64 = row.get(0)?;
+                let at = match leased.get(&seq) {
+                    Some(until) => (*until).max(row.get(1)?),
+                    None => row.get(1)?,
+                };
+                next = Some(next.map_or(at, |n: i64| n.min(at)));
+                if !leased.contains_key(&seq) {
+                    break;
+                }
+            }
+            Ok(next.map(Timestamp))
         })
         .await
     }
@@ -875,8 +917,9 @@ impl Store for SqliteStore {
         let seq = entry.seq;
         self.call(move |conn| {
             conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
-                .execute(params![seq])
-                .map(drop)
+                .execute(params![seq])?;
+            conn.leases.release(seq);
+            Ok(())
         })
         .await
     }
@@ -888,8 +931,9 @@ impl Store for SqliteStore {
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
                  WHERE seq = ?1",
             )?
-            .execute(params![seq, at.0, error])
-            .map(drop)
+            .execute(params![seq, at.0, error])?;
+            conn.leases.release(seq);
+            Ok(())
         })
         .await
     }
@@ -1148,6 +1192,52 @@ mod tests {
         assert_eq!(count_rx.blocking_recv().expect("answer").expect("count"), 2);
         assert_eq!(names(&conn), ["a", "c"]);
         assert!(conn.is_autocommit(), "no transaction left open");
+    }
+
+    /// A claim only reads: its lease is in memory, staged until its batch commits.
+    #[test]
+    fn a_claim_rolled_back_with_its_batch_leases_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conn = writer_db(Connection::open(dir.path().join("t.db")).expect("open"));
+        conn.execute(
+            "INSERT INTO outbox (id, source, recipient, kind, content_type, content, time_ms,
+                                 expiry_ms, next_attempt_at)
+             VALUES ('m', 's', ?1, 'pairing-match',
+                     'application/vnd.relaycorp.letro.pairing-match-tmp', X'00', 10, 99999, 10)",
+            [format!("0{}", "a".repeat(64))],
+        )
+        .expect("a due message");
+        let claim_job = |limit: usize| {
+            let (reply, rx) = oneshot::channel();
+            let job: Job = Box::new(Call {
+                f: move |db: &Db| claim(db, Timestamp(20), Timestamp(1000), limit),
+                result: None,
+                reply,
+            });
+            (job, rx)
+        };
+        let (first, first_rx) = claim_job(10);
+        let (bad, _) =
+            job(|conn: &Connection| conn.execute("INSERT INTO missing VALUES (1)", []).map(drop));
+        // The batch fails and each operation runs again on its own: the claim must get
+        // the message then, not find it leased by its rolled-back first run.
+        run_batch(&conn, vec![first, bad]);
+        let claimed = first_rx.blocking_recv().expect("answer").expect("claim");
+        assert_eq!(claimed.len(), 1);
+        let (again, again_rx) = claim_job(10);
+        run_batch(&conn, vec![again]);
+        assert!(
+            again_rx
+                .blocking_recv()
+                .expect("answer")
+                .expect("claim")
+                .is_empty(),
+            "leased once claimed"
+        );
+        let next: i64 = conn
+            .query_row("SELECT next_attempt_at FROM outbox", [], |r| r.get(0))
+            .expect("row");
+        assert_eq!(next, 10, "the row is not written");
     }
 
     #[test]
