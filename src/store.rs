@@ -101,7 +101,9 @@ pub struct OutboxSummary {
     pub expiry: Timestamp,
     /// Failed attempts so far.
     pub attempts: u32,
-    /// When it is next tried (or, while a delivery is in flight, when its lease ends).
+    /// When it is next tried (or, while a delivery is in flight, when its lease ends on
+    /// PostgreSQL; SQLite keeps leases in the server's memory and shows the time as it
+    /// was).
     pub next_attempt: Timestamp,
     /// What the last failed attempt said.
     pub last_error: Option<String>,
@@ -112,7 +114,8 @@ pub struct OutboxSummary {
 pub struct OutboxStatus {
     /// Messages waiting.
     pub depth: u64,
-    /// Of those, due now.
+    /// Of those, due now (on SQLite, those being delivered too: their leases are in the
+    /// server's memory).
     pub due: u64,
     /// Of those, having failed at least once.
     pub retrying: u64,

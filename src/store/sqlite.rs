@@ -209,6 +209,38 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Option<Connection>>>,
     /// The outbox leases the writer committed ([`leases`]), for the next due time.
     leases: Arc<Mutex<leases::Held>>,
+    /// The server's lock on the file ([`lock_for_serving`]): released once the writer
+    /// has stopped (`close`), or when the store is dropped.
+    serving: Mutex<Option<std::fs::File>>,
+}
+
+/// Locks `<path>.lock` for the one server process of a database file. Its outbox leases
+/// are in its memory ([`leases`]), so a second server on the same file would send every
+/// message the first one sends: it is refused at start instead. The lock is the
+/// operating system's (`flock` on Linux), released when the store is dropped or the
+/// process dies, however it dies; the empty file stays.
+fn lock_for_serving(path: &Path) -> Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock = Path::new(&name);
+    let failed = |e: &dyn std::fmt::Display| {
+        StoreError::Unavailable(format!("could not lock {}: {e}", lock.display()))
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(lock)
+        .map_err(|e| failed(&e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
+            "another letro-server is serving {} (it holds {}): one server per SQLite file",
+            path.display(),
+            lock.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(failed(&e)),
+    }
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -269,6 +301,10 @@ impl SqliteStore {
         role: Role,
         tuning: Tuning,
     ) -> Result<Self> {
+        let serving = match role {
+            Role::Server { .. } => Some(lock_for_serving(path)?),
+            Role::Migrator | Role::Admin => None,
+        };
         let conn = Connection::open(path).map_err(unavailable)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
         let sync = match synchronous {
@@ -334,6 +370,7 @@ impl SqliteStore {
             jobs: tx,
             reader: Arc::new(Mutex::new(Some(reader))),
             leases,
+            serving: Mutex::new(serving),
         })
     }
 
@@ -1120,6 +1157,10 @@ impl Store for SqliteStore {
         if self.jobs.send(Msg::Close(tx)).is_ok() {
             let _ = rx.await;
         }
+        self.serving
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 }
 
@@ -1192,6 +1233,26 @@ mod tests {
         assert_eq!(count_rx.blocking_recv().expect("answer").expect("count"), 2);
         assert_eq!(names(&conn), ["a", "c"]);
         assert!(conn.is_autocommit(), "no transaction left open");
+    }
+
+    #[tokio::test]
+    async fn one_server_per_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let first = SqliteStore::open(&path, Synchronous::Full, Timestamp(0)).expect("open");
+        let second = SqliteStore::open(&path, Synchronous::Full, Timestamp(0))
+            .expect_err("a second server on the file");
+        assert!(
+            second
+                .to_string()
+                .contains("another letro-server is serving"),
+            "{second}"
+        );
+        // The admin commands open it beside the server.
+        drop(SqliteStore::open_existing(&path, Synchronous::Full).expect("admin"));
+        first.close().await;
+        let again = SqliteStore::open(&path, Synchronous::Full, Timestamp(0)).expect("free again");
+        again.close().await;
     }
 
     /// A claim only reads: its lease is in memory, staged until its batch commits.

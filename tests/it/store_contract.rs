@@ -689,6 +689,50 @@ async fn operators_see_counts_and_can_retry_failed_messages(store: Arc<dyn Store
     assert_eq!((stats.live, stats.expired, stats.oldest), (0, 1, None));
 }
 
+/// Messages being delivered, in the operators' counts: on PostgreSQL their lease is in
+/// the row (not due; the next attempt is the lease's end); on SQLite it is in the
+/// server's memory, which an admin command cannot see (due; the next attempt as it was).
+/// Either way no claim takes them, and the dispatcher waits for the lease's end.
+async fn messages_in_flight_as_operators_count_them(store: Arc<dyn Store>, leases_in_rows: bool) {
+    seed_for_operators(store.as_ref(), NOW).await;
+    let lease = NOW.plus(Duration::from_secs(60));
+    let claimed = store
+        .claim_due_messages(NOW, lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 3);
+    let status = store.outbox_status(NOW).await.expect("status");
+    let (due, next) = if leases_in_rows { (0, lease) } else { (3, NOW) };
+    assert_eq!(
+        (status.depth, status.due, status.next_attempt),
+        (3, due, Some(next))
+    );
+    assert!(
+        store
+            .claim_due_messages(NOW, lease, 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    assert_eq!(store.next_due().await.expect("next"), Some(lease));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_flight_as_operators_count_them_on_sqlite() {
+    let backend = Backend::sqlite().await;
+    messages_in_flight_as_operators_count_them(backend.store.clone(), false).await;
+    backend.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_flight_as_operators_count_them_on_postgres() {
+    let Some(backend) = Backend::postgres().await else {
+        return;
+    };
+    messages_in_flight_as_operators_count_them(backend.store.clone(), true).await;
+    backend.finish().await;
+}
+
 contract!(
     operators_see_counts_and_can_retry_failed_messages,
     wait_then_match,
