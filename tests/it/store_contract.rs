@@ -333,14 +333,7 @@ async fn leases_retries_and_delivery(store: Arc<dyn Store>) {
         .await
         .expect("claim");
     assert_eq!(rest.len(), 1, "claimed messages are leased");
-    assert!(
-        store
-            .claim_due_messages(NOW, lease, 10)
-            .await
-            .expect("claim")
-            .is_empty()
-    );
-    assert_eq!(store.next_due().await.expect("next"), Some(lease));
+    assert_all_leased_until(store.as_ref(), lease).await;
     // A failed attempt: counted, and due again at its time.
     let retry_at = NOW.plus(Duration::from_secs(5));
     store
@@ -689,6 +682,18 @@ async fn operators_see_counts_and_can_retry_failed_messages(store: Arc<dyn Store
     assert_eq!((stats.live, stats.expired, stats.oldest), (0, 1, None));
 }
 
+/// Nothing can be claimed before `lease` ends, and the dispatcher is told to wait for it.
+async fn assert_all_leased_until(store: &dyn Store, lease: Timestamp) {
+    assert!(
+        store
+            .claim_due_messages(NOW, lease, 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    assert_eq!(store.next_due().await.expect("next"), Some(lease));
+}
+
 /// Messages being delivered, in the operators' counts: on PostgreSQL their lease is in
 /// the row (not due; the next attempt is the lease's end); on SQLite it is in the
 /// server's memory, which an admin command cannot see (due; the next attempt as it was).
@@ -707,14 +712,7 @@ async fn messages_in_flight_as_operators_count_them(store: Arc<dyn Store>, lease
         (status.depth, status.due, status.next_attempt),
         (3, due, Some(next))
     );
-    assert!(
-        store
-            .claim_due_messages(NOW, lease, 10)
-            .await
-            .expect("claim")
-            .is_empty()
-    );
-    assert_eq!(store.next_due().await.expect("next"), Some(lease));
+    assert_all_leased_until(store.as_ref(), lease).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
