@@ -830,24 +830,29 @@ fn claim(
          FROM outbox WHERE next_attempt_at <= ?1
          ORDER BY next_attempt_at, seq LIMIT ?2",
     )?;
-    let rows = stmt
-        .query_map(params![now.0, scan], |r| {
-            Ok(StoredMessage {
-                seq: r.get(0)?,
-                id: r.get(1)?,
-                source: r.get(2)?,
-                recipient: r.get(3)?,
-                kind: r.get(4)?,
-                content_type: r.get(5)?,
-                content: r.get(6)?,
-                time: r.get(7)?,
-                expiry: r.get(8)?,
-                attempts: r.get(9)?,
-            })
-        })?
-        .filter(|row| !row.as_ref().is_ok_and(|m| leased.contains_key(&m.seq)))
-        .take(limit)
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut rows = Vec::new();
+    let mut found = stmt.query(params![now.0, scan])?;
+    while rows.len() < limit {
+        let Some(r) = found.next()? else { break };
+        // Only the seq of a message in flight: its content is not copied.
+        let seq: i64 = r.get(0)?;
+        if leased.contains_key(&seq) {
+            continue;
+        }
+        rows.push(StoredMessage {
+            seq,
+            id: r.get(1)?,
+            source: r.get(2)?,
+            recipient: r.get(3)?,
+            kind: r.get(4)?,
+            content_type: r.get(5)?,
+            content: r.get(6)?,
+            time: r.get(7)?,
+            expiry: r.get(8)?,
+            attempts: r.get(9)?,
+        });
+    }
+    drop(found);
     for row in &rows {
         conn.leases.take(row.seq, lease_until.0);
     }
