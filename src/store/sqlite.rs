@@ -812,7 +812,8 @@ fn corrupt(what: &str) -> rusqlite::Error {
 }
 
 /// Claims up to `limit` due messages that no one holds, leasing them until
-/// `lease_until` in memory ([`leases`]): the rows are only read. Leased messages are
+/// `lease_until` in memory ([`leases`]): the rows it takes are only read (a row this
+/// build cannot deliver gets its `last_error`, or is deleted if expired). Leased messages are
 /// due too, and come first in due order, so the scan reads past them: as many rows as
 /// are in flight (at most `--delivery-concurrency`), cached pages.
 fn claim(
@@ -822,7 +823,7 @@ fn claim(
     limit: usize,
 ) -> rusqlite::Result<Vec<OutboxEntry>> {
     conn.leases.forget_ended(now.0);
-    let leased = conn.leases.current(now.0);
+    let leased = conn.leases.current();
     let scan = i64::try_from(limit.saturating_add(leased.len())).unwrap_or(i64::MAX);
     let mut stmt = conn.prepare_cached(
         "SELECT seq, id, source, recipient, kind, content_type, content, time_ms,
