@@ -104,6 +104,12 @@ async fn unreachable_and_slow_sinks_are_retried() {
         tokio::task::yield_now().await;
     }
     assert_eq!(app.stats().await.outbox_depth, 2);
+    assert!(
+        app.metric("letro_outbox_delivery_failures_total{cause=\"unreachable\"}")
+            .await
+            >= 2,
+        "a refused connection is counted as an unreachable sink"
+    );
     app.stop().await;
 
     // A sink that answers slower than the timeout, then a normal one.
@@ -133,6 +139,12 @@ async fn unreachable_and_slow_sinks_are_retried() {
         }
     }
     assert!(retries >= 2, "each message was retried after its timeout");
+    assert!(
+        app.metric("letro_outbox_delivery_failures_total{cause=\"timeout\"}")
+            .await
+            >= 2,
+        "a slow answer is counted as a timeout"
+    );
     app.stop().await;
 }
 
