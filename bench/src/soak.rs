@@ -82,6 +82,15 @@ impl DatabaseState {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         )?;
         let count = |table: &str| -> anyhow::Result<i64> {
+            // A table an older build lacks (A/B runs against it) holds nothing.
+            let exists: bool = conn.query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [table],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                return Ok(0);
+            }
             Ok(conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)
         };
         Ok(Self {
