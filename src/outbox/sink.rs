@@ -102,6 +102,10 @@ type PlainClient = hyper_util::client::legacy::Client<
 /// a longer body is dropped, and the connection with it.
 const ANSWER_BODY_LIMIT: usize = 64 * 1024;
 
+/// How long an answer's body may take once its head is in (brokers answer 202 with an
+/// empty body or a few bytes).
+const ANSWER_BODY_WAIT: Duration = Duration::from_secs(1);
+
 /// What the sink answered, whichever transport carried it.
 struct Answer {
     status: hyper::StatusCode,
@@ -136,14 +140,17 @@ impl HttpSink {
     ) -> reqwest::Result<Self> {
         install_crypto_provider();
         let connect_timeout = timeout.min(Duration::from_secs(5));
-        let plain = (url.scheme() == "http" && (is_loopback(&url) || !proxy_configured()))
-            .then(|| url.as_str().parse::<hyper::Uri>().ok())
-            .flatten();
+        let plain = plain_uri(&url);
         let transport = match plain {
             Some(uri) => {
                 let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
                 connector.set_nodelay(true);
                 connector.set_connect_timeout(Some(connect_timeout));
+                // As reqwest does: a connection a middlebox dropped while it sat in the
+                // pool is found by the kernel, not by the next delivery's timeout.
+                connector.set_keepalive(Some(Duration::from_secs(15)));
+                connector.set_keepalive_interval(Some(Duration::from_secs(15)));
+                connector.set_keepalive_retries(Some(3));
                 let client = hyper_util::client::legacy::Client::builder(
                     hyper_util::rt::TokioExecutor::new(),
                 )
@@ -261,8 +268,9 @@ fn full_client(
     builder.build()
 }
 
-/// One delivery over the plain client; the timeout covers connecting, sending and the
-/// whole answer, as reqwest's does.
+/// One delivery over the plain client. The timeout covers connecting, sending and the
+/// answer's head, as reqwest's does: once the status is in, the delivery is judged by
+/// it, and a body that is slow to follow cannot turn an accepted message into a retry.
 async fn deliver_plain(
     client: &PlainClient,
     uri: &hyper::Uri,
@@ -295,29 +303,32 @@ async fn deliver_plain(
             }
         }
     }
-    let exchange = async {
-        let response = client.request(request).await?;
-        let (parts, body) = response.into_parts();
-        let _ = http_body_util::Limited::new(body, ANSWER_BODY_LIMIT)
-            .collect()
-            .await;
-        Ok::<_, hyper_util::client::legacy::Error>(Answer::from_headers(
-            parts.status,
-            &parts.headers,
-        ))
+    let response = match tokio::time::timeout(timeout, client.request(request)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) if caused_by_timeout(&e) => {
+            return Err(("sink timed out".into(), FailureCause::Timeout));
+        }
+        Ok(Err(e)) if e.is_connect() => {
+            return Err((
+                "could not connect to sink".into(),
+                FailureCause::Unreachable,
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err((
+                format!("sink request failed: {}", with_sources(&e)),
+                FailureCause::Other,
+            ));
+        }
+        Err(_) => return Err(("sink timed out".into(), FailureCause::Timeout)),
     };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(e)) if e.is_connect() => Err((
-            "could not connect to sink".into(),
-            FailureCause::Unreachable,
-        )),
-        Ok(Err(e)) => Err((
-            format!("sink request failed: {}", with_sources(&e)),
-            FailureCause::Other,
-        )),
-        Err(_) => Err(("sink timed out".into(), FailureCause::Timeout)),
-    }
+    let (parts, body) = response.into_parts();
+    let answer = Answer::from_headers(parts.status, &parts.headers);
+    // Read what little body there is so that the connection goes back to the pool; a
+    // body that is long or slow only costs its connection.
+    let drain = http_body_util::Limited::new(body, ANSWER_BODY_LIMIT).collect();
+    let _ = tokio::time::timeout(ANSWER_BODY_WAIT, drain).await;
+    Ok(answer)
 }
 
 /// One delivery over reqwest.
@@ -352,11 +363,35 @@ fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// Whether the environment names a proxy for http URLs, as reqwest reads it.
-fn proxy_configured() -> bool {
-    ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
-        .iter()
-        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+/// The sink's URI if the plain client can carry its deliveries: plain http, no
+/// credentials in the URL (reqwest turns them into a Basic `Authorization`), and no
+/// proxy on the way, decided from the environment as reqwest decides it (HTTP_PROXY,
+/// ALL_PROXY, NO_PROXY, as curl reads them). A loopback sink never goes through a proxy.
+fn plain_uri(url: &reqwest::Url) -> Option<hyper::Uri> {
+    if url.scheme() != "http" || !url.username().is_empty() || url.password().is_some() {
+        return None;
+    }
+    let uri = url.as_str().parse::<hyper::Uri>().ok()?;
+    let proxied = !is_loopback(url)
+        && hyper_util::client::proxy::matcher::Matcher::from_system()
+            .intercept(&uri)
+            .is_some();
+    (!proxied).then_some(uri)
+}
+
+/// Whether `e` comes from a timeout: hyper's connect timeout is an `io::Error` of kind
+/// `TimedOut` under a connect error, which reqwest reports as a timeout too.
+fn caused_by_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 fn describe(e: &reqwest::Error) -> (String, FailureCause) {
@@ -429,6 +464,45 @@ mod tests {
         assert!(at("http://127.0.0.1:8080/") && at("http://[::1]/") && at("http://LOCALHOST/"));
         assert!(!at("http://broker-ingress.knative-eventing.svc/ns/default"));
         assert!(!at("http://10.0.0.1/"));
+    }
+
+    #[test]
+    fn only_plain_http_without_credentials_goes_over_the_plain_client() {
+        let plain = |u: &str| plain_uri(&reqwest::Url::parse(u).expect("url"));
+        assert_eq!(
+            plain("http://127.0.0.1:8080/ns/default").map(|u| u.to_string()),
+            Some("http://127.0.0.1:8080/ns/default".to_owned())
+        );
+        assert!(plain("https://127.0.0.1:8443/").is_none());
+        assert!(plain("http://user:secret@127.0.0.1:8080/").is_none());
+        assert!(plain("http://user@127.0.0.1:8080/").is_none());
+    }
+
+    #[test]
+    fn a_timed_out_connection_is_a_timeout_however_deep() {
+        #[derive(Debug)]
+        struct Wrapper(std::io::Error);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("client error (Connect)")
+            }
+        }
+        impl std::error::Error for Wrapper {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let timed_out = Wrapper(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "tcp connect error",
+        ));
+        let refused = Wrapper(std::io::ErrorKind::ConnectionRefused.into());
+        assert!(caused_by_timeout(&timed_out));
+        assert!(!caused_by_timeout(&refused));
+        assert_eq!(
+            with_sources(&timed_out),
+            "client error (Connect): tcp connect error"
+        );
     }
 
     #[test]

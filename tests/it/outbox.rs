@@ -148,6 +148,77 @@ async fn unreachable_and_slow_sinks_are_retried() {
     app.stop().await;
 }
 
+/// A sink that answers every request with a 202 head promising a body it never sends,
+/// and keeps the connection open; returns its URL.
+async fn sink_with_a_body_that_never_comes() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            // Read the head and the body it declares before answering.
+            let mut read = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                read.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&read).to_ascii_lowercase();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let length = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if read.len() >= end + 4 + length {
+                        break;
+                    }
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 100\r\n\r\n")
+                .await;
+            open.push(stream);
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_2xx_head_is_a_delivery_even_if_its_body_never_comes() {
+    let url = sink_with_a_body_that_never_comes().await;
+    let (_dir, db) = temp_db();
+    let mut config = test_config(&db, Some(&url));
+    config.sink_timeout = Duration::from_millis(300);
+    let app = TestApp::spawn(config).await;
+    make_match(&app, "slow-body").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.stats().await.outbox_depth > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the messages were not delivered"
+        );
+        tokio::task::yield_now().await;
+    }
+    // Judged by the status: delivered once each, never timed out and sent again.
+    assert_eq!(
+        app.metric("letro_outbox_deliveries_total{result=\"delivered\"}")
+            .await,
+        2
+    );
+    assert_eq!(
+        app.metric("letro_outbox_deliveries_total{result=\"retry\"}")
+            .await,
+        0
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_message_the_sink_always_refuses_does_not_hold_up_the_others_and_expires() {
     let mut sink = FakeSink::start().await;
