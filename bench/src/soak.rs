@@ -148,9 +148,31 @@ impl DatabaseState {
     }
 }
 
-/// The machine's CPU time so far, from `/proc/stat`: (idle and waiting for I/O, all), in
-/// ticks.
-fn machine_cpu() -> (u64, u64) {
+/// The machine's CPU time so far, from `/proc/stat`, in ticks.
+#[derive(Debug, Clone, Copy)]
+struct MachineCpu {
+    idle: u64,
+    /// Idle while some task waited for storage.
+    iowait: u64,
+    /// Taken by the hypervisor for other guests: the machine was slower, not idle.
+    steal: u64,
+    all: u64,
+}
+
+impl MachineCpu {
+    /// Shares of the time since `before`: (idle, I/O wait, stolen).
+    fn shares_since(self, before: Self) -> (f64, f64, f64) {
+        let all = self.all.saturating_sub(before.all).max(1) as f64;
+        let share = |now: u64, then: u64| now.saturating_sub(then) as f64 / all;
+        (
+            share(self.idle, before.idle),
+            share(self.iowait, before.iowait),
+            share(self.steal, before.steal),
+        )
+    }
+}
+
+fn machine_cpu() -> MachineCpu {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let ticks: Vec<u64> = stat
         .lines()
@@ -161,8 +183,13 @@ fn machine_cpu() -> (u64, u64) {
         .filter_map(|t| t.parse().ok())
         .collect();
     // user nice system idle iowait irq softirq steal …
-    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
-    (idle, ticks.iter().take(8).sum())
+    let tick = |i: usize| ticks.get(i).copied().unwrap_or(0);
+    MachineCpu {
+        idle: tick(3),
+        iowait: tick(4),
+        steal: tick(7),
+        all: ticks.iter().take(8).sum(),
+    }
 }
 
 /// The benchmark's own CPU time (generator and sink, every thread), from
@@ -190,8 +217,9 @@ struct Slice {
     cpu: (f64, f64),
     /// The benchmark's CPU µs per request.
     own: f64,
-    /// Share of the machine idle or waiting for I/O (server, generator and sink share it).
-    idle: f64,
+    /// Shares of the machine idle, idle waiting for I/O, and stolen by the hypervisor
+    /// (server, generator and sink share it).
+    machine: (f64, f64, f64),
     /// Bytes the server had written to storage, per request.
     written: f64,
     /// Matches delivered by the slice's end, of those the requests answered so far owe.
@@ -244,8 +272,7 @@ pub(crate) async fn soak(
         slices.push(Slice {
             cpu: cpu_before.per_request(server.cpu(), usize::try_from(n)?),
             own: own_cpu_us().saturating_sub(own_before) as f64 / n.max(1) as f64,
-            idle: (machine.0 - machine_before.0) as f64
-                / (machine.1 - machine_before.1).max(1) as f64,
+            machine: machine.shares_since(machine_before),
             written: server.storage_writes().saturating_sub(written_before) as f64
                 / n.max(1) as f64,
             delivered: sink.counts().distinct - delivered_before,
@@ -265,14 +292,16 @@ pub(crate) async fn soak(
     let mut rows = Vec::new();
     for (k, s) in slices.iter().enumerate() {
         rows.push(format!(
-            "| {} | {:.0} req/s | {:.2} / {:.2} ms | {} | {:.0} µs | {:.0}% | {} | {} of {} |",
+            "| {} | {:.0} req/s | {:.2} / {:.2} ms | {} | {:.0} µs | {:.0}% / {:.0}% / {:.0}% | {} | {} of {} |",
             k + 1,
             s.report.throughput(),
             s.report.latency_ms(0.5),
             s.report.latency_ms(0.99),
             cpu_cell(s.cpu),
             s.own,
-            100.0 * s.idle,
+            100.0 * s.machine.0,
+            100.0 * s.machine.1,
+            100.0 * s.machine.2,
             match db {
                 // PostgreSQL's own processes write, not the server.
                 SoakDatabase::Postgres(_) => "—".to_owned(),
@@ -288,10 +317,10 @@ pub(crate) async fn soak(
         "## {}\n\n\
          One server on {}, a closed loop of pairing requests over {} connections for {:.0} s, \
          every match delivered to the sink during the load; parcel ids are random-looking UUIDs, as Letro's are. Latency here is the closed loop's (from sending to the answer); \
-         idle is the whole machine's (generator and sink included), from /proc/stat; storage writes are the server's `write_bytes` (/proc/<pid>/io).\n\n\
-         | Slice | Throughput | Latency p50 / p99 | Server CPU per request | Generator and sink CPU per request | Machine idle or in I/O wait | Written to storage per request | Matches delivered by its end |\n\
+         idle, I/O wait (idle while a task waited for storage) and stolen (taken by the hypervisor) are the whole machine's (generator and sink included), from /proc/stat; storage writes are the server's `write_bytes` (/proc/<pid>/io).\n\n\
+         | Slice | Throughput | Latency p50 / p99 | Server CPU per request | Generator and sink CPU per request | Machine idle / I/O wait / stolen | Written to storage per request | Matches delivered by its end |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- |\n{}\n\n\
-         - Last slice vs first: throughput {:.0}% (target >= 90%), p99 {:.2}x (target <= 2x).\n\
+         - Last slice vs first: throughput {:.0}% (target >= 90%), p99 {:.2}x (target <= 2x); server CPU per request {:.2}x, the generator's {:.2}x (it does the same work in every slice, so its figure tracks the machine's speed: a server that decays costs more per request than the machine's slowing explains).\n\
          - {} requests in {:.0} s; the last match delivered {:.1} s after the load began; server RSS {:.0} MiB (peak {:.0}).\n\
          - Start: {}.\n\
          - End: {}.\n",
@@ -302,6 +331,8 @@ pub(crate) async fn soak(
         rows.join("\n"),
         100.0 * last.report.throughput() / first.report.throughput().max(1e-9),
         last.report.latency_ms(0.99) / first.report.latency_ms(0.99).max(1e-9),
+        last.cpu.0 / first.cpu.0.max(1e-9),
+        last.own / first.own.max(1e-9),
         sent,
         soaked.as_secs_f64(),
         drained.as_secs_f64(),
