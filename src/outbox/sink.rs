@@ -79,8 +79,8 @@ pub struct HttpSink {
 /// How requests reach the sink.
 #[derive(Debug, Clone)]
 enum Transport {
-    /// A plain-http sink reached directly (the usual case: a broker in the cluster, a
-    /// sidecar): hyper's pooled client, without reqwest's layers, which parse the URL
+    /// A plain-http sink reached directly, without credentials (the usual case: a
+    /// broker in the cluster, a sidecar): hyper's pooled client, without reqwest's layers, which parse the URL
     /// twice, copy the body for a retry and wrap every request in a redirect policy that
     /// never follows (issue 17: those layers were about 8% of the server's CPU at full
     /// load).
@@ -88,8 +88,9 @@ enum Transport {
         client: PlainClient,
         uri: hyper::Uri,
     },
-    /// An https sink, or one behind a proxy (`HTTP_PROXY`, `ALL_PROXY`): reqwest, which
-    /// does TLS with the platform's roots and the proxy settings.
+    /// An https sink, one behind a proxy (`HTTP_PROXY`, `ALL_PROXY`), or one whose URL
+    /// carries credentials: reqwest, which does TLS with the platform's roots, the proxy
+    /// settings, and Basic authorisation from the URL. See [`plain_uri`].
     Full(reqwest::Client),
 }
 
