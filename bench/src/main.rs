@@ -273,6 +273,19 @@ fn all_matched(sink: &CountingSink, tag: &str, pairs: std::ops::Range<usize>) ->
     })
 }
 
+/// Where an open loop's tail came from: its slowest second, and how many seconds had a
+/// request over the 10 ms target.
+fn worst_second(open: &LoadReport) -> String {
+    let Some((second, ms)) = open.worst_second() else {
+        return "open loop: no answers".to_owned();
+    };
+    let (over, seconds) = open.seconds_slower_than(10.0);
+    format!(
+        "open loop's slowest request {ms:.1} ms (due in second {}), requests over 10 ms in {over} of {seconds} seconds",
+        second + 1
+    )
+}
+
 fn cpu_cell((total, writer): (f64, f64)) -> String {
     if writer > 0.0 {
         format!("{total:.0} µs (SQLite writer {writer:.0} µs)")
@@ -778,7 +791,7 @@ async fn main() -> anyhow::Result<()> {
 
     for b in &backends {
         table.push(format!(
-            "| {} | {:.0} req/s | {:.0}% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | {:.0} msg/s ({} of {} delivered during the load) | {} | {}; matches exact: {}; server RSS {:.0} MiB (peak {:.0}) |",
+            "| {} | {:.0} req/s | {:.0}% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | {:.0} msg/s ({} of {} delivered during the load) | {} | {}; matches exact: {}; server RSS {:.0} MiB (peak {:.0}); {} |",
             b.name,
             b.closed.throughput(),
             100.0 * b.closed.throughput() / ceiling.throughput(),
@@ -794,6 +807,7 @@ async fn main() -> anyhow::Result<()> {
             if b.exact { "yes" } else { "NO" },
             b.rss.0,
             b.rss.1,
+            worst_second(&b.open),
         ));
     }
 

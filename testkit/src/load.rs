@@ -80,6 +80,10 @@ pub struct LoadReport {
     pub elapsed: Duration,
     /// Latency in microseconds.
     pub latency: Histogram<u64>,
+    /// The longest latency, in microseconds, of the requests due in each second of the
+    /// run (index 0: the first second): whether a high quantile is one stall or the
+    /// whole run.
+    pub worst_per_second: Vec<u64>,
 }
 
 impl LoadReport {
@@ -93,6 +97,34 @@ impl LoadReport {
     pub fn latency_ms(&self, quantile: f64) -> f64 {
         self.latency.value_at_quantile(quantile) as f64 / 1000.0
     }
+
+    /// The second of the run whose slowest request was slowest: (second, milliseconds).
+    pub fn worst_second(&self) -> Option<(usize, f64)> {
+        self.worst_per_second
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, us)| **us)
+            .map(|(second, us)| (second, *us as f64 / 1000.0))
+    }
+
+    /// How many seconds of the run had a request slower than `ms`, of how many.
+    pub fn seconds_slower_than(&self, ms: f64) -> (usize, usize) {
+        let over = self
+            .worst_per_second
+            .iter()
+            .filter(|us| **us as f64 / 1000.0 > ms)
+            .count();
+        (over, self.worst_per_second.len())
+    }
+}
+
+/// Keeps the longest of `micros` for the second of the run `due` falls in.
+fn record_worst(worst: &mut Vec<u64>, start: Instant, due: Instant, micros: u64) {
+    let second = usize::try_from(due.saturating_duration_since(start).as_secs()).unwrap_or(0);
+    if worst.len() <= second {
+        worst.resize(second + 1, 0);
+    }
+    worst[second] = worst[second].max(micros);
 }
 
 /// Renders request `i` on demand, for runs too long to render beforehand.
@@ -170,6 +202,7 @@ async fn run_requests(
         BTreeMap::<u16, u64>::new(),
         0u64,
         new_histogram(),
+        Vec::<u64>::new(),
     )));
     let start = Instant::now();
     let progress = {
@@ -195,6 +228,7 @@ async fn run_requests(
             let mut statuses = BTreeMap::<u16, u64>::new();
             let mut failures = 0u64;
             let mut histogram = new_histogram();
+            let mut worst = Vec::new();
             let mut conn: Option<BufReader<TcpStream>> = None;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -225,6 +259,7 @@ async fn run_requests(
                         *statuses.entry(status).or_default() += 1;
                         let micros = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
                         let _ = histogram.record(micros.max(1));
+                        record_worst(&mut worst, start, due, micros);
                         if !keep_alive {
                             conn = None;
                         }
@@ -242,19 +277,26 @@ async fn run_requests(
             }
             merged.1 += failures;
             let _ = merged.2.add(&histogram);
+            if merged.3.len() < worst.len() {
+                merged.3.resize(worst.len(), 0);
+            }
+            for (all, mine) in merged.3.iter_mut().zip(worst) {
+                *all = (*all).max(mine);
+            }
         });
     }
     while workers.join_next().await.is_some() {}
     let elapsed = start.elapsed();
     progress.abort();
-    let (statuses, failures, latency) = Arc::try_unwrap(merged)
+    let (statuses, failures, latency, worst_per_second) = Arc::try_unwrap(merged)
         .map(Mutex::into_inner)
-        .unwrap_or_else(|_| (BTreeMap::new(), 0, new_histogram()));
+        .unwrap_or_else(|_| (BTreeMap::new(), 0, new_histogram(), Vec::new()));
     LoadReport {
         statuses,
         failures,
         elapsed,
         latency,
+        worst_per_second,
     }
 }
 
@@ -292,4 +334,30 @@ async fn exchange(stream: &mut BufReader<TcpStream>, request: &[u8]) -> Option<(
     let mut body = vec![0u8; length];
     stream.read_exact(&mut body).await.ok()?;
     Some((status, keep_alive))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worst_second_is_found_and_seconds_over_a_bound_counted() {
+        let start = Instant::now();
+        let mut worst = Vec::new();
+        record_worst(&mut worst, start, start + Duration::from_millis(200), 3_000);
+        record_worst(&mut worst, start, start + Duration::from_millis(2_500), 25_000);
+        record_worst(&mut worst, start, start + Duration::from_millis(2_900), 12_000);
+        record_worst(&mut worst, start, start + Duration::from_millis(400), 4_000);
+        assert_eq!(worst, vec![4_000, 0, 25_000]);
+        let report = LoadReport {
+            statuses: BTreeMap::new(),
+            failures: 0,
+            elapsed: Duration::from_secs(3),
+            latency: new_histogram(),
+            worst_per_second: worst,
+        };
+        assert_eq!(report.worst_second(), Some((2, 25.0)));
+        assert_eq!(report.seconds_slower_than(10.0), (1, 3));
+        assert_eq!(report.seconds_slower_than(3.5), (2, 3));
+    }
 }
