@@ -345,8 +345,18 @@ mod tests {
         let start = Instant::now();
         let mut worst = Vec::new();
         record_worst(&mut worst, start, start + Duration::from_millis(200), 3_000);
-        record_worst(&mut worst, start, start + Duration::from_millis(2_500), 25_000);
-        record_worst(&mut worst, start, start + Duration::from_millis(2_900), 12_000);
+        record_worst(
+            &mut worst,
+            start,
+            start + Duration::from_millis(2_500),
+            25_000,
+        );
+        record_worst(
+            &mut worst,
+            start,
+            start + Duration::from_millis(2_900),
+            12_000,
+        );
         record_worst(&mut worst, start, start + Duration::from_millis(400), 4_000);
         assert_eq!(worst, vec![4_000, 0, 25_000]);
         let report = LoadReport {
