@@ -80,10 +80,10 @@ pub struct HttpSink {
 #[derive(Debug, Clone)]
 enum Transport {
     /// A plain-http sink reached directly, without credentials (the usual case: a
-    /// broker in the cluster, a sidecar): hyper's pooled client, without reqwest's layers, which parse the URL
-    /// twice, copy the body for a retry and wrap every request in a redirect policy that
-    /// never follows (issue 17: those layers were about 8% of the server's CPU at full
-    /// load).
+    /// broker in the cluster, a sidecar): hyper's pooled client, without reqwest's
+    /// layers, which parse the URL twice, copy the body for a retry and wrap every
+    /// request in a redirect policy that never follows (issue 17: those layers were
+    /// about 8% of the server's CPU at full load).
     Plain {
         client: PlainClient,
         uri: hyper::Uri,
