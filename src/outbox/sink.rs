@@ -383,16 +383,24 @@ fn plain_uri(url: &reqwest::Url) -> Option<hyper::Uri> {
 /// Whether `e` comes from a timeout: hyper's connect timeout is an `io::Error` of kind
 /// `TimedOut` under a connect error, which reqwest reports as a timeout too.
 fn caused_by_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = next {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return true;
-        }
-        next = err.source();
-    }
-    false
+    causes(e).any(|err| {
+        err.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    })
+}
+
+/// `e` and the errors under it. An `io::Error`'s `source()` skips the error it wraps
+/// (rustls's, for a failed handshake, reaches reqwest inside one, itself inside
+/// another), so an `io::Error` is opened rather than asked for its source.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |err| match err.downcast_ref::<std::io::Error>() {
+        Some(io) => io
+            .get_ref()
+            .map(|inner| inner as &(dyn std::error::Error + 'static)),
+        None => err.source(),
+    })
 }
 
 fn describe(e: &reqwest::Error) -> (String, FailureCause) {
@@ -414,23 +422,9 @@ fn describe(e: &reqwest::Error) -> (String, FailureCause) {
     }
 }
 
-/// The TLS error under `e`, if a handshake failed. rustls's error reaches reqwest inside
-/// an `io::Error` (itself inside another), whose `source()` skips the error it wraps, so
-/// an `io::Error` is opened rather than asked for its source.
+/// The TLS error under `e`, if a handshake failed.
 fn tls_error(e: &reqwest::Error) -> Option<&rustls::Error> {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = next {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        next = match err.downcast_ref::<std::io::Error>() {
-            Some(io) => io
-                .get_ref()
-                .map(|inner| inner as &(dyn std::error::Error + 'static)),
-            None => err.source(),
-        };
-    }
-    None
+    causes(e).find_map(|err| err.downcast_ref::<rustls::Error>())
 }
 
 /// A redirect's `Location`, resolved against the sink URL, without credentials, and
