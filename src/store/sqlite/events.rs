@@ -9,13 +9,14 @@
 //! between checkpoints, not once each. A generation is sealed once it holds
 //! [`GENERATION_KEYS`] keys; its Bloom filter, kept in memory and stored beside it, lets
 //! a request skip every sealed generation that certainly lacks its key, so that looking
-//! in all of them costs one cache line each, and a B-tree lookup only for the rare
-//! false positive. Keys still expire one by one (the expiry index); a generation whose
-//! keys are all gone loses its filter at the next seal.
+//! in all of them costs a scan of their interleaved filters (64 contiguous bytes each),
+//! and a B-tree lookup only for the rare false positive. Keys still expire one by one
+//! (the expiry index); a generation whose keys are all gone loses its filter at the
+//! next seal.
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
-use super::filter::Filter;
+use super::filter::{Filter, Sealed};
 use crate::domain::Timestamp;
 
 /// Keys per generation. Smaller generations make inserts cheaper and filters more
@@ -35,8 +36,8 @@ pub(super) struct ProcessedEvents {
     current_keys: u64,
     /// The current generation's keys, and any rolled back: a superset, as a filter may be.
     current_filter: Filter,
-    /// Sealed generations and their filters, oldest first.
-    sealed: Vec<(i64, Filter)>,
+    /// The sealed generations' filters.
+    sealed: Sealed,
     /// Sealed generations whose filter was rebuilt at start and is not stored yet.
     unstored: Vec<i64>,
 }
@@ -52,7 +53,7 @@ impl ProcessedEvents {
             [],
             |r| r.get(0),
         )?;
-        let mut sealed = Vec::new();
+        let mut sealed = Sealed::new(generation_keys);
         let mut unstored = Vec::new();
         let mut next: Option<i64> = conn.query_row(
             "SELECT min(generation) FROM processed_events WHERE generation < ?1",
@@ -71,10 +72,10 @@ impl ProcessedEvents {
                 Some(filter) => filter,
                 None => {
                     unstored.push(generation);
-                    build(conn, generation, 0)?.1
+                    build(conn, generation, generation_keys)?.1
                 }
             };
-            sealed.push((generation, filter));
+            sealed.push(generation, filter);
             next = conn.query_row(
                 "SELECT min(generation) FROM processed_events
                  WHERE generation > ?1 AND generation < ?2",
@@ -101,13 +102,12 @@ impl ProcessedEvents {
         expiry: Timestamp,
     ) -> rusqlite::Result<bool> {
         // Newest first: a redelivery usually follows its first delivery closely.
-        for (generation, filter) in self.sealed.iter().rev() {
-            if filter.may_contain(key)
-                && conn
-                    .prepare_cached(
-                        "SELECT 1 FROM processed_events WHERE generation = ?1 AND key = ?2",
-                    )?
-                    .exists(params![generation, key])?
+        for generation in self.sealed.candidates(key) {
+            if conn
+                .prepare_cached(
+                    "SELECT 1 FROM processed_events WHERE generation = ?1 AND key = ?2",
+                )?
+                .exists(params![generation, key])?
             {
                 return Ok(false);
             }
@@ -148,12 +148,12 @@ impl ProcessedEvents {
         // rather than fail half-way.
         let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
         let mut emptied = Vec::new();
-        for (generation, _) in &self.sealed {
+        for generation in self.sealed.generations() {
             let any: bool = tx
                 .prepare_cached("SELECT 1 FROM processed_events WHERE generation = ?1")?
                 .exists(params![generation])?;
             if !any {
-                emptied.push(*generation);
+                emptied.push(generation);
             }
         }
         tx.execute(
@@ -165,21 +165,22 @@ impl ProcessedEvents {
         let mut store = tx.prepare_cached(
             "INSERT OR REPLACE INTO processed_event_filters (generation, bits) VALUES (?1, ?2)",
         )?;
-        for (generation, filter) in &self.sealed {
-            if self.unstored.contains(generation) && !emptied.contains(generation) {
-                store.execute(params![generation, filter.to_bytes()])?;
+        for generation in &self.unstored {
+            if let Some(bytes) = self.sealed.bytes_of(*generation)
+                && !emptied.contains(generation)
+            {
+                store.execute(params![generation, bytes])?;
             }
         }
         store.execute(params![self.current, self.current_filter.to_bytes()])?;
         drop(store);
         tx.commit()?;
-        self.sealed
-            .retain(|(generation, _)| !emptied.contains(generation));
+        self.sealed.remove(&emptied);
         let filter = std::mem::replace(
             &mut self.current_filter,
             Filter::with_capacity(self.generation_keys),
         );
-        self.sealed.push((self.current, filter));
+        self.sealed.push(self.current, filter);
         self.current += 1;
         self.current_keys = 0;
         self.unstored.clear();
@@ -194,12 +195,7 @@ impl ProcessedEvents {
 
     /// Bytes of memory the filters hold.
     pub(super) fn filter_bytes(&self) -> usize {
-        self.current_filter.size()
-            + self
-                .sealed
-                .iter()
-                .map(|(_, filter)| filter.size())
-                .sum::<usize>()
+        self.current_filter.size() + self.sealed.size()
     }
 }
 
