@@ -1483,12 +1483,16 @@ mod tests {
     const LATER: Timestamp = Timestamp(i64::MAX / 2);
 
     async fn open_small(path: &Path) -> SqliteStore {
+        open_with_generations_of(path, 3)
+    }
+
+    fn open_with_generations_of(path: &Path, generation_keys: u64) -> SqliteStore {
         SqliteStore::open_tuned(
             path,
             Synchronous::Normal,
             Role::Server { now: Timestamp(0) },
             Tuning {
-                generation_keys: 3,
+                generation_keys,
                 ..Tuning::default()
             },
         )
@@ -1544,6 +1548,33 @@ mod tests {
         assert!(all(&store, 10..12, QueueOutcome::Queued).await);
         assert_eq!(filters(&path), [0, 1, 2, 3]);
         store.close().await;
+    }
+
+    #[tokio::test]
+    async fn filters_stored_smaller_than_this_build_makes_them_are_built_again() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("events.db");
+        // 128 keys a generation: filters of 4 blocks (16 bits per key); an earlier build
+        // stored 3 (12 bits per key).
+        let store = open_with_generations_of(&path, 128);
+        assert!(all(&store, 0..300, QueueOutcome::Queued).await);
+        store.close().await;
+        assert_eq!(filters(&path), [0, 1]);
+        let sizes = "SELECT length(bits) FROM processed_event_filters ORDER BY generation";
+        assert_eq!(column(&path, sizes), [256, 256]);
+        // Cut to 3 blocks, each filter would map keys to other blocks and miss most:
+        // used as stored, events would pass as new.
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch("UPDATE processed_event_filters SET bits = substr(bits, 1, 192)")
+            .expect("shrink");
+        let store = open_with_generations_of(&path, 128);
+        assert!(all(&store, 0..300, QueueOutcome::Duplicate).await);
+        // The next seal (generation 2 reaches 128 keys) stores them at 4 blocks again.
+        assert!(all(&store, 300..400, QueueOutcome::Queued).await);
+        store.close().await;
+        assert_eq!(filters(&path), [0, 1, 2]);
+        assert_eq!(column(&path, sizes), [256, 256, 256]);
     }
 
     #[tokio::test]

@@ -20,9 +20,11 @@ use super::filter::{Filter, Sealed};
 use crate::domain::Timestamp;
 
 /// Keys per generation. Smaller generations make inserts cheaper and filters more
-/// numerous (one cache line each per request): at 65,536 the writer spent 26 µs per
+/// numerous (each one asked by every request): at 65,536 the writer spent 26 µs per
 /// request in a two-minute soak (1.9 million keys), at 262,144 30 µs, with one B-tree for
-/// all keys 37-47 µs (alternated builds; issue 17's note, stop 24).
+/// all keys 37-47 µs (alternated builds; issue 17's note, stop 24). At 16,384, with
+/// interleaved filters, a request wrote 7 KiB instead of 9.5 but the writer's time per
+/// request grew over a five-minute soak, 24 to 32 µs (stop 29).
 pub(super) const GENERATION_KEYS: u64 = 65_536;
 
 /// The generations of processed-event keys, as the writer holds them.
@@ -69,8 +71,11 @@ impl ProcessedEvents {
                 )
                 .optional()?;
             let filter = match stored.as_deref().and_then(Filter::from_bytes) {
-                Some(filter) => filter,
-                None => {
+                // Smaller than this build makes them: an earlier build's, at 12 bits per
+                // key. Built again, it is interleaved with the others and passes fewer
+                // absent keys. (Larger: a generation with more keys than most, kept.)
+                Some(filter) if filter.size() >= sealed.filter_size() => filter,
+                _ => {
                     unstored.push(generation);
                     build(conn, generation, generation_keys)?.1
                 }

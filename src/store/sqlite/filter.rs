@@ -19,7 +19,8 @@ const BITS_PER_KEY: u64 = 16;
 const WORDS: usize = 8;
 const BLOCK_BYTES: usize = WORDS * 8;
 /// Generations whose blocks are interleaved: a lookup reads 8 x 64 contiguous bytes per
-/// group, and at most 7 slots at each end of [`Sealed`] lie unused.
+/// group. A group's memory goes once all its generations have; as keys expire in the
+/// order they came, the unused slots are those of one group at each end.
 const GROUP: usize = 8;
 
 type Block = [u64; WORDS];
@@ -146,6 +147,11 @@ impl Sealed {
         }
     }
 
+    /// Bytes of a filter sized as those interleaved here.
+    pub(super) fn filter_size(&self) -> usize {
+        self.blocks * BLOCK_BYTES
+    }
+
     /// Adds the filter of `generation`, newer than any already here.
     pub(super) fn push(&mut self, generation: i64, filter: Filter) {
         if filter.blocks.len() != self.blocks {
@@ -186,7 +192,8 @@ impl Sealed {
             .rev()
             .filter(move |(_, filter)| filter.may_contain(&key))
             .map(|(generation, _)| *generation);
-        // The odd ones are the oldest generations, or older builds' filters: asked last.
+        // The odd ones (a migrated first generation, a generation rebuilt at start with
+        // more keys than a filter is sized for) are rare: asked last.
         grouped.chain(odd)
     }
 
