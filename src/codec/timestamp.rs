@@ -123,6 +123,26 @@ mod tests {
         assert_eq!(format_rfc3339_micros(-1), "1969-12-31T23:59:59.999999Z");
     }
 
+    #[test]
+    fn every_day_from_year_0_to_9999_is_the_date_time_gives() {
+        let mut date = time::Date::from_calendar_date(0, time::Month::January, 1).expect("date");
+        let mut days = -719_528; // 0000-01-01, in days from 1970-01-01
+        loop {
+            let expected = (
+                i64::from(date.year()),
+                i64::from(u8::from(date.month())),
+                i64::from(date.day()),
+            );
+            assert_eq!(civil_date(days), expected, "day {days}");
+            match date.next_day() {
+                Some(next) if next.year() <= 9999 => date = next,
+                _ => break,
+            }
+            days += 1;
+        }
+        assert_eq!(days, 2_932_896, "9999-12-31");
+    }
+
     proptest! {
         /// Against `time`'s formatter, from year 0 to 9999.
         #[test]
