@@ -197,8 +197,10 @@ async fn a_2xx_head_is_a_delivery_even_if_its_body_never_comes() {
     config.sink_timeout = Duration::from_millis(300);
     let app = TestApp::spawn(config).await;
     make_match(&app, "slow-body").await;
+    // The count follows the row's deletion: wait for the count, not the empty outbox.
+    let delivered = "letro_outbox_deliveries_total{result=\"delivered\"}";
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app.stats().await.outbox_depth > 0 {
+    while app.metric(delivered).await < 2 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the messages were not delivered"
@@ -206,11 +208,8 @@ async fn a_2xx_head_is_a_delivery_even_if_its_body_never_comes() {
         tokio::task::yield_now().await;
     }
     // Judged by the status: delivered once each, never timed out and sent again.
-    assert_eq!(
-        app.metric("letro_outbox_deliveries_total{result=\"delivered\"}")
-            .await,
-        2
-    );
+    assert_eq!(app.stats().await.outbox_depth, 0);
+    assert_eq!(app.metric(delivered).await, 2);
     assert_eq!(
         app.metric("letro_outbox_deliveries_total{result=\"retry\"}")
             .await,
@@ -241,19 +240,18 @@ async fn a_message_the_sink_always_refuses_does_not_hold_up_the_others_and_expir
         }
     }
     // After its expiry the refused message is dropped and counted.
+    // (Counted after the row goes: wait for the count.)
+    let dropped = "letro_outbox_deliveries_total{result=\"dropped\"}";
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while app.stats().await.outbox_depth > 0 {
+    while app.metric(dropped).await < 1 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the expired message was not dropped"
         );
         let _ = sink.try_next(Duration::from_millis(200)).await;
     }
-    assert_eq!(
-        app.metric("letro_outbox_deliveries_total{result=\"dropped\"}")
-            .await,
-        1
-    );
+    assert_eq!(app.stats().await.outbox_depth, 0);
+    assert_eq!(app.metric(dropped).await, 1);
     assert_eq!(
         app.metric("letro_outbox_deliveries_total{result=\"delivered\"}")
             .await,
@@ -420,14 +418,20 @@ async fn a_redirect_is_a_failed_delivery_and_is_never_followed() {
 
     // The sink accepts again: both messages are delivered there, and only there.
     *sink.redirect_to.lock().expect("lock") = None;
+    // (Counted after the rows go: wait for the count.)
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while app.stats().await.outbox_depth > 0 {
+    while app
+        .metric("letro_outbox_deliveries_total{result=\"delivered\"}")
+        .await
+        < 2
+    {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the messages were not delivered"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert_eq!(app.stats().await.outbox_depth, 0);
     let seen = sink.seen();
     assert!(
         seen.iter()
