@@ -156,28 +156,11 @@ mod tests {
         // The modulus with a needless leading zero byte, lengths grown to match.
         let bits = spki.subject_public_key.as_bytes().expect("bits");
         let key = pkcs1::RsaPublicKey::<UintRef<'_>>::from_der(bits).expect("key");
-        let modulus = key.modulus.as_bytes();
         let mut padded = vec![0u8, 0];
-        padded.extend_from_slice(modulus);
-        let mut inner = Vec::new();
-        der::Header::new(
-            der::Tag::Integer,
-            der::Length::try_from(padded.len()).expect("len"),
-        )
-        .encode_to_vec(&mut inner)
-        .expect("encode");
-        inner.extend_from_slice(&padded);
-        key.public_exponent
-            .encode_to_vec(&mut inner)
-            .expect("encode");
-        let mut seq = Vec::new();
-        der::Header::new(
-            der::Tag::Sequence,
-            der::Length::try_from(inner.len()).expect("len"),
-        )
-        .encode_to_vec(&mut seq)
-        .expect("encode");
-        seq.extend_from_slice(&inner);
+        padded.extend_from_slice(key.modulus.as_bytes());
+        let mut rsa = tlv(0x02, &padded, false);
+        rsa.extend(key.public_exponent.to_der().expect("encode"));
+        let seq = tlv(0x30, &rsa, false);
         let odd = SubjectPublicKeyInfo {
             algorithm: AlgorithmIdentifier {
                 oid: pkcs1::ALGORITHM_OID,

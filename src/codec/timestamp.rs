@@ -99,27 +99,17 @@ mod tests {
 
     #[test]
     fn leap_days_and_the_ends_of_the_range() {
-        // 2024-02-29T23:59:59.999Z, 2100-03-01 (2100 is no leap year), 9999-12-31.
-        assert_eq!(
-            format_rfc3339(Timestamp(1_709_251_199_999)),
-            "2024-02-29T23:59:59.999Z"
-        );
-        assert_eq!(
-            format_rfc3339(Timestamp(4_107_542_400_000)),
-            "2100-03-01T00:00:00.000Z"
-        );
-        assert_eq!(
-            format_rfc3339(Timestamp(253_402_300_799_999)),
-            "9999-12-31T23:59:59.999Z"
-        );
-        assert_eq!(
-            format_rfc3339(Timestamp(253_402_300_800_000)),
-            "1970-01-01T00:00:00.000Z"
-        );
-        assert_eq!(
-            format_rfc3339(Timestamp(-62_167_219_200_001)),
-            "1970-01-01T00:00:00.000Z"
-        );
+        // A leap day, 2100-03-01 (2100 is no leap year), the last instant of 9999, and
+        // the first out of range at each end.
+        for (ms, expected) in [
+            (1_709_251_199_999, "2024-02-29T23:59:59.999Z"),
+            (4_107_542_400_000, "2100-03-01T00:00:00.000Z"),
+            (253_402_300_799_999, "9999-12-31T23:59:59.999Z"),
+            (253_402_300_800_000, "1970-01-01T00:00:00.000Z"),
+            (-62_167_219_200_001, "1970-01-01T00:00:00.000Z"),
+        ] {
+            assert_eq!(format_rfc3339(Timestamp(ms)), expected, "{ms}");
+        }
         assert_eq!(format_rfc3339_micros(-1), "1969-12-31T23:59:59.999999Z");
     }
 
