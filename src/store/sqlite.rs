@@ -150,6 +150,12 @@ impl Db {
         })
     }
 
+    /// A transaction rolled back: what it did to memory is undone too.
+    fn discard(&self) {
+        self.leases.discard();
+        self.events.borrow_mut().discard();
+    }
+
     /// Work between batches: sealing a full generation of event keys, settling pending
     /// requests that have been waiting a while. A failure leaves things as they were (a
     /// generation grows a little past its size, requests stay recent a little longer);
@@ -166,8 +172,8 @@ impl Db {
         }
         let mut failed = false;
         let mut events = self.events.borrow_mut();
-        if events.full()
-            && let Err(e) = events.seal(&self.conn)
+        if events.due()
+            && let Err(e) = events.seal_step(&self.conn)
         {
             tracing::warn!(error = %e, "could not seal a generation of processed-event keys");
             failed = true;
@@ -564,6 +570,19 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX pending_recent_sender
          ON pending_recent (endpoint_id, target_digest, expires_at);
      CREATE INDEX pending_recent_age ON pending_recent (created_at);",
+    // 9: the keys of the generation being filled, in the order they came (see `events`).
+    // The one an earlier build was filling in `processed_events` is sealed as it is; its
+    // filter goes, to be built from its keys at start: an earlier build that restarted
+    // went on filling its newest generation, sealed or not, and stored its filter again
+    // only at its next seal.
+    "CREATE TABLE processed_events_recent (
+         seq INTEGER PRIMARY KEY,
+         generation INTEGER NOT NULL,
+         key BLOB NOT NULL,
+         expires_at INTEGER NOT NULL
+     );
+     DELETE FROM processed_event_filters
+         WHERE generation = (SELECT max(generation) FROM processed_events);",
 ];
 
 fn schema_version(conn: &Connection) -> Result<usize> {
@@ -717,18 +736,19 @@ fn run_together(conn: &Db, jobs: &mut [Job]) -> Batch {
     }
     if !jobs.iter_mut().all(|job| job.run(conn)) {
         let _ = control(conn, "ROLLBACK");
-        conn.leases.discard();
+        conn.discard();
         return Batch::OperationFailed;
     }
     match control(conn, "COMMIT") {
         Ok(()) => {
             conn.leases.commit();
+            conn.events.borrow_mut().commit();
             Batch::Committed
         }
         Err(e) => {
             // The transaction may still be open after a failed COMMIT.
             let _ = control(conn, "ROLLBACK");
-            conn.leases.discard();
+            conn.discard();
             Batch::TransactionFailed(e)
         }
     }
@@ -742,7 +762,7 @@ fn record_event(db: &Db, key: &[u8; 16], expiry: Timestamp) -> rusqlite::Result<
 /// Takes back [`record_event`] for an event that changed nothing (a refused request),
 /// so that the same event, delivered again, is judged again.
 fn forget_event(db: &Db, key: &[u8; 16]) -> rusqlite::Result<()> {
-    db.events.borrow().forget(&db.conn, key)
+    db.events.borrow_mut().forget(&db.conn, key)
 }
 
 fn record_and_queue(conn: &Db, s: &EventMessages) -> rusqlite::Result<QueueOutcome> {
@@ -1016,13 +1036,10 @@ impl Store for SqliteStore {
                 "DELETE FROM pending_requests WHERE expires_at <= ?1",
                 params![now.0],
             )?;
-            let events = conn.execute(
-                "DELETE FROM processed_events WHERE expires_at <= ?1",
-                params![now.0],
-            )?;
+            let events = conn.events.borrow_mut().purge(conn, now, conn.maintains)?;
             Ok(PurgeReport {
                 requests: requests as u64,
-                events: events as u64,
+                events,
             })
         })
         .await
@@ -1141,8 +1158,16 @@ impl Store for SqliteStore {
                 params![now.0],
                 |r| r.get(0),
             )?;
-            let events: i64 =
-                conn.query_row("SELECT count(*) FROM processed_events", [], |r| r.get(0))?;
+            // A generation being sealed has keys in both tables: counted in the recent one.
+            let events: i64 = conn.query_row(
+                "SELECT (SELECT count(*) FROM processed_events_recent)
+                      + (SELECT count(*) FROM processed_events)
+                      - (SELECT count(*) FROM processed_events
+                         WHERE generation >= (SELECT coalesce(min(generation), 1 << 62)
+                                              FROM processed_events_recent))",
+                [],
+                |r| r.get(0),
+            )?;
             Ok(RequestStats {
                 live: count(live.unwrap_or(0)),
                 expired: count(expired.unwrap_or(0)),
@@ -1305,6 +1330,32 @@ mod tests {
             .query_row("SELECT next_attempt_at FROM outbox", [], |r| r.get(0))
             .expect("row");
         assert_eq!(next, 10, "the row is not written");
+    }
+
+    #[test]
+    fn an_event_recorded_in_a_rolled_back_batch_is_new_when_it_runs_again() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conn = writer_db(Connection::open(dir.path().join("t.db")).expect("open"));
+        let record_job = || {
+            let (reply, rx) = oneshot::channel();
+            let job: Job = Box::new(Call {
+                f: move |db: &Db| record_and_queue(db, &event(1, LATER)),
+                result: None,
+                reply,
+            });
+            (job, rx)
+        };
+        let (first, first_rx) = record_job();
+        let (bad, _) =
+            job(|conn: &Connection| conn.execute("INSERT INTO missing VALUES (1)", []).map(drop));
+        // Run again on its own, the event must not find its key from the rolled-back run.
+        run_batch(&conn, vec![first, bad]);
+        let outcome = first_rx.blocking_recv().expect("answer").expect("record");
+        assert_eq!(outcome, QueueOutcome::Queued);
+        let (again, again_rx) = record_job();
+        run_batch(&conn, vec![again]);
+        let outcome = again_rx.blocking_recv().expect("answer").expect("record");
+        assert_eq!(outcome, QueueOutcome::Duplicate);
     }
 
     #[test]
@@ -1520,13 +1571,18 @@ mod tests {
         let path = dir.path().join("events.db");
         let store = open_small(&path).await;
         assert!(all(&store, 0..10, QueueOutcome::Queued).await);
-        // Three keys a generation: 0, 1 and 2 sealed with their filters, 3 current.
+        // Three keys a generation: 0, 1 and 2 sealed with their filters, 3 current (its
+        // keys in the recent table until it is sealed).
         assert_eq!(
             column(
                 &path,
                 "SELECT DISTINCT generation FROM processed_events ORDER BY 1"
             ),
-            [0, 1, 2, 3]
+            [0, 1, 2]
+        );
+        assert_eq!(
+            column(&path, "SELECT generation FROM processed_events_recent"),
+            [3]
         );
         assert_eq!(filters(&path), [0, 1, 2]);
         assert!(all(&store, 0..10, QueueOutcome::Duplicate).await);
@@ -1547,6 +1603,50 @@ mod tests {
         assert!(all(&store, 0..10, QueueOutcome::Duplicate).await);
         assert!(all(&store, 10..12, QueueOutcome::Queued).await);
         assert_eq!(filters(&path), [0, 1, 2, 3]);
+        store.close().await;
+    }
+
+    /// Event keys kept, as the store counts them.
+    async fn event_keys(store: &SqliteStore) -> u64 {
+        let stats = store.request_stats(Timestamp(0)).await.expect("stats");
+        stats.processed_events
+    }
+
+    #[tokio::test]
+    async fn a_seal_in_steps_keeps_every_key_through_a_restart_and_a_purge() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("events.db");
+        let store = open_with_generations_of(&path, 12_000);
+        // Ten of the keys expire early.
+        for n in 0..12_000 {
+            let expiry = if n < 10 { Timestamp(1_000) } else { LATER };
+            store
+                .record_and_queue(event(n, expiry))
+                .await
+                .expect("record");
+        }
+        // The step after the batch that filled the generation has run once this is
+        // answered, the one after this perhaps: 4,096 keys of 12,000 copied, or 8,192.
+        store.ping().await.expect("writer");
+        assert_eq!(event_keys(&store).await, 12_000);
+        store.close().await;
+        let copied = "SELECT count(*) FROM processed_events";
+        assert!([4_096, 8_192].contains(&column(&path, copied)[0]));
+
+        // Cut short, the seal starts again from the tables.
+        let store = open_with_generations_of(&path, 12_000);
+        assert_eq!(event_keys(&store).await, 12_000);
+        let purged = store.purge_expired(Timestamp(1_000)).await.expect("purge");
+        assert_eq!(purged.events, 0, "a generation being sealed keeps its keys");
+        assert!(column(&path, copied)[0] < 12_000, "still sealing");
+        assert!(all(&store, 0..12_000, QueueOutcome::Duplicate).await);
+        assert_eq!(column(&path, copied), [12_000]);
+        let recent = "SELECT count(*) FROM processed_events_recent";
+        assert_eq!(column(&path, recent), [0]);
+        let purged = store.purge_expired(Timestamp(1_000)).await.expect("purge");
+        assert_eq!(purged.events, 10);
+        assert_eq!(event_keys(&store).await, 11_990);
+        assert!(all(&store, 0..10, QueueOutcome::Queued).await);
         store.close().await;
     }
 
