@@ -81,24 +81,39 @@ impl DatabaseState {
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         )?;
-        let count = |table: &str| -> anyhow::Result<i64> {
-            // A table an older build lacks (A/B runs against it) holds nothing.
-            let exists: bool = conn.query_row(
+        let table = |name: &str| -> anyhow::Result<bool> {
+            Ok(conn.query_row(
                 "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                [table],
+                [name],
                 |r| r.get(0),
-            )?;
-            if !exists {
+            )?)
+        };
+        let count = |name: &str| -> anyhow::Result<i64> {
+            // A table an older build lacks (A/B runs against it) holds nothing.
+            if !table(name)? {
                 return Ok(0);
             }
-            Ok(conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)
+            Ok(conn.query_row(&format!("SELECT count(*) FROM {name}"), [], |r| r.get(0))?)
         };
         Ok(Self {
             file_mib: mib(path),
             wal_mib: Some(mib(Path::new(&wal))),
             // New requests wait in `pending_recent` before they settle (SQLite schema 8).
             pending: count("pending_requests")? + count("pending_recent")?,
-            processed_events: count("processed_events")?,
+            // Keys not sealed yet wait in `processed_events_recent` (schema 9); those of a
+            // generation being sealed are in both tables, counted once.
+            processed_events: if table("processed_events_recent")? {
+                conn.query_row(
+                    "SELECT (SELECT count(*) FROM processed_events_recent)
+                          + (SELECT count(*) FROM processed_events
+                             WHERE generation < (SELECT coalesce(min(generation), 1 << 62)
+                                                 FROM processed_events_recent))",
+                    [],
+                    |r| r.get(0),
+                )?
+            } else {
+                count("processed_events")?
+            },
             outbox: count("outbox")?,
         })
     }
