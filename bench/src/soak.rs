@@ -101,13 +101,18 @@ impl DatabaseState {
             // New requests wait in `pending_recent` before they settle (SQLite schema 8).
             pending: count("pending_requests")? + count("pending_recent")?,
             // Keys not sealed yet wait in `processed_events_recent` (schema 9); those of a
-            // generation being sealed are in both tables, counted once.
+            // generation being copied are in both tables, counted once, and rows of a
+            // sealed one (its filter stored) left there not at all.
             processed_events: if table("processed_events_recent")? {
                 conn.query_row(
-                    "SELECT (SELECT count(*) FROM processed_events_recent)
-                          + (SELECT count(*) FROM processed_events
-                             WHERE generation < (SELECT coalesce(min(generation), 1 << 62)
-                                                 FROM processed_events_recent))",
+                    "WITH copying AS (SELECT DISTINCT generation FROM processed_events_recent
+                                      WHERE generation NOT IN
+                                          (SELECT generation FROM processed_event_filters))
+                     SELECT (SELECT count(*) FROM processed_events_recent
+                             WHERE generation IN copying)
+                          + (SELECT count(*) FROM processed_events)
+                          - (SELECT count(*) FROM processed_events
+                             WHERE generation IN copying)",
                     [],
                     |r| r.get(0),
                 )?

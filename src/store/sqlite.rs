@@ -36,6 +36,9 @@ use events::{GENERATION_KEYS, ProcessedEvents};
 use leases::Leases;
 use pending::{Pending, RECENT_ROWS, Request};
 
+/// Time between two steps of a seal, unless it falls behind.
+const SEAL_PACE: Duration = Duration::from_millis(4);
+
 /// How long the writer leaves its maintenance after it failed.
 const MAINTENANCE_PAUSE: Duration = Duration::from_secs(1);
 
@@ -109,6 +112,8 @@ struct Db {
     maintains: bool,
     /// No maintenance before this, after a failure.
     paused_until: Cell<Option<Instant>>,
+    seal_when_idle: bool,
+    last_seal_step: Cell<Option<Instant>>,
     leases: Leases,
 }
 
@@ -125,6 +130,9 @@ impl Deref for Db {
 struct Tuning {
     generation_keys: u64,
     recent_rows: u64,
+    /// Whether a seal steps only when no request waits (or it falls behind); tests that
+    /// count steps take one after every batch.
+    seal_when_idle: bool,
 }
 
 impl Default for Tuning {
@@ -132,6 +140,7 @@ impl Default for Tuning {
         Self {
             generation_keys: GENERATION_KEYS,
             recent_rows: RECENT_ROWS,
+            seal_when_idle: true,
         }
     }
 }
@@ -146,6 +155,8 @@ impl Db {
             pending,
             maintains,
             paused_until: Cell::new(None),
+            seal_when_idle: tuning.seal_when_idle,
+            last_seal_step: Cell::new(None),
             leases: Leases::default(),
         })
     }
@@ -156,12 +167,13 @@ impl Db {
         self.events.borrow_mut().discard();
     }
 
-    /// Work between batches: sealing a full generation of event keys, settling pending
-    /// requests that have been waiting a while. A failure leaves things as they were (a
+    /// Work between batches: sealing a full generation of event keys (a step of it when
+    /// no request is waiting, or when it falls behind: each step delays the requests
+    /// waiting), settling pending requests that have been waiting a while. A failure leaves things as they were (a
     /// generation grows a little past its size, requests stay recent a little longer);
     /// the work is tried again after [`MAINTENANCE_PAUSE`], not after every batch (on a
     /// full disk, that would be a warning and a failed transaction per batch).
-    fn maintain(&self) {
+    fn maintain(&self, idle: bool) {
         if !self.maintains
             || self
                 .paused_until
@@ -172,8 +184,20 @@ impl Db {
         }
         let mut failed = false;
         let mut events = self.events.borrow_mut();
+        // Paced, so that the pages a seal writes (and the checkpoints they bring) are
+        // spread over a second or more rather than a burst that requests wait behind.
+        let step = !self.seal_when_idle
+            || events.behind()
+            || (idle
+                && self
+                    .last_seal_step
+                    .get()
+                    .is_none_or(|at| at.elapsed() >= SEAL_PACE));
+        if step {
+            self.last_seal_step.set(Some(Instant::now()));
+        }
         if events.due()
-            && let Err(e) = events.seal_step(&self.conn)
+            && let Err(e) = events.seal_step(&self.conn, step)
         {
             tracing::warn!(error = %e, "could not seal a generation of processed-event keys");
             failed = true;
@@ -648,8 +672,16 @@ fn release_leases(conn: &Connection, now: Timestamp) -> rusqlite::Result<()> {
 
 fn writer(db: Db, rx: mpsc::Receiver<Msg>) {
     let mut closing = None;
+    // A message taken to learn whether any was waiting, to start the next batch.
+    let mut next = None;
     while closing.is_none() {
-        let Ok(first) = rx.recv() else { break };
+        let first = match next.take() {
+            Some(msg) => msg,
+            None => match rx.recv() {
+                Ok(msg) => msg,
+                Err(_) => break,
+            },
+        };
         let mut jobs = Vec::new();
         match first {
             Msg::Job(job) => jobs.push(job),
@@ -664,7 +696,10 @@ fn writer(db: Db, rx: mpsc::Receiver<Msg>) {
         }
         if !jobs.is_empty() {
             run_batch(&db, jobs);
-            db.maintain();
+            if closing.is_none() {
+                next = rx.try_recv().ok();
+            }
+            db.maintain(next.is_none());
         }
     }
     drop(db);
@@ -1158,13 +1193,16 @@ impl Store for SqliteStore {
                 params![now.0],
                 |r| r.get(0),
             )?;
-            // A generation being sealed has keys in both tables: counted in the recent one.
+            // Keys of a generation being copied are in both tables, counted in the recent
+            // one; a sealed generation's rows left there (its filter is stored) are not.
             let events: i64 = conn.query_row(
-                "SELECT (SELECT count(*) FROM processed_events_recent)
+                "WITH copying AS (SELECT DISTINCT generation FROM processed_events_recent
+                                  WHERE generation NOT IN
+                                      (SELECT generation FROM processed_event_filters))
+                 SELECT (SELECT count(*) FROM processed_events_recent
+                         WHERE generation IN copying)
                       + (SELECT count(*) FROM processed_events)
-                      - (SELECT count(*) FROM processed_events
-                         WHERE generation >= (SELECT coalesce(min(generation), 1 << 62)
-                                              FROM processed_events_recent))",
+                      - (SELECT count(*) FROM processed_events WHERE generation IN copying)",
                 [],
                 |r| r.get(0),
             )?;
@@ -1544,6 +1582,7 @@ mod tests {
             Role::Server { now: Timestamp(0) },
             Tuning {
                 generation_keys,
+                seal_when_idle: false,
                 ..Tuning::default()
             },
         )
@@ -1616,9 +1655,9 @@ mod tests {
     async fn a_seal_in_steps_keeps_every_key_through_a_restart_and_a_purge() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("events.db");
-        let store = open_with_generations_of(&path, 12_000);
+        let store = open_with_generations_of(&path, 2_000);
         // Ten of the keys expire early.
-        for n in 0..12_000 {
+        for n in 0..2_000 {
             let expiry = if n < 10 { Timestamp(1_000) } else { LATER };
             store
                 .record_and_queue(event(n, expiry))
@@ -1626,26 +1665,27 @@ mod tests {
                 .expect("record");
         }
         // The step after the batch that filled the generation has run once this is
-        // answered, the one after this perhaps: 4,096 keys of 12,000 copied, or 8,192.
+        // answered, the one after this perhaps: a step's keys of 2,000 copied, or two.
         store.ping().await.expect("writer");
-        assert_eq!(event_keys(&store).await, 12_000);
+        assert_eq!(event_keys(&store).await, 2_000);
         store.close().await;
         let copied = "SELECT count(*) FROM processed_events";
-        assert!([4_096, 8_192].contains(&column(&path, copied)[0]));
+        let step = events::SEAL_STEP as i64;
+        assert!([step, 2 * step].contains(&column(&path, copied)[0]));
 
         // Cut short, the seal starts again from the tables.
-        let store = open_with_generations_of(&path, 12_000);
-        assert_eq!(event_keys(&store).await, 12_000);
+        let store = open_with_generations_of(&path, 2_000);
+        assert_eq!(event_keys(&store).await, 2_000);
         let purged = store.purge_expired(Timestamp(1_000)).await.expect("purge");
         assert_eq!(purged.events, 0, "a generation being sealed keeps its keys");
-        assert!(column(&path, copied)[0] < 12_000, "still sealing");
-        assert!(all(&store, 0..12_000, QueueOutcome::Duplicate).await);
-        assert_eq!(column(&path, copied), [12_000]);
+        assert!(column(&path, copied)[0] < 2_000, "still sealing");
+        assert!(all(&store, 0..2_000, QueueOutcome::Duplicate).await);
+        assert_eq!(column(&path, copied), [2_000]);
         let recent = "SELECT count(*) FROM processed_events_recent";
         assert_eq!(column(&path, recent), [0]);
         let purged = store.purge_expired(Timestamp(1_000)).await.expect("purge");
         assert_eq!(purged.events, 10);
-        assert_eq!(event_keys(&store).await, 11_990);
+        assert_eq!(event_keys(&store).await, 1_990);
         assert!(all(&store, 0..10, QueueOutcome::Queued).await);
         store.close().await;
     }
@@ -1724,10 +1764,10 @@ mod tests {
     #[test]
     fn failed_maintenance_waits_before_it_is_tried_again() {
         let db = writer_db(Connection::open_in_memory().expect("open"));
-        db.maintain();
+        db.maintain(true);
         assert_eq!(db.paused_until.get(), None);
         db.execute_batch("DROP TABLE pending_recent").expect("drop");
-        db.maintain();
+        db.maintain(true);
         let until = db.paused_until.get().expect("paused after a failure");
         assert!(until > Instant::now());
         db.execute_batch(
@@ -1736,10 +1776,10 @@ mod tests {
         )
         .expect("create");
         // Still paused: nothing runs, the pause stands.
-        db.maintain();
+        db.maintain(true);
         assert_eq!(db.paused_until.get(), Some(until));
         db.paused_until.set(Some(Instant::now()));
-        db.maintain();
+        db.maintain(true);
         assert_eq!(db.paused_until.get(), None);
     }
 

@@ -10,16 +10,18 @@
 //! recording a key dirties the last page of that table rather than a random leaf of
 //! the generation's tree (which was more than half of what the writer wrote per request;
 //! issue 17, stop 30). A generation is sealed once it holds [`GENERATION_KEYS`] keys: a
-//! few thousand at a time, between batches, its keys are copied into
-//! `processed_events`; the last step stores its Bloom filter and deletes its rows from
-//! the recent table. The sealed generations' filters, kept in memory and stored beside
+//! few hundred at a time, between batches, its keys are copied into `processed_events`
+//! in key order; the step that copies the last stores its Bloom filter, and the steps
+//! after it delete its rows from the recent table (a stored filter tells a generation
+//! whose rows are left there from one still being copied). The sealed generations' filters, kept in memory and stored beside
 //! them, let a request skip every sealed generation that certainly lacks its key, so
 //! that looking in all of them costs a scan of their interleaved filters (64 contiguous
 //! bytes each), and a B-tree lookup only for the rare false positive. Keys still expire
 //! one by one (the expiry index); a generation whose keys are all gone loses its filter
 //! at the next seal.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
@@ -34,8 +36,12 @@ use crate::domain::Timestamp;
 /// request grew over a five-minute soak, 24 to 32 µs (stop 29).
 pub(super) const GENERATION_KEYS: u64 = 65_536;
 
-/// Keys a seal copies per step: a step holds the writer for a few milliseconds at most.
-const SEAL_STEP: usize = 4_096;
+/// Keys a seal copies per step, and rows of the recent table it deletes per step once
+/// they are all copied: each step holds the writer (and the requests waiting for it)
+/// well under a millisecond. Copying 4,096 keys at once took 11 ms, deleting a
+/// generation's 65,536 rows at once 24 ms (`secure_delete` zeroes them).
+pub(super) const SEAL_STEP: usize = 256;
+const CLEAR_STEP: i64 = 1_024;
 
 /// A key of the current generation: its expiry, and its row in the recent table.
 #[derive(Debug, Clone, Copy)]
@@ -44,8 +50,10 @@ struct Recent {
     seq: i64,
 }
 
-/// Keys with their expiry and row, in no particular order.
-type Keys = Vec<([u8; 16], Recent)>;
+/// Keys with their expiry and row, in key order: a generation is copied in that order
+/// when it is sealed, with nothing to sort then (sorting 65,536 keys at once held the
+/// writer for milliseconds).
+type Keys = BTreeMap<[u8; 16], Recent>;
 
 /// What the transaction in progress did to the keys in memory, undone if it rolls back.
 #[derive(Debug)]
@@ -59,37 +67,53 @@ enum Undo {
 #[derive(Debug)]
 struct Sealing {
     generation: i64,
-    /// Its keys, sorted, with their expiries: looked up by binary search, copied in order.
-    keys: Vec<([u8; 16], i64)>,
-    /// How many of `keys` are in `processed_events` already.
-    copied: usize,
-    /// Its rows in the recent table have a `seq` up to this one.
-    last_seq: i64,
+    keys: Keys,
+    /// The last key copied into `processed_events`: those before it are there too.
+    copied: Option<[u8; 16]>,
+    /// Its rows in the recent table have a `seq` in this range.
+    seqs: (i64, i64),
     filter: Filter,
 }
 
+/// A sealed generation whose rows are still in the recent table: they are deleted a
+/// range of `seq` at a time. (Its filter is stored: that tells it from a generation
+/// still being copied.)
+#[derive(Debug)]
+struct Clearing {
+    generation: i64,
+    /// The next range starts here.
+    next: i64,
+    last: i64,
+}
+
 impl Sealing {
-    fn new(generation: i64, keys: Keys, capacity: u64) -> Self {
-        let last_seq = keys.iter().map(|(_, r)| r.seq).max().unwrap_or(0);
-        let mut keys: Vec<([u8; 16], i64)> =
-            keys.into_iter().map(|(key, r)| (key, r.expiry)).collect();
-        keys.sort_unstable_by_key(|(key, _)| *key);
-        let mut filter = Filter::with_capacity(capacity.max(keys.len() as u64));
-        for (key, _) in &keys {
-            filter.insert(key);
-        }
+    /// `filter` holds every one of `keys`, perhaps more.
+    fn new(generation: i64, keys: Keys, filter: Filter) -> Self {
+        let seqs = keys.values().map(|r| r.seq);
+        let seqs = (seqs.clone().min().unwrap_or(0), seqs.max().unwrap_or(0));
         Self {
             generation,
             keys,
-            copied: 0,
-            last_seq,
+            copied: None,
+            seqs,
             filter,
         }
     }
 
-    fn contains(&self, key: &[u8; 16]) -> bool {
-        self.keys.binary_search_by(|(k, _)| k.cmp(key)).is_ok()
+    /// The next keys to copy, at most [`SEAL_STEP`].
+    fn next(&self) -> impl Iterator<Item = (&[u8; 16], &Recent)> {
+        let from = self.copied.map_or(Bound::Unbounded, Bound::Excluded);
+        self.keys.range((from, Bound::Unbounded)).take(SEAL_STEP)
     }
+}
+
+/// A filter of `keys`, sized for at least `capacity`.
+fn filter_of(keys: &Keys, capacity: u64) -> Filter {
+    let mut filter = Filter::with_capacity(capacity.max(keys.len() as u64));
+    for key in keys.keys() {
+        filter.insert(key);
+    }
+    filter
 }
 
 /// The generations of processed-event keys, as the writer holds them.
@@ -100,11 +124,16 @@ pub(super) struct ProcessedEvents {
     current: i64,
     /// The current generation's keys: exactly its rows in the recent table once the
     /// transaction in progress has committed or rolled back.
-    recent: HashMap<[u8; 16], Recent>,
+    recent: Keys,
+    /// The current generation's keys, and any since forgotten, purged or rolled back:
+    /// a superset, as a filter may be.
+    recent_filter: Filter,
     undo: Vec<Undo>,
     /// Generations being sealed, oldest first: one at most, but for a database a crash
     /// left otherwise.
     sealing: VecDeque<Sealing>,
+    /// Sealed generations whose rows are being deleted from the recent table.
+    clearing: VecDeque<Clearing>,
     /// The sealed generations' filters.
     sealed: Sealed,
     /// Sealed generations whose filter was rebuilt at start and is not stored yet.
@@ -130,16 +159,15 @@ impl ProcessedEvents {
                 let Ok(key) = <[u8; 16]>::try_from(row.get_ref(2)?.as_blob()?) else {
                     continue;
                 };
-                let entry = (
-                    key,
-                    Recent {
-                        expiry: row.get(3)?,
-                        seq: row.get(1)?,
-                    },
-                );
+                let recent = Recent {
+                    expiry: row.get(3)?,
+                    seq: row.get(1)?,
+                };
                 match by_generation.last_mut() {
-                    Some((g, keys)) if *g == generation => keys.push(entry),
-                    _ => by_generation.push((generation, vec![entry])),
+                    Some((g, keys)) if *g == generation => {
+                        keys.insert(key, recent);
+                    }
+                    _ => by_generation.push((generation, BTreeMap::from([(key, recent)]))),
                 }
             }
         }
@@ -156,15 +184,29 @@ impl ProcessedEvents {
             .chain(highest_sealed.map(|g| g + 1))
             .max()
             .unwrap_or(0);
-        let mut recent = HashMap::new();
+        let stored: Vec<i64> = conn
+            .prepare("SELECT generation FROM processed_event_filters")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut recent = Keys::new();
         let mut sealing = VecDeque::new();
+        let mut clearing = VecDeque::new();
         for (generation, keys) in by_generation {
             if generation == current {
-                recent = keys.into_iter().collect();
+                recent = keys;
+            } else if stored.contains(&generation) {
+                let seqs = keys.values().map(|r| r.seq);
+                clearing.push_back(Clearing {
+                    generation,
+                    next: seqs.clone().min().unwrap_or(0),
+                    last: seqs.max().unwrap_or(0),
+                });
             } else if !keys.is_empty() {
-                sealing.push_back(Sealing::new(generation, keys, generation_keys));
+                let filter = filter_of(&keys, generation_keys);
+                sealing.push_back(Sealing::new(generation, keys, filter));
             }
         }
+        let recent_filter = filter_of(&recent, generation_keys);
 
         let mut sealed = Sealed::new(generation_keys);
         let mut unstored = Vec::new();
@@ -204,8 +246,10 @@ impl ProcessedEvents {
             generation_keys,
             current,
             recent,
+            recent_filter,
             undo: Vec::new(),
             sealing,
+            clearing,
             sealed,
             unstored,
         })
@@ -218,7 +262,7 @@ impl ProcessedEvents {
         key: &[u8; 16],
         expiry: Timestamp,
     ) -> rusqlite::Result<bool> {
-        if self.recent.contains_key(key) || self.sealing.iter().any(|s| s.contains(key)) {
+        if self.recent.contains_key(key) || self.sealing.iter().any(|s| s.keys.contains_key(key)) {
             return Ok(false);
         }
         // Newest first: a redelivery usually follows its first delivery closely.
@@ -238,6 +282,7 @@ impl ProcessedEvents {
         )?
         .execute(params![self.current, key, expiry.0])?;
         let seq = conn.last_insert_rowid();
+        self.recent_filter.insert(key);
         self.recent.insert(
             *key,
             Recent {
@@ -263,9 +308,9 @@ impl ProcessedEvents {
     }
 
     /// Deletes the keys that expired by `now`; returns how many. A generation being
-    /// sealed (in the recent table still, as the tables say, not this process's
-    /// memory: an admin command may purge beside the server) keeps its keys until it
-    /// is: they are deleted by the next purge after. Only the server (`serving`)
+    /// copied (in the recent table with no stored filter, as the tables say, not this
+    /// process's memory: an admin command may purge beside the server) keeps its keys
+    /// until it is sealed: they are deleted by the next purge after. Only the server (`serving`)
     /// purges the recent table, since it holds its keys in memory.
     pub(super) fn purge(
         &mut self,
@@ -275,8 +320,10 @@ impl ProcessedEvents {
     ) -> rusqlite::Result<u64> {
         let mut purged = conn
             .prepare_cached(
-                "DELETE FROM processed_events WHERE expires_at <= ?1 AND generation <
-                     (SELECT coalesce(min(generation), 1 << 62) FROM processed_events_recent)",
+                "DELETE FROM processed_events WHERE expires_at <= ?1
+                 AND generation NOT IN (SELECT generation FROM processed_events_recent
+                                        WHERE generation NOT IN
+                                            (SELECT generation FROM processed_event_filters))",
             )?
             .execute(params![now.0])?;
         if !serving {
@@ -326,42 +373,63 @@ impl ProcessedEvents {
 
     /// Whether there is sealing to do: a full current generation, or a seal under way.
     pub(super) fn due(&self) -> bool {
-        !self.sealing.is_empty() || self.recent.len() as u64 >= self.generation_keys
+        !self.sealing.is_empty()
+            || !self.clearing.is_empty()
+            || self.recent.len() as u64 >= self.generation_keys
     }
 
-    /// One step of sealing (the writer runs it between batches): a full current
-    /// generation starts being sealed and the next one starts; the oldest generation
-    /// being sealed gets its next keys copied, in a transaction of its own. The last
-    /// step stores its filter and any rebuilt at start, deletes its rows from the
-    /// recent table, and drops the filters of generations whose keys have all expired.
-    /// Memory follows only once that has committed.
-    pub(super) fn seal_step(&mut self, conn: &Connection) -> rusqlite::Result<()> {
-        if self.sealing.is_empty() && self.recent.len() as u64 >= self.generation_keys {
-            let keys = std::mem::take(&mut self.recent).into_iter().collect();
+    /// One step of sealing (the writer runs it between batches), in a transaction of
+    /// its own: a full current generation starts being sealed and the next one starts;
+    /// the oldest generation being sealed gets its next keys copied. The step that
+    /// copies its last keys stores its filter and any rebuilt at start, and drops the
+    /// filters of generations whose keys have all expired; the steps after it delete
+    /// its rows from the recent table. Memory follows only once a step has committed.
+    /// Whether the seal under way falls behind: half of the next generation is in.
+    pub(super) fn behind(&self) -> bool {
+        self.recent.len() as u64 >= self.generation_keys / 2
+    }
+
+    /// Unless `step`, a full generation only starts being sealed, and nothing is written.
+    pub(super) fn seal_step(&mut self, conn: &Connection, step: bool) -> rusqlite::Result<()> {
+        if self.sealing.is_empty()
+            && self.clearing.is_empty()
+            && self.recent.len() as u64 >= self.generation_keys
+        {
+            let keys = std::mem::take(&mut self.recent);
+            let filter = std::mem::replace(
+                &mut self.recent_filter,
+                Filter::with_capacity(self.generation_keys),
+            );
             self.sealing
-                .push_back(Sealing::new(self.current, keys, self.generation_keys));
+                .push_back(Sealing::new(self.current, keys, filter));
             self.current += 1;
         }
-        let Some(sealing) = self.sealing.front() else {
+        if !step {
             return Ok(());
+        }
+        let Some(sealing) = self.sealing.front() else {
+            return self.clear_step(conn);
         };
         // Immediate: an admin command writing beside the server makes this wait its turn
         // rather than fail half-way.
         let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-        let end = (sealing.copied + SEAL_STEP).min(sealing.keys.len());
+        let mut last = None;
         {
             let mut copy = tx.prepare_cached(
                 "INSERT INTO processed_events (generation, key, expires_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (generation, key) DO NOTHING",
             )?;
-            for (key, expiry) in &sealing.keys[sealing.copied..end] {
-                copy.execute(params![sealing.generation, key, expiry])?;
+            for (key, recent) in sealing.next() {
+                copy.execute(params![sealing.generation, key, recent.expiry])?;
+                last = Some(*key);
             }
         }
-        if end < sealing.keys.len() {
+        let done =
+            last.is_none_or(|last| sealing.keys.last_key_value().map(|(k, _)| *k) == Some(last));
+        if !done {
             tx.commit()?;
             if let Some(sealing) = self.sealing.front_mut() {
-                sealing.copied = end;
+                sealing.copied = last;
             }
             return Ok(());
         }
@@ -394,13 +462,14 @@ impl ProcessedEvents {
             }
             store.execute(params![sealing.generation, sealing.filter.to_bytes()])?;
         }
-        tx.prepare_cached(
-            "DELETE FROM processed_events_recent WHERE seq <= ?1 AND generation = ?2",
-        )?
-        .execute(params![sealing.last_seq, sealing.generation])?;
         tx.commit()?;
         self.sealed.remove(&emptied);
         if let Some(sealing) = self.sealing.pop_front() {
+            self.clearing.push_back(Clearing {
+                generation: sealing.generation,
+                next: sealing.seqs.0,
+                last: sealing.seqs.1,
+            });
             self.sealed.push(sealing.generation, sealing.filter);
             tracing::debug!(
                 generation = sealing.generation,
@@ -414,15 +483,35 @@ impl ProcessedEvents {
         Ok(())
     }
 
+    /// Deletes the next range of rows of the oldest sealed generation still in the
+    /// recent table.
+    fn clear_step(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        let Some(clearing) = self.clearing.front_mut() else {
+            return Ok(());
+        };
+        let end = clearing.next.saturating_add(CLEAR_STEP);
+        conn.prepare_cached(
+            "DELETE FROM processed_events_recent
+             WHERE seq >= ?1 AND seq < ?2 AND generation = ?3",
+        )?
+        .execute(params![clearing.next, end, clearing.generation])?;
+        clearing.next = end;
+        if end > clearing.last {
+            self.clearing.pop_front();
+        }
+        Ok(())
+    }
+
     /// Bytes of memory the filters and the keys not sealed yet hold.
     pub(super) fn memory_bytes(&self) -> usize {
         self.sealed.size()
             + self
                 .sealing
                 .iter()
-                .map(|s| s.filter.size() + s.keys.capacity() * 24)
+                .map(|s| s.filter.size() + s.keys.len() * 48)
                 .sum::<usize>()
-            + self.recent.capacity() * 40
+            + self.recent_filter.size()
+            + self.recent.len() * 48
     }
 }
 
@@ -557,6 +646,32 @@ mod tests {
     }
 
     #[test]
+    fn a_full_generation_starts_sealing_before_any_step_and_falls_behind_at_half_the_next() {
+        let conn = db();
+        let mut events = ProcessedEvents::load(&conn, 4).expect("load");
+        let record = |events: &mut ProcessedEvents, keys: std::ops::Range<u8>| {
+            transaction(&conn, events, true, |conn, events| {
+                for n in keys {
+                    assert!(events.record(conn, &key(n), LATER).expect("record"));
+                }
+            });
+        };
+        let copied = || -> i64 {
+            conn.query_row("SELECT count(*) FROM processed_events", [], |r| r.get(0))
+                .expect("count")
+        };
+        record(&mut events, 0..4);
+        events.seal_step(&conn, false).expect("step");
+        assert_eq!(copied(), 0, "sealing, but nothing copied yet");
+        assert!(!new(&conn, &mut events, 0));
+        assert!(!events.behind());
+        record(&mut events, 4..6);
+        assert!(events.behind(), "half of the next generation is in");
+        events.seal_step(&conn, true).expect("step");
+        assert_eq!(copied(), 4);
+    }
+
+    #[test]
     fn a_seal_cut_short_is_finished_from_what_the_tables_hold() {
         let conn = db();
         let mut events = ProcessedEvents::load(&conn, 4).expect("load");
@@ -578,8 +693,6 @@ mod tests {
             assert!(events.record(conn, &key(5), LATER).expect("record"));
         });
         assert!((0..=5).all(|n| !new(&conn, &mut events, n)));
-        events.seal_step(&conn).expect("seal");
-        assert!(!events.due());
         let generations = |table: &str| -> Vec<(i64, i64)> {
             let mut stmt = conn
                 .prepare(&format!(
@@ -591,9 +704,18 @@ mod tests {
                 .collect::<rusqlite::Result<_>>()
                 .expect("rows")
         };
+        // Copied, and the filter stored: its rows in the recent table are left over.
+        events.seal_step(&conn, true).expect("seal");
         assert_eq!(generations("processed_events"), [(0, 5)]);
-        assert_eq!(generations("processed_events_recent"), [(1, 1)]);
+        assert_eq!(generations("processed_events_recent"), [(0, 5), (1, 1)]);
         assert_eq!(generations("processed_event_filters"), [(0, 1)]);
+        // A crash now: the filter says generation 0 is sealed, its rows are cleared.
+        let mut events = ProcessedEvents::load(&conn, 4).expect("load");
+        assert!((0..=5).all(|n| !new(&conn, &mut events, n)));
+        assert!(events.due());
+        events.seal_step(&conn, true).expect("clear");
+        assert!(!events.due());
+        assert_eq!(generations("processed_events_recent"), [(1, 1)]);
         let mut events = ProcessedEvents::load(&conn, 4).expect("load");
         assert!((0..=5).all(|n| !new(&conn, &mut events, n)));
         assert!(new(&conn, &mut events, 6));
