@@ -94,15 +94,12 @@ async fn unreachable_and_slow_sinks_are_retried() {
     make_match(&app, "u").await;
     assert_eq!(app.stats().await.outbox_depth, 2);
     // Connection refused counts as a failed attempt, and the messages stay.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app
-        .metric("letro_outbox_deliveries_total{result=\"retry\"}")
-        .await
-        < 2
-    {
-        assert!(tokio::time::Instant::now() < deadline, "no retry recorded");
-        tokio::task::yield_now().await;
-    }
+    app.wait_for_metric(
+        "letro_outbox_deliveries_total{result=\"retry\"}",
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(app.stats().await.outbox_depth, 2);
     assert!(
         app.metric("letro_outbox_delivery_failures_total{cause=\"unreachable\"}")
@@ -199,14 +196,8 @@ async fn a_2xx_head_is_a_delivery_even_if_its_body_never_comes() {
     make_match(&app, "slow-body").await;
     // The count follows the row's deletion: wait for the count, not the empty outbox.
     let delivered = "letro_outbox_deliveries_total{result=\"delivered\"}";
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app.metric(delivered).await < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the messages were not delivered"
-        );
-        tokio::task::yield_now().await;
-    }
+    app.wait_for_metric(delivered, 2, Duration::from_secs(10))
+        .await;
     // Judged by the status: delivered once each, never timed out and sent again.
     assert_eq!(app.stats().await.outbox_depth, 0);
     assert_eq!(app.metric(delivered).await, 2);
@@ -418,19 +409,12 @@ async fn a_redirect_is_a_failed_delivery_and_is_never_followed() {
 
     // The sink accepts again: both messages are delivered there, and only there.
     *sink.redirect_to.lock().expect("lock") = None;
-    // (Counted after the rows go: wait for the count.)
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while app
-        .metric("letro_outbox_deliveries_total{result=\"delivered\"}")
-        .await
-        < 2
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the messages were not delivered"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    app.wait_for_metric(
+        "letro_outbox_deliveries_total{result=\"delivered\"}",
+        2,
+        Duration::from_secs(15),
+    )
+    .await;
     assert_eq!(app.stats().await.outbox_depth, 0);
     let seen = sink.seen();
     assert!(

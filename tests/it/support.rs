@@ -177,6 +177,20 @@ impl TestApp {
             .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
             .unwrap_or(0)
     }
+
+    /// Waits until the metric sample reaches `at_least`; fails after `within`. For
+    /// counts made after the work they count (a delivery is counted once its row is
+    /// gone), so waiting on the work alone would race the count.
+    pub async fn wait_for_metric(&self, sample: &str, at_least: u64, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.metric(sample).await < at_least {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{sample} never reached {at_least}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 pub fn event_headers<'a>(
