@@ -81,24 +81,44 @@ impl DatabaseState {
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         )?;
-        let count = |table: &str| -> anyhow::Result<i64> {
-            // A table an older build lacks (A/B runs against it) holds nothing.
-            let exists: bool = conn.query_row(
+        let table = |name: &str| -> anyhow::Result<bool> {
+            Ok(conn.query_row(
                 "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                [table],
+                [name],
                 |r| r.get(0),
-            )?;
-            if !exists {
+            )?)
+        };
+        let count = |name: &str| -> anyhow::Result<i64> {
+            // A table an older build lacks (A/B runs against it) holds nothing.
+            if !table(name)? {
                 return Ok(0);
             }
-            Ok(conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)
+            Ok(conn.query_row(&format!("SELECT count(*) FROM {name}"), [], |r| r.get(0))?)
         };
         Ok(Self {
             file_mib: mib(path),
             wal_mib: Some(mib(Path::new(&wal))),
             // New requests wait in `pending_recent` before they settle (SQLite schema 8).
             pending: count("pending_requests")? + count("pending_recent")?,
-            processed_events: count("processed_events")?,
+            // Keys not sealed yet wait in `processed_events_recent` (schema 9); those of a
+            // generation being copied are in both tables, counted once, and rows of a
+            // sealed one (its filter stored) left there not at all.
+            processed_events: if table("processed_events_recent")? {
+                conn.query_row(
+                    "WITH copying AS (SELECT DISTINCT generation FROM processed_events_recent
+                                      WHERE generation NOT IN
+                                          (SELECT generation FROM processed_event_filters))
+                     SELECT (SELECT count(*) FROM processed_events_recent
+                             WHERE generation IN copying)
+                          + (SELECT count(*) FROM processed_events)
+                          - (SELECT count(*) FROM processed_events
+                             WHERE generation IN copying)",
+                    [],
+                    |r| r.get(0),
+                )?
+            } else {
+                count("processed_events")?
+            },
             outbox: count("outbox")?,
         })
     }
