@@ -100,22 +100,11 @@ impl DatabaseState {
             wal_mib: Some(mib(Path::new(&wal))),
             // New requests wait in `pending_recent` before they settle (SQLite schema 8).
             pending: count("pending_requests")? + count("pending_recent")?,
-            // Keys not sealed yet wait in `processed_events_recent` (schema 9); those of a
-            // generation being copied are in both tables, counted once, and rows of a
-            // sealed one (its filter stored) left there not at all.
-            processed_events: if table("processed_events_recent")? {
-                conn.query_row(
-                    "WITH copying AS (SELECT DISTINCT generation FROM processed_events_recent
-                                      WHERE generation NOT IN
-                                          (SELECT generation FROM processed_event_filters))
-                     SELECT (SELECT count(*) FROM processed_events_recent
-                             WHERE generation IN copying)
-                          + (SELECT count(*) FROM processed_events)
-                          - (SELECT count(*) FROM processed_events
-                             WHERE generation IN copying)",
-                    [],
-                    |r| r.get(0),
-                )?
+            // Keys in generations of buckets, or not sealed yet (SQLite schema 9).
+            processed_events: if table("processed_event_generations")? {
+                conn.query_row(letro_server::store::sqlite::COUNT_EVENT_KEYS, [], |r| {
+                    r.get(0)
+                })?
             } else {
                 count("processed_events")?
             },

@@ -32,6 +32,7 @@ use super::{
 };
 use crate::domain::{EventKey, MessageId, MessageKind, OutgoingMessage, Timestamp};
 use crate::flow::{Plan, plan};
+pub use events::COUNT_KEYS as COUNT_EVENT_KEYS;
 use events::{GENERATION_KEYS, ProcessedEvents};
 use leases::Leases;
 use pending::{Pending, RECENT_ROWS, Request};
@@ -594,16 +595,29 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX pending_recent_sender
          ON pending_recent (endpoint_id, target_digest, expires_at);
      CREATE INDEX pending_recent_age ON pending_recent (created_at);",
-    // 9: the keys of the generation being filled, in the order they came (see `events`).
-    // The one an earlier build was filling in `processed_events` is sealed as it is; its
-    // filter goes, to be built from its keys at start: an earlier build that restarted
-    // went on filling its newest generation, sealed or not, and stored its filter again
-    // only at its next seal.
+    // 9: event keys in generations of buckets (see `events`): the keys of the generation
+    // being filled, in the order they came; sealed generations, each a row with its
+    // filter and a bucket row per slice of the key space. The generation an earlier build
+    // was filling in `processed_events` stays there as it is; its filter goes, to be
+    // built from its keys at start: an earlier build that restarted went on filling its
+    // newest generation, sealed or not, and stored its filter again only at its next
+    // seal.
     "CREATE TABLE processed_events_recent (
          seq INTEGER PRIMARY KEY,
          generation INTEGER NOT NULL,
          key BLOB NOT NULL,
          expires_at INTEGER NOT NULL
+     );
+     CREATE TABLE processed_event_buckets (
+         id INTEGER PRIMARY KEY,
+         keys BLOB NOT NULL
+     );
+     CREATE TABLE processed_event_generations (
+         generation INTEGER PRIMARY KEY,
+         buckets INTEGER NOT NULL,
+         keys INTEGER NOT NULL,
+         expires_at INTEGER NOT NULL,
+         bits BLOB NOT NULL
      );
      DELETE FROM processed_event_filters
          WHERE generation = (SELECT max(generation) FROM processed_events);",
@@ -1193,19 +1207,7 @@ impl Store for SqliteStore {
                 params![now.0],
                 |r| r.get(0),
             )?;
-            // Keys of a generation being copied are in both tables, counted in the recent
-            // one; a sealed generation's rows left there (its filter is stored) are not.
-            let events: i64 = conn.query_row(
-                "WITH copying AS (SELECT DISTINCT generation FROM processed_events_recent
-                                  WHERE generation NOT IN
-                                      (SELECT generation FROM processed_event_filters))
-                 SELECT (SELECT count(*) FROM processed_events_recent
-                         WHERE generation IN copying)
-                      + (SELECT count(*) FROM processed_events)
-                      - (SELECT count(*) FROM processed_events WHERE generation IN copying)",
-                [],
-                |r| r.get(0),
-            )?;
+            let events: i64 = conn.query_row(COUNT_EVENT_KEYS, [], |r| r.get(0))?;
             Ok(RequestStats {
                 live: count(live.unwrap_or(0)),
                 expired: count(expired.unwrap_or(0)),
@@ -1552,11 +1554,19 @@ mod tests {
             .expect("column")
     }
 
-    /// The generations with a stored filter.
+    /// The generations an earlier build sealed with a stored filter.
     fn filters(path: &Path) -> Vec<i64> {
         column(
             path,
             "SELECT generation FROM processed_event_filters ORDER BY 1",
+        )
+    }
+
+    /// The generations sealed in buckets.
+    fn sealed(path: &Path) -> Vec<i64> {
+        column(
+            path,
+            "SELECT generation FROM processed_event_generations ORDER BY 1",
         )
     }
 
@@ -1610,20 +1620,17 @@ mod tests {
         let path = dir.path().join("events.db");
         let store = open_small(&path).await;
         assert!(all(&store, 0..10, QueueOutcome::Queued).await);
-        // Three keys a generation: 0, 1 and 2 sealed with their filters, 3 current (its
-        // keys in the recent table until it is sealed).
-        assert_eq!(
-            column(
-                &path,
-                "SELECT DISTINCT generation FROM processed_events ORDER BY 1"
-            ),
-            [0, 1, 2]
-        );
+        // Three keys a generation: 0, 1 and 2 sealed in buckets, 3 current (its keys in
+        // the recent table until it is sealed).
+        assert_eq!(sealed(&path), [0, 1, 2]);
         assert_eq!(
             column(&path, "SELECT generation FROM processed_events_recent"),
             [3]
         );
-        assert_eq!(filters(&path), [0, 1, 2]);
+        assert_eq!(
+            column(&path, "SELECT count(*) FROM processed_event_buckets"),
+            [3]
+        );
         assert!(all(&store, 0..10, QueueOutcome::Duplicate).await);
         store.close().await;
 
@@ -1632,16 +1639,14 @@ mod tests {
         assert!(all(&store, 0..10, QueueOutcome::Duplicate).await);
         store.close().await;
 
-        // With no stored filter (lost, or a database from before generations): built
-        // again from the keys, and stored at the next seal.
+        // With a stored filter that cannot be read: built again from the buckets.
         Connection::open(&path)
             .expect("open")
-            .execute_batch("DELETE FROM processed_event_filters")
-            .expect("delete");
+            .execute_batch("UPDATE processed_event_generations SET bits = x'00'")
+            .expect("spoil");
         let store = open_small(&path).await;
         assert!(all(&store, 0..10, QueueOutcome::Duplicate).await);
         assert!(all(&store, 10..12, QueueOutcome::Queued).await);
-        assert_eq!(filters(&path), [0, 1, 2, 3]);
         store.close().await;
     }
 
@@ -1652,69 +1657,107 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_seal_in_steps_keeps_every_key_through_a_restart_and_a_purge() {
+    async fn a_seal_cut_short_starts_again_and_a_sealed_generation_expires_whole() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("events.db");
-        let store = open_with_generations_of(&path, 2_000);
-        // Ten of the keys expire early.
-        for n in 0..2_000 {
-            let expiry = if n < 10 { Timestamp(1_000) } else { LATER };
+        // Two steps a seal: 33 buckets of about 128 keys.
+        let keys = 32 * 128 + 100;
+        let store = open_with_generations_of(&path, keys as u64);
+        // Ten of the keys expire early, the rest at 2,000.
+        for n in 0..keys {
+            let expiry = Timestamp(if n < 10 { 1_000 } else { 2_000 });
             store
                 .record_and_queue(event(n, expiry))
                 .await
                 .expect("record");
         }
-        // The step after the batch that filled the generation has run once this is
-        // answered, the one after this perhaps: a step's keys of 2,000 copied, or two.
         store.ping().await.expect("writer");
-        assert_eq!(event_keys(&store).await, 2_000);
         store.close().await;
-        let copied = "SELECT count(*) FROM processed_events";
-        let step = events::SEAL_STEP as i64;
-        assert!([step, 2 * step].contains(&column(&path, copied)[0]));
+        assert_eq!(sealed(&path), [0]);
+        let buckets = "SELECT count(*) FROM processed_event_buckets";
+        assert_eq!(column(&path, buckets), [33]);
 
-        // Cut short, the seal starts again from the tables.
-        let store = open_with_generations_of(&path, 2_000);
-        assert_eq!(event_keys(&store).await, 2_000);
+        // As a crash after the first step would leave it: the seal starts again.
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch(
+                "DELETE FROM processed_event_generations;
+                 DELETE FROM processed_event_buckets WHERE id >= 32;",
+            )
+            .expect("cut short");
+        let store = open_with_generations_of(&path, keys as u64);
+        assert_eq!(event_keys(&store).await, keys as u64);
         let purged = store.purge_expired(Timestamp(1_000)).await.expect("purge");
         assert_eq!(purged.events, 0, "a generation being sealed keeps its keys");
-        assert!(column(&path, copied)[0] < 2_000, "still sealing");
-        assert!(all(&store, 0..2_000, QueueOutcome::Duplicate).await);
-        assert_eq!(column(&path, copied), [2_000]);
+        assert!(all(&store, 0..keys, QueueOutcome::Duplicate).await);
+        assert_eq!(sealed(&path), [0]);
+        assert_eq!(column(&path, buckets), [33]);
         let recent = "SELECT count(*) FROM processed_events_recent";
-        assert_eq!(column(&path, recent), [0]);
-        let purged = store.purge_expired(Timestamp(1_000)).await.expect("purge");
-        assert_eq!(purged.events, 10);
-        assert_eq!(event_keys(&store).await, 1_990);
+        assert_eq!(column(&path, recent), [0], "cleared once sealed");
+        assert_eq!(event_keys(&store).await, keys as u64);
+
+        // Sealed, the generation goes once its latest key expires, not before.
+        let purged = store.purge_expired(Timestamp(1_999)).await.expect("purge");
+        assert_eq!(purged.events, 0);
+        assert!(all(&store, 0..10, QueueOutcome::Duplicate).await);
+        let purged = store.purge_expired(Timestamp(2_000)).await.expect("purge");
+        assert_eq!(purged.events, keys as u64);
+        assert_eq!(column(&path, buckets), [0]);
+        assert_eq!(event_keys(&store).await, 0);
         assert!(all(&store, 0..10, QueueOutcome::Queued).await);
         store.close().await;
     }
 
+    /// Records the keys of `events` as an earlier build sealed them: in
+    /// `processed_events`, `per` keys a generation, no filter stored.
+    fn seal_as_an_earlier_build(path: &Path, events: std::ops::Range<usize>, per: usize) {
+        let conn = Connection::open(path).expect("open");
+        for n in events {
+            let e = event(n, Timestamp(1_000 + (n / per) as i64));
+            conn.execute(
+                "INSERT INTO processed_events (generation, key, expires_at) VALUES (?1, ?2, ?3)",
+                params![(n / per) as i64, e.event.digest(), e.event_expiry.0],
+            )
+            .expect("insert");
+        }
+    }
+
     #[tokio::test]
-    async fn filters_stored_smaller_than_this_build_makes_them_are_built_again() {
+    async fn generations_an_earlier_build_sealed_are_kept_until_their_keys_expire() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("events.db");
-        // 128 keys a generation: filters of 4 blocks (16 bits per key); an earlier build
-        // stored 3 (12 bits per key).
+        open_with_generations_of(&path, 128).close().await;
+        seal_as_an_earlier_build(&path, 0..300, 128);
+        // 128 keys a generation: filters of 4 blocks (16 bits per key), built at start
+        // and stored at the next seal; new keys go into generation 3.
         let store = open_with_generations_of(&path, 128);
-        assert!(all(&store, 0..300, QueueOutcome::Queued).await);
+        assert!(all(&store, 0..300, QueueOutcome::Duplicate).await);
+        assert!(all(&store, 300..428, QueueOutcome::Queued).await);
         store.close().await;
-        assert_eq!(filters(&path), [0, 1]);
+        assert_eq!(filters(&path), [0, 1, 2]);
+        assert_eq!(sealed(&path), [3]);
         let sizes = "SELECT length(bits) FROM processed_event_filters ORDER BY generation";
-        assert_eq!(column(&path, sizes), [256, 256]);
-        // Cut to 3 blocks, each filter would map keys to other blocks and miss most:
-        // used as stored, events would pass as new.
+        assert_eq!(column(&path, sizes), [256, 256, 256]);
+        // Cut to 3 blocks (an earlier build's 12 bits per key), each filter would map
+        // keys to other blocks and miss most: used as stored, events would pass as new.
         Connection::open(&path)
             .expect("open")
             .execute_batch("UPDATE processed_event_filters SET bits = substr(bits, 1, 192)")
             .expect("shrink");
         let store = open_with_generations_of(&path, 128);
-        assert!(all(&store, 0..300, QueueOutcome::Duplicate).await);
-        // The next seal (generation 2 reaches 128 keys) stores them at 4 blocks again.
-        assert!(all(&store, 300..400, QueueOutcome::Queued).await);
+        assert!(all(&store, 0..428, QueueOutcome::Duplicate).await);
+        // Their keys expire one by one; a generation emptied loses its filter at the
+        // next seal, and the others are stored at 4 blocks again.
+        let purged = store.purge_expired(Timestamp(1_000)).await.expect("purge");
+        assert_eq!(purged.events, 128);
+        assert!(all(&store, 428..556, QueueOutcome::Queued).await);
+        // Generation 5, sealed in turn.
+        assert!(all(&store, 0..128, QueueOutcome::Queued).await);
+        assert!(all(&store, 128..300, QueueOutcome::Duplicate).await);
         store.close().await;
-        assert_eq!(filters(&path), [0, 1, 2]);
-        assert_eq!(column(&path, sizes), [256, 256, 256]);
+        assert_eq!(filters(&path), [1, 2]);
+        assert_eq!(column(&path, sizes), [256, 256]);
+        assert_eq!(sealed(&path), [3, 4, 5]);
     }
 
     #[tokio::test]
@@ -1729,11 +1772,11 @@ mod tests {
                 .expect("record");
         }
         store.ping().await.expect("writer");
-        assert_eq!(filters(&path), [0, 1]);
+        assert_eq!(sealed(&path), [0, 1]);
         let purged = store.purge_expired(Timestamp(1_000)).await.expect("purge");
         assert_eq!(purged.events, 6);
         assert!(all(&store, 6..9, QueueOutcome::Queued).await);
-        assert_eq!(filters(&path), [2]);
+        assert_eq!(sealed(&path), [2]);
         // Expired keys are forgotten: the same events are new again.
         assert!(all(&store, 0..2, QueueOutcome::Queued).await);
         store.close().await;
@@ -1755,9 +1798,9 @@ mod tests {
         admin.purge_expired(Timestamp(0)).await.expect("purge");
         admin.ping().await.expect("writer");
         admin.close().await;
-        assert!(filters(&path).is_empty());
+        assert!(sealed(&path).is_empty());
         assert_eq!(outcomes(&server, 2..3).await, [QueueOutcome::Queued]);
-        assert_eq!(filters(&path), [0]);
+        assert_eq!(sealed(&path), [0]);
         server.close().await;
     }
 

@@ -343,17 +343,13 @@ async fn the_veraid_secret_is_generated_once_and_kept() {
     app.stop().await;
 }
 
-/// Event keys kept against redelivery in a database file: sealed in `processed_events`,
-/// or in `processed_events_recent` (a test's few keys never fill a generation).
+/// Event keys kept against redelivery in a database file, as the store counts them.
 fn event_keys(db: &std::path::Path) -> u64 {
     let conn = rusqlite::Connection::open(db).expect("open database");
     let n: i64 = conn
-        .query_row(
-            "SELECT (SELECT count(*) FROM processed_events)
-                  + (SELECT count(*) FROM processed_events_recent)",
-            [],
-            |r| r.get(0),
-        )
+        .query_row(letro_server::store::sqlite::COUNT_EVENT_KEYS, [], |r| {
+            r.get(0)
+        })
         .expect("count");
     u64::try_from(n).expect("count")
 }
