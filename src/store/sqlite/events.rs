@@ -23,10 +23,10 @@
 //!   certainly lacks its key: looking in all of them costs a scan of their interleaved
 //!   filters (64 contiguous bytes each) and, for the rare false positive, one bucket
 //!   read (a page) and a binary search.
-//! - A sealed generation expires whole, once its latest key has: its keys stay longer
-//!   than each would alone by the time the generation took to fill, which a seal after
-//!   a day at most bounds ([`MAX_SPREAD_MS`]), against the 90 days of `--request-ttl`.
-//!   Keys not sealed yet expire one by one.
+//! - A sealed generation expires whole, once its latest key has: a key stays longer than
+//!   it would alone by the time its generation took to fill (under two hours at ten
+//!   requests a second, against the 90 days of `--request-ttl`; more where keys come
+//!   slowly). Keys not sealed yet expire one by one.
 //!
 //! Generations an earlier build sealed stay in `processed_events` (keyed by generation
 //! and key, filters in `processed_event_filters`) until their keys expire there one by
@@ -47,12 +47,6 @@ use crate::domain::Timestamp;
 /// interleaved filters, a request wrote 7 KiB instead of 9.5 but the writer's time per
 /// request grew over a five-minute soak, 24 to 32 µs (stop 29).
 pub(super) const GENERATION_KEYS: u64 = 65_536;
-
-/// A generation is also sealed once the expiries of its keys (their arrival, plus the
-/// same `--request-ttl`) span this much: a key is kept at most this long past its own
-/// expiry, however slowly keys come (at one a minute, a generation would take 45 days
-/// to fill).
-const MAX_SPREAD_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// Keys per bucket of a sealed generation, on average: 2 KiB, so that two buckets share
 /// a 4 KiB page and reading one reads a page.
@@ -224,9 +218,6 @@ pub(super) struct ProcessedEvents {
     /// The current generation's keys, and any since forgotten, purged or rolled back:
     /// a superset, as a filter may be.
     recent_filter: Filter,
-    /// The earliest and latest expiry of the keys recorded in the current generation
-    /// (including any since removed: it only decides when to seal).
-    recent_expiries: Option<(i64, i64)>,
     undo: Vec<Undo>,
     /// Generations being sealed, oldest first: one at most, but for a database a crash
     /// left otherwise.
@@ -362,7 +353,6 @@ impl ProcessedEvents {
             }
         }
         let recent_filter = filter_of(recent.keys(), generation_keys);
-        let recent_expiries = spread(recent.values().map(|r| r.expiry));
         filters.sort_by_key(|(g, _)| *g);
         let mut sealed = Sealed::new(generation_keys);
         for (generation, filter) in filters {
@@ -373,7 +363,6 @@ impl ProcessedEvents {
             current,
             recent,
             recent_filter,
-            recent_expiries,
             undo: Vec::new(),
             sealing,
             clearing,
@@ -406,12 +395,6 @@ impl ProcessedEvents {
         .execute(params![self.current, key, expiry.0])?;
         let seq = conn.last_insert_rowid();
         self.recent_filter.insert(key);
-        self.recent_expiries = spread(
-            self.recent_expiries
-                .into_iter()
-                .flat_map(|(first, last)| [first, last])
-                .chain([expiry.0]),
-        );
         self.recent.insert(
             *key,
             Recent {
@@ -550,17 +533,9 @@ impl ProcessedEvents {
 
     /// Whether there is sealing to do: a full current generation, or a seal under way.
     pub(super) fn due(&self) -> bool {
-        !self.sealing.is_empty() || !self.clearing.is_empty() || self.full()
-    }
-
-    /// Whether the current generation is to be sealed: it holds its keys, or keys a day
-    /// apart.
-    fn full(&self) -> bool {
-        self.recent.len() as u64 >= self.generation_keys
-            || (!self.recent.is_empty()
-                && self
-                    .recent_expiries
-                    .is_some_and(|(first, last)| last.saturating_sub(first) >= MAX_SPREAD_MS))
+        !self.sealing.is_empty()
+            || !self.clearing.is_empty()
+            || self.recent.len() as u64 >= self.generation_keys
     }
 
     /// Whether the seal under way falls behind: half of the next generation is in.
@@ -577,18 +552,15 @@ impl ProcessedEvents {
     /// committed. Unless `step`, a full generation only starts being sealed, and nothing
     /// is written.
     pub(super) fn seal_step(&mut self, conn: &Connection, step: bool) -> rusqlite::Result<()> {
-        if self.sealing.is_empty() && self.clearing.is_empty() && self.full() {
+        if self.sealing.is_empty()
+            && self.clearing.is_empty()
+            && self.recent.len() as u64 >= self.generation_keys
+        {
             let keys = std::mem::take(&mut self.recent);
-            let mut filter = std::mem::replace(
+            let filter = std::mem::replace(
                 &mut self.recent_filter,
                 Filter::with_capacity(self.generation_keys),
             );
-            self.recent_expiries = None;
-            // Sealed after a day with few keys: a filter sized for them (asked on its
-            // own, not interleaved), rather than 2 bytes for each key it might have had.
-            if (keys.len() as u64) < self.generation_keys / 2 {
-                filter = filter_of(keys.keys(), keys.len() as u64);
-            }
             self.sealing
                 .push_back(Sealing::new(self.current, keys, filter));
             self.current += 1;
@@ -735,14 +707,6 @@ impl ProcessedEvents {
             + self.recent_filter.size()
             + self.recent.len() * 48
     }
-}
-
-/// The earliest and latest of `expiries`.
-fn spread(expiries: impl Iterator<Item = i64>) -> Option<(i64, i64)> {
-    expiries.fold(None, |acc, e| match acc {
-        None => Some((e, e)),
-        Some((first, last)) => Some((first.min(e), last.max(e))),
-    })
 }
 
 /// Builds the filter of a generation an earlier build sealed, sized for at least
@@ -987,43 +951,27 @@ mod tests {
     }
 
     #[test]
-    fn keys_a_day_apart_are_sealed_with_a_filter_sized_for_them() {
+    fn an_expired_generation_goes_whole_with_its_rows_left_in_the_recent_table() {
         let conn = db();
-        let mut events = ProcessedEvents::load(&conn, 1_000).expect("load");
-        let at = |ms: i64| Timestamp(LATER.0 + ms);
-        transaction(&conn, &mut events, true, |conn, events| {
-            assert!(events.record(conn, &key(1), at(0)).expect("record"));
-            assert!(
-                events
-                    .record(conn, &key(2), at(MAX_SPREAD_MS - 1))
-                    .expect("record")
-            );
-        });
-        assert!(!events.due());
-        // Known at start too.
-        let mut events = ProcessedEvents::load(&conn, 1_000).expect("load");
-        transaction(&conn, &mut events, true, |conn, events| {
-            assert!(
-                events
-                    .record(conn, &key(3), at(MAX_SPREAD_MS))
-                    .expect("record")
-            );
-        });
-        assert!(events.due());
+        let mut events = ProcessedEvents::load(&conn, 4).expect("load");
+        record(&conn, &mut events, 0..5);
         events.seal_step(&conn, true).expect("seal");
-        let row = "SELECT keys * 1000000 + length(bits) FROM processed_event_generations";
+        record(&conn, &mut events, 5..6);
+        let mut admin = ProcessedEvents::load(&conn, 4).expect("load");
+        transaction(&conn, &mut admin, true, |conn, events| {
+            assert_eq!(events.purge(conn, LATER, false).expect("purge"), 5);
+        });
+        let recent = "SELECT count(*) * 100 + min(generation) FROM processed_events_recent";
         assert_eq!(
-            count(&conn, row),
-            3_000_064,
-            "one block: three keys' filter"
+            count(&conn, recent),
+            101,
+            "the newer generation's row stays"
         );
-        assert_eq!(
-            count(&conn, "SELECT expires_at FROM processed_event_generations"),
-            at(MAX_SPREAD_MS).0
-        );
-        assert!((1..=3).all(|n| !new(&conn, &mut events, n)));
-        events.seal_step(&conn, true).expect("clear");
+        let mut events = ProcessedEvents::load(&conn, 4).expect("load");
         assert!(!events.due());
+        assert!((0..5).all(|n| new(&conn, &mut events, n)));
+        assert!(!new(&conn, &mut events, 5));
+        assert_eq!(count(&conn, COUNT_KEYS), 1);
     }
 
     #[test]
