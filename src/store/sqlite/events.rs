@@ -866,6 +866,16 @@ mod tests {
         assert!(!bucket_holds(&[], &key(1)));
     }
 
+    /// Which of keys 1, 2 and 3 are new, to `events` and to the table loaded afresh.
+    fn assert_new(conn: &Connection, events: &mut ProcessedEvents, expected: [bool; 3]) {
+        for events in [events, &mut ProcessedEvents::load(conn, 100).expect("load")] {
+            assert_eq!(
+                (1..=3).map(|n| new(conn, events, n)).collect::<Vec<_>>(),
+                expected
+            );
+        }
+    }
+
     #[test]
     fn a_rolled_back_transaction_leaves_memory_as_the_table() {
         let conn = db();
@@ -883,30 +893,14 @@ mod tests {
             assert!(events.record(conn, &key(1), LATER).expect("record"));
             assert!(events.record(conn, &key(2), LATER).expect("record"));
         });
-        for events in [
-            &mut events,
-            &mut ProcessedEvents::load(&conn, 100).expect("load"),
-        ] {
-            assert_eq!(
-                (1..=3).map(|n| new(&conn, events, n)).collect::<Vec<_>>(),
-                [false, false, true]
-            );
-        }
+        assert_new(&conn, &mut events, [false, false, true]);
         // Committed, the same changes hold in memory and in the table.
         transaction(&conn, &mut events, true, |conn, events| {
             assert!(events.record(conn, &key(3), LATER).expect("record"));
             events.forget(conn, &key(3)).expect("forget");
             assert_eq!(events.purge(conn, SOON, true).expect("purge"), 1);
         });
-        for events in [
-            &mut events,
-            &mut ProcessedEvents::load(&conn, 100).expect("load"),
-        ] {
-            assert_eq!(
-                (1..=3).map(|n| new(&conn, events, n)).collect::<Vec<_>>(),
-                [true, false, true]
-            );
-        }
+        assert_new(&conn, &mut events, [true, false, true]);
     }
 
     #[test]
