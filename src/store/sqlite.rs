@@ -39,8 +39,9 @@ use pending::{Pending, RECENT_ROWS, Request};
 
 /// Time between two steps of a seal when no request waits; when requests keep the
 /// writer busy, a step at least every [`SEAL_PACE_BUSY`] all the same. Waiting for an idle
-/// writer alone, at 5,000 req/s a seal waited until it fell behind and then ran its 80
-/// steps back to back: a 40 ms stall seven seconds later (issue 17, stop 31).
+/// writer alone, at 5,000 req/s a seal would wait until it fell behind and then run its
+/// ~80 steps back to back (the slowest requests of those runs came seconds after the
+/// seal began; issue 17, stop 31).
 const SEAL_PACE: Duration = Duration::from_millis(4);
 const SEAL_PACE_BUSY: Duration = Duration::from_millis(25);
 
@@ -117,7 +118,7 @@ struct Db {
     maintains: bool,
     /// No maintenance before this, after a failure.
     paused_until: Cell<Option<Instant>>,
-    seal_when_idle: bool,
+    pace_seal: bool,
     last_seal_step: Cell<Option<Instant>>,
     leases: Leases,
 }
@@ -135,9 +136,9 @@ impl Deref for Db {
 struct Tuning {
     generation_keys: u64,
     recent_rows: u64,
-    /// Whether a seal steps only when no request waits (or it falls behind); tests that
-    /// count steps take one after every batch.
-    seal_when_idle: bool,
+    /// Whether a seal's steps are paced ([`SEAL_PACE`]); tests that count steps take
+    /// one after every batch.
+    pace_seal: bool,
 }
 
 impl Default for Tuning {
@@ -145,7 +146,7 @@ impl Default for Tuning {
         Self {
             generation_keys: GENERATION_KEYS,
             recent_rows: RECENT_ROWS,
-            seal_when_idle: true,
+            pace_seal: true,
         }
     }
 }
@@ -160,7 +161,7 @@ impl Db {
             pending,
             maintains,
             paused_until: Cell::new(None),
-            seal_when_idle: tuning.seal_when_idle,
+            pace_seal: tuning.pace_seal,
             last_seal_step: Cell::new(None),
             leases: Leases::default(),
         })
@@ -172,9 +173,9 @@ impl Db {
         self.events.borrow_mut().discard();
     }
 
-    /// Work between batches: sealing a full generation of event keys (a step of it when
-    /// no request is waiting, or when it falls behind: each step delays the requests
-    /// waiting), settling pending requests that have been waiting a while. A failure leaves things as they were (a
+    /// Work between batches: sealing a full generation of event keys (a step of it,
+    /// paced, since each step delays the requests waiting; `idle`: none is), settling
+    /// pending requests that have been waiting a while. A failure leaves things as they were (a
     /// generation grows a little past its size, requests stay recent a little longer);
     /// the work is tried again after [`MAINTENANCE_PAUSE`], not after every batch (on a
     /// full disk, that would be a warning and a failed transaction per batch).
@@ -192,7 +193,7 @@ impl Db {
         // Paced, so that the pages a seal writes (and the checkpoints they bring) are
         // spread over a second or more rather than a burst that requests wait behind.
         let since = self.last_seal_step.get().map(|at| at.elapsed());
-        let step = !self.seal_when_idle
+        let step = !self.pace_seal
             || events.behind()
             || since.is_none_or(|since| since >= SEAL_PACE_BUSY || (idle && since >= SEAL_PACE));
         if step {
@@ -1593,7 +1594,7 @@ mod tests {
             Role::Server { now: Timestamp(0) },
             Tuning {
                 generation_keys,
-                seal_when_idle: false,
+                pace_seal: false,
                 ..Tuning::default()
             },
         )

@@ -58,7 +58,7 @@ const BUCKET_STRIDE: i64 = 1 << 20;
 /// Buckets a seal writes per step (64 KiB of keys), and rows of the recent table it
 /// deletes per step once they are all written: each step holds the writer (and the
 /// requests waiting for it) well under a millisecond.
-pub(super) const SEAL_STEP: u64 = 32;
+const SEAL_STEP: u64 = 32;
 const CLEAR_STEP: i64 = 1_024;
 
 /// The bucket of `key` among `buckets`: a slice of the key space, in key order (the
@@ -697,7 +697,7 @@ impl ProcessedEvents {
     }
 
     /// Bytes of memory the filters and the keys not sealed yet hold.
-    pub(super) fn memory_bytes(&self) -> usize {
+    fn memory_bytes(&self) -> usize {
         self.sealed.size()
             + self
                 .sealing
