@@ -74,13 +74,15 @@ impl Filter {
         holds(&self.blocks[block], &bits)
     }
 
-    /// The filter as stored: its words, little-endian.
+    /// The filter as stored: its words, little-endian. Written a word at a time into
+    /// room made beforehand: collected byte by byte, a 128 KiB filter took the writer
+    /// 5 ms (issue 17, stop 32).
     pub(super) fn to_bytes(&self) -> Vec<u8> {
-        self.blocks
-            .iter()
-            .flatten()
-            .flat_map(|word| word.to_le_bytes())
-            .collect()
+        let mut bytes = Vec::with_capacity(self.size());
+        for word in self.blocks.iter().flatten() {
+            bytes.extend_from_slice(&word.to_le_bytes());
+        }
+        bytes
     }
 
     /// A stored filter; `None` if `bytes` cannot be one (then it is built again).
