@@ -32,7 +32,7 @@
 //! and key, filters in `processed_event_filters`) until their keys expire there one by
 //! one; nothing new goes there.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque, btree_map};
 use std::ops::Bound;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
@@ -60,6 +60,9 @@ const BUCKET_STRIDE: i64 = 1 << 20;
 /// requests waiting for it) well under a millisecond.
 const SEAL_STEP: u64 = 32;
 const CLEAR_STEP: i64 = 1_024;
+
+/// Keys of a sealed generation freed per step (about a tenth of a millisecond).
+const FREE_STEP: usize = 8_192;
 
 /// The bucket of `key` among `buckets`: a slice of the key space, in key order (the
 /// keys are digests, so the slices hold about as many keys each).
@@ -119,54 +122,78 @@ struct Sealing {
     written: u64,
     /// The last key written: those before it are in written buckets.
     last_written: Option<[u8; 16]>,
-    /// Its rows in the recent table have a `seq` in this range.
-    seqs: (i64, i64),
+    /// The written keys' rows in the recent table have a `seq` in this range, and the
+    /// latest of their expiries: gathered step by step, since a pass over 65,536 keys
+    /// in a B-tree costs the writer a millisecond (issue 17, stop 32).
+    seqs: Option<(i64, i64)>,
+    expires_at: i64,
     filter: Filter,
+}
+
+/// The next buckets of a generation being sealed, and what their keys add to it.
+#[derive(Debug)]
+struct Step {
+    /// Buckets below this one are written once this step is.
+    end: u64,
+    /// Each as (bucket, its keys concatenated); empty buckets are left out (a lookup
+    /// finds no row, and no key).
+    buckets: Vec<(u64, Vec<u8>)>,
+    last: Option<[u8; 16]>,
+    seqs: Option<(i64, i64)>,
+    expires_at: i64,
 }
 
 impl Sealing {
     /// `filter` holds every one of `keys`, perhaps more.
     fn new(generation: i64, keys: Keys, filter: Filter) -> Self {
-        let seqs = keys.values().map(|r| r.seq);
-        let seqs = (seqs.clone().min().unwrap_or(0), seqs.max().unwrap_or(0));
         Self {
             generation,
             buckets: buckets_for(keys.len() as u64),
             keys,
             written: 0,
             last_written: None,
-            seqs,
+            seqs: None,
+            expires_at: 0,
             filter,
         }
     }
 
-    /// The buckets of the next step, from `self.written` to the returned end, each as
-    /// (bucket, its keys concatenated); empty buckets are left out (a lookup finds no
-    /// row, and no key).
-    fn next_buckets(&self) -> (u64, Vec<(u64, Vec<u8>)>) {
+    /// The buckets from `self.written` to the next step's end, and what they add: the
+    /// seal as it stands once `self.advance` has taken the step.
+    fn next_step(&self) -> Step {
         let end = self.written.saturating_add(SEAL_STEP).min(self.buckets);
         let from = self.last_written.map_or(Bound::Unbounded, Bound::Excluded);
-        let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
-        for key in self
-            .keys
-            .range((from, Bound::Unbounded))
-            .map(|(key, _)| key)
-        {
+        let mut step = Step {
+            end,
+            buckets: Vec::new(),
+            last: self.last_written,
+            seqs: self.seqs,
+            expires_at: self.expires_at,
+        };
+        for (key, recent) in self.keys.range((from, Bound::Unbounded)) {
             let bucket = bucket_of(key, self.buckets);
             if bucket >= end {
                 break;
             }
-            match out.last_mut() {
+            match step.buckets.last_mut() {
                 Some((b, bytes)) if *b == bucket => bytes.extend_from_slice(key),
-                _ => out.push((bucket, key.to_vec())),
+                _ => step.buckets.push((bucket, key.to_vec())),
             }
+            step.last = Some(*key);
+            step.seqs = Some(step.seqs.map_or((recent.seq, recent.seq), |(first, last)| {
+                (first.min(recent.seq), last.max(recent.seq))
+            }));
+            step.expires_at = step.expires_at.max(recent.expiry);
         }
-        (end, out)
+        step
     }
 
-    /// The latest expiry of its keys.
-    fn expires_at(&self) -> i64 {
-        self.keys.values().map(|r| r.expiry).max().unwrap_or(0)
+    /// `step` is written.
+    fn advance(&mut self, step: Step) {
+        self.written = step.end;
+        self.last_written = step.last;
+        self.seqs = step.seqs;
+        self.expires_at = step.expires_at;
     }
 }
 
@@ -224,6 +251,8 @@ pub(super) struct ProcessedEvents {
     sealing: VecDeque<Sealing>,
     /// Sealed generations whose rows are being deleted from the recent table.
     clearing: VecDeque<Clearing>,
+    /// Keys of sealed generations, freed a slice at a time.
+    spent: VecDeque<btree_map::IntoIter<[u8; 16], Recent>>,
     /// The sealed generations' filters: a superset, since a purge beside them (an
     /// admin command's, or a transaction's that then rolls back) leaves memory alone;
     /// the next seal drops those whose keys are gone.
@@ -366,6 +395,7 @@ impl ProcessedEvents {
             undo: Vec::new(),
             sealing,
             clearing,
+            spent: VecDeque::new(),
             sealed,
             kinds,
             unstored,
@@ -535,6 +565,7 @@ impl ProcessedEvents {
     pub(super) fn due(&self) -> bool {
         !self.sealing.is_empty()
             || !self.clearing.is_empty()
+            || !self.spent.is_empty()
             || self.recent.len() as u64 >= self.generation_keys
     }
 
@@ -568,33 +599,29 @@ impl ProcessedEvents {
         if !step {
             return Ok(());
         }
+        self.free_spent();
         let Some(sealing) = self.sealing.front() else {
             return self.clear_step(conn);
         };
         // Immediate: an admin command writing beside the server makes this wait its turn
         // rather than fail half-way.
         let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-        let (end, buckets) = sealing.next_buckets();
-        let last_written = {
+        let step = sealing.next_step();
+        {
             let mut write = tx.prepare_cached(
                 "INSERT OR REPLACE INTO processed_event_buckets (id, keys) VALUES (?1, ?2)",
             )?;
-            for (bucket, keys) in &buckets {
+            for (bucket, keys) in &step.buckets {
                 write.execute(params![
                     sealing.generation * BUCKET_STRIDE + *bucket as i64,
                     keys
                 ])?;
             }
-            buckets
-                .last()
-                .and_then(|(_, keys)| <[u8; 16]>::try_from(&keys[keys.len() - 16..]).ok())
-                .or(sealing.last_written)
-        };
-        if end < sealing.buckets {
+        }
+        if step.end < sealing.buckets {
             tx.commit()?;
             if let Some(sealing) = self.sealing.front_mut() {
-                sealing.written = end;
-                sealing.last_written = last_written;
+                sealing.advance(step);
             }
             return Ok(());
         }
@@ -626,7 +653,7 @@ impl ProcessedEvents {
             sealing.generation,
             sealing.buckets as i64,
             sealing.keys.len() as i64,
-            sealing.expires_at(),
+            step.expires_at,
             sealing.filter.to_bytes()
         ])?;
         tx.commit()?;
@@ -635,10 +662,11 @@ impl ProcessedEvents {
             self.kinds.remove(generation);
         }
         if let Some(sealing) = self.sealing.pop_front() {
+            let (next, last) = step.seqs.unwrap_or((0, 0));
             self.clearing.push_back(Clearing {
                 generation: sealing.generation,
-                next: sealing.seqs.0,
-                last: sealing.seqs.1,
+                next,
+                last,
             });
             self.sealed.push(sealing.generation, sealing.filter);
             self.kinds
@@ -650,9 +678,21 @@ impl ProcessedEvents {
                 memory_bytes = self.memory_bytes(),
                 "processed-event generation sealed"
             );
+            // Freed a slice per step: at once, its 65,536 keys held the writer for
+            // most of a millisecond.
+            self.spent.push_back(sealing.keys.into_iter());
         }
         self.unstored.clear();
         Ok(())
+    }
+
+    /// Frees the next slice of the keys of generations sealed since.
+    fn free_spent(&mut self) {
+        if let Some(keys) = self.spent.front_mut()
+            && keys.by_ref().take(FREE_STEP).count() < FREE_STEP
+        {
+            self.spent.pop_front();
+        }
     }
 
     /// The sealed generations whose keys are all gone (purged), as `tx` sees them.
@@ -820,12 +860,19 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let keys: Keys = (0..5_000)
-            .map(|_| {
+        let keys: Keys = (0..5_000_i64)
+            .map(|i| {
                 let mut key = [0; 16];
                 key[..8].copy_from_slice(&next().to_be_bytes());
                 key[8..].copy_from_slice(&next().to_be_bytes());
-                (key, Recent { expiry: 0, seq: 0 })
+                let expiry = i * 7_919 % 10_007;
+                (
+                    key,
+                    Recent {
+                        expiry,
+                        seq: 100 + i,
+                    },
+                )
             })
             .collect();
         let buckets = buckets_for(keys.len() as u64);
@@ -836,16 +883,19 @@ mod tests {
         let mut sealing = Sealing::new(0, keys.clone(), Filter::with_capacity(1));
         let mut stored: Vec<(u64, Vec<u8>)> = Vec::new();
         while sealing.written < sealing.buckets {
-            let (end, step) = sealing.next_buckets();
-            assert!(step.iter().all(|(b, _)| (sealing.written..end).contains(b)));
-            sealing.last_written = step
-                .last()
-                .and_then(|(_, k)| <[u8; 16]>::try_from(&k[k.len() - 16..]).ok())
-                .or(sealing.last_written);
-            sealing.written = end;
-            stored.extend(step);
+            let mut step = sealing.next_step();
+            let written = sealing.written..step.end;
+            assert!(step.buckets.iter().all(|(b, _)| written.contains(b)));
+            stored.append(&mut step.buckets);
+            sealing.advance(step);
         }
         assert_eq!(stored.len() as u64, buckets);
+        // Gathered step by step: the rows to clear, and when the generation expires.
+        assert_eq!(sealing.seqs, Some((100, 5_099)));
+        assert_eq!(
+            sealing.expires_at,
+            keys.values().map(|r| r.expiry).max().expect("keys")
+        );
         // About 125 keys each: none starved, none twice the mean.
         assert!(
             stored
