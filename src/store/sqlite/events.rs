@@ -118,29 +118,31 @@ struct Sealing {
     generation: i64,
     keys: Keys,
     buckets: u64,
+    written: Written,
+    filter: Filter,
+}
+
+/// How far a seal has written.
+#[derive(Debug, Clone, Copy, Default)]
+struct Written {
     /// Buckets below this one are written.
-    written: u64,
+    buckets: u64,
     /// The last key written: those before it are in written buckets.
-    last_written: Option<[u8; 16]>,
+    last: Option<[u8; 16]>,
     /// The written keys' rows in the recent table have a `seq` in this range, and the
     /// latest of their expiries: gathered step by step, since a pass over 65,536 keys
     /// in a B-tree costs the writer a millisecond (issue 17, stop 32).
     seqs: Option<(i64, i64)>,
     expires_at: i64,
-    filter: Filter,
 }
 
-/// The next buckets of a generation being sealed, and what their keys add to it.
+/// The next buckets of a generation being sealed, each as (bucket, its keys
+/// concatenated; empty buckets are left out: a lookup finds no row, and no key), and
+/// how far the seal has written once they are.
 #[derive(Debug)]
 struct Step {
-    /// Buckets below this one are written once this step is.
-    end: u64,
-    /// Each as (bucket, its keys concatenated); empty buckets are left out (a lookup
-    /// finds no row, and no key).
     buckets: Vec<(u64, Vec<u8>)>,
-    last: Option<[u8; 16]>,
-    seqs: Option<(i64, i64)>,
-    expires_at: i64,
+    written: Written,
 }
 
 impl Sealing {
@@ -150,25 +152,25 @@ impl Sealing {
             generation,
             buckets: buckets_for(keys.len() as u64),
             keys,
-            written: 0,
-            last_written: None,
-            seqs: None,
-            expires_at: 0,
+            written: Written::default(),
             filter,
         }
     }
 
-    /// The buckets from `self.written` to the next step's end, and what they add: the
-    /// seal as it stands once `self.advance` has taken the step.
+    /// The buckets from those written to the next step's end.
     fn next_step(&self) -> Step {
-        let end = self.written.saturating_add(SEAL_STEP).min(self.buckets);
-        let from = self.last_written.map_or(Bound::Unbounded, Bound::Excluded);
+        let end = self
+            .written
+            .buckets
+            .saturating_add(SEAL_STEP)
+            .min(self.buckets);
+        let from = self.written.last.map_or(Bound::Unbounded, Bound::Excluded);
         let mut step = Step {
-            end,
             buckets: Vec::new(),
-            last: self.last_written,
-            seqs: self.seqs,
-            expires_at: self.expires_at,
+            written: Written {
+                buckets: end,
+                ..self.written
+            },
         };
         for (key, recent) in self.keys.range((from, Bound::Unbounded)) {
             let bucket = bucket_of(key, self.buckets);
@@ -179,21 +181,18 @@ impl Sealing {
                 Some((b, bytes)) if *b == bucket => bytes.extend_from_slice(key),
                 _ => step.buckets.push((bucket, key.to_vec())),
             }
-            step.last = Some(*key);
-            step.seqs = Some(step.seqs.map_or((recent.seq, recent.seq), |(first, last)| {
-                (first.min(recent.seq), last.max(recent.seq))
-            }));
-            step.expires_at = step.expires_at.max(recent.expiry);
+            let written = &mut step.written;
+            written.last = Some(*key);
+            written.seqs = Some(
+                written
+                    .seqs
+                    .map_or((recent.seq, recent.seq), |(first, last)| {
+                        (first.min(recent.seq), last.max(recent.seq))
+                    }),
+            );
+            written.expires_at = written.expires_at.max(recent.expiry);
         }
         step
-    }
-
-    /// `step` is written.
-    fn advance(&mut self, step: Step) {
-        self.written = step.end;
-        self.last_written = step.last;
-        self.seqs = step.seqs;
-        self.expires_at = step.expires_at;
     }
 }
 
@@ -618,10 +617,10 @@ impl ProcessedEvents {
                 ])?;
             }
         }
-        if step.end < sealing.buckets {
+        if step.written.buckets < sealing.buckets {
             tx.commit()?;
             if let Some(sealing) = self.sealing.front_mut() {
-                sealing.advance(step);
+                sealing.written = step.written;
             }
             return Ok(());
         }
@@ -653,7 +652,7 @@ impl ProcessedEvents {
             sealing.generation,
             sealing.buckets as i64,
             sealing.keys.len() as i64,
-            step.expires_at,
+            step.written.expires_at,
             sealing.filter.to_bytes()
         ])?;
         tx.commit()?;
@@ -662,7 +661,7 @@ impl ProcessedEvents {
             self.kinds.remove(generation);
         }
         if let Some(sealing) = self.sealing.pop_front() {
-            let (next, last) = step.seqs.unwrap_or((0, 0));
+            let (next, last) = step.written.seqs.unwrap_or((0, 0));
             self.clearing.push_back(Clearing {
                 generation: sealing.generation,
                 next,
@@ -882,18 +881,18 @@ mod tests {
         assert_eq!((of[0], of[of.len() - 1]), (0, buckets - 1));
         let mut sealing = Sealing::new(0, keys.clone(), Filter::with_capacity(1));
         let mut stored: Vec<(u64, Vec<u8>)> = Vec::new();
-        while sealing.written < sealing.buckets {
+        while sealing.written.buckets < sealing.buckets {
             let mut step = sealing.next_step();
-            let written = sealing.written..step.end;
+            let written = sealing.written.buckets..step.written.buckets;
             assert!(step.buckets.iter().all(|(b, _)| written.contains(b)));
             stored.append(&mut step.buckets);
-            sealing.advance(step);
+            sealing.written = step.written;
         }
         assert_eq!(stored.len() as u64, buckets);
         // Gathered step by step: the rows to clear, and when the generation expires.
-        assert_eq!(sealing.seqs, Some((100, 5_099)));
+        assert_eq!(sealing.written.seqs, Some((100, 5_099)));
         assert_eq!(
-            sealing.expires_at,
+            sealing.written.expires_at,
             keys.values().map(|r| r.expiry).max().expect("keys")
         );
         // About 125 keys each: none starved, none twice the mean.
