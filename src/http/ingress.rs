@@ -148,7 +148,12 @@ fn raw_header(headers: &HeaderMap, name: &str) -> String {
         .unwrap_or_default()
 }
 
-fn reject(state: &AppState, headers: &HeaderMap, outcome: &str, reason: String) -> ApiError {
+fn reject(
+    state: &AppState,
+    headers: &HeaderMap,
+    outcome: &'static str,
+    reason: String,
+) -> ApiError {
     // The reason may quote what the sender sent (a type, a format, a JSON key): clipped,
     // in the log and in the answer.
     let reason = clipped(&reason).into_owned();

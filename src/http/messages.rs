@@ -160,7 +160,7 @@ impl Incoming<'_> {
     }
 
     /// Counts `outcome`, and tells the dispatcher that messages were committed.
-    fn queued(&self, outcome: &str) {
+    fn queued(&self, outcome: &'static str) {
         self.state.metrics.event(self.label, outcome);
         match &self.state.dispatcher {
             Some(dispatcher) => dispatcher.wake(),
