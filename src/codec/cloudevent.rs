@@ -115,11 +115,17 @@ pub fn decode_http<'a>(
     let mut content_type: Option<String> = None;
     let mut attrs: BTreeMap<String, String> = BTreeMap::new();
     for (name, raw) in headers {
-        let name = name.to_ascii_lowercase();
+        // HTTP/1 and hyper give lower-case names already: copied only when they are not.
+        let name: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            name.to_ascii_lowercase().into()
+        } else {
+            name.into()
+        };
         if name == "content-type" {
-            let value = header_text(raw).ok_or_else(|| DecodeError::Invalid(name.clone()))?;
+            let value =
+                header_text(raw).ok_or_else(|| DecodeError::Invalid(name.clone().into_owned()))?;
             if content_type.replace(value).is_some() {
-                return Err(DecodeError::Duplicate(name));
+                return Err(DecodeError::Duplicate(name.into_owned()));
             }
         } else if let Some(attr) = name.strip_prefix("ce-") {
             let Some(value) = header_text(raw) else {
