@@ -13,7 +13,7 @@ use crate::bundles::BundleVerifier;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, DatabaseConfig, Secret, SqliteSync};
 use crate::domain::{Timestamp, VeraIdDigester};
-use crate::http::{AppState, ServeOptions, router, serve};
+use crate::http::{AppState, Routes, ServeOptions, serve};
 use crate::outbox::{Backoff, Dispatcher, HttpSink};
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::{SqliteStore, Synchronous};
@@ -370,12 +370,10 @@ impl App {
             repeats: state.repeats.clone(),
         };
         let timeout = config.shutdown_timeout;
-        let routes = if config.noop_route {
+        if config.noop_route {
             tracing::warn!("POST /noop is on: a benchmark's ceiling, not for production");
-            router(state).route("/noop", axum::routing::post(crate::http::noop))
-        } else {
-            router(state)
-        };
+        }
+        let routes = Routes::new(state, config.noop_route);
         if !serve(listener, routes, options, stop_rx.clone()).await {
             tracing::warn!("shutdown timeout: dropping connections still open");
         }

@@ -10,16 +10,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use super::Routes;
 use crate::telemetry::{Metrics, Repeats};
 
 /// How connections are read.
@@ -43,12 +42,12 @@ pub struct ServeOptions {
 /// broker and the platform's proxy retry a 503.
 const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
-/// Serves `router` on `listener` until `stop` becomes true; then stops accepting,
+/// Serves `routes` on `listener` until `stop` becomes true; then stops accepting,
 /// closes idle connections, and waits up to the shutdown timeout for requests in flight.
 /// Returns whether every connection finished in time.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    routes: Routes,
     options: ServeOptions,
     mut stop: watch::Receiver<bool>,
 ) -> bool {
@@ -92,7 +91,7 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let served = Arc::new(AtomicBool::new(false));
                 let service = Counted {
-                    inner: TowerToHyperService::new(router.clone()),
+                    routes: routes.clone(),
                     served: served.clone(),
                 };
                 let connection = builder.serve_connection(TokioIo::new(stream), service);
@@ -163,24 +162,20 @@ impl Drop for Open {
     }
 }
 
-/// The router as hyper calls it, noting that the connection served a request.
+/// The routes as hyper calls them, noting that the connection served a request.
 struct Counted {
-    inner: TowerToHyperService<Router>,
+    routes: Routes,
     served: Arc<AtomicBool>,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for Counted {
-    type Response = <TowerToHyperService<Router> as hyper::service::Service<
-        hyper::Request<Incoming>,
-    >>::Response;
-    type Error =
-        <TowerToHyperService<Router> as hyper::service::Service<hyper::Request<Incoming>>>::Error;
-    type Future =
-        <TowerToHyperService<Router> as hyper::service::Service<hyper::Request<Incoming>>>::Future;
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
     fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
         self.served.store(true, Ordering::Relaxed);
-        self.inner.call(request)
+        self.routes.call(request)
     }
 }
 
