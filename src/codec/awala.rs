@@ -19,6 +19,14 @@ pub enum KeyError {
 /// canonical DER: algorithm parameters NULL, key re-encoded. The endpoint id is the
 /// digest of this form, as the Awala libraries compute it from the re-exported key.
 pub fn canonical_rsa_spki(der: &[u8]) -> Result<Vec<u8>, KeyError> {
+    if is_canonical_rsa_spki(der) {
+        return Ok(der.to_vec());
+    }
+    decode_and_reencode(der)
+}
+
+/// [`canonical_rsa_spki`] through the general DER decoder and encoder.
+fn decode_and_reencode(der: &[u8]) -> Result<Vec<u8>, KeyError> {
     let spki = SubjectPublicKeyInfoRef::from_der(der).map_err(|_| KeyError::NotSpki)?;
     if spki.algorithm.oid != pkcs1::ALGORITHM_OID {
         return Err(KeyError::NotRsa);
@@ -47,6 +55,72 @@ pub fn canonical_rsa_spki(der: &[u8]) -> Result<Vec<u8>, KeyError> {
         subject_public_key: BitStringRef::from_bytes(&key_der).map_err(|_| KeyError::NotRsa)?,
     };
     canonical.to_der().map_err(|_| KeyError::NotRsa)
+}
+
+/// The DER of `rsaEncryption`'s AlgorithmIdentifier with NULL parameters, as a canonical
+/// key spells it: SEQUENCE { OID 1.2.840.113549.1.1.1, NULL }.
+const RSA_ALGORITHM: [u8; 15] = [
+    0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+];
+
+/// Whether `der` is already the canonical form [`canonical_rsa_spki`] returns, judged by
+/// reading the bytes in place. Every key Letro sends is, and the general decoder took
+/// about 1.5% of the server's CPU per pairing request to say so (issue 17). Anything
+/// else (including every refusal, whose kind the general path decides) gets `false`
+/// and goes the general way; the tests hold that whatever this accepts, that way
+/// accepts unchanged.
+fn is_canonical_rsa_spki(der: &[u8]) -> bool {
+    let canonical = || -> Option<()> {
+        let (spki, rest) = tlv(der, 0x30)?;
+        let key_bits = spki.strip_prefix(&RSA_ALGORITHM)?;
+        let (bits, after) = tlv(key_bits, 0x03)?;
+        let (key, after_key) = tlv(bits.strip_prefix(&[0])?, 0x30)?;
+        let (modulus, key_rest) = tlv(key, 0x02)?;
+        let (exponent, key_end) = tlv(key_rest, 0x02)?;
+        let ends = rest.is_empty() && after.is_empty() && after_key.is_empty();
+        let modulus = positive_integer(modulus)?;
+        let exponent = positive_integer(exponent)?;
+        (ends && key_end.is_empty() && !modulus.is_empty() && exponent > [1u8].as_slice())
+            .then_some(())
+    };
+    canonical().is_some()
+}
+
+/// Splits off one DER element of `tag` with its length in the shortest form (at most 3
+/// length bytes: no key comes near 16 MiB): its content and what follows it.
+fn tlv(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&first, rest) = input.split_first()?;
+    if first != tag {
+        return None;
+    }
+    let (&length_byte, rest) = rest.split_first()?;
+    let (length, rest) = if length_byte < 0x80 {
+        (usize::from(length_byte), rest)
+    } else {
+        let count = usize::from(length_byte & 0x7f);
+        if !(1..=3).contains(&count) || rest.len() < count || rest[0] == 0 {
+            return None;
+        }
+        let length = rest[..count]
+            .iter()
+            .fold(0usize, |length, &b| length << 8 | usize::from(b));
+        // The long form only where the short one cannot hold the length.
+        if length < 0x80 {
+            return None;
+        }
+        (length, &rest[count..])
+    };
+    (rest.len() >= length).then(|| rest.split_at(length))
+}
+
+/// The magnitude of a DER INTEGER's content if it is positive and minimally encoded:
+/// a leading zero only before a byte with its top bit set.
+fn positive_integer(content: &[u8]) -> Option<&[u8]> {
+    match content {
+        [0, next, ..] if *next >= 0x80 => Some(&content[1..]),
+        [first, ..] if (0x01..0x80).contains(first) => Some(content),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -255,6 +329,12 @@ mod tests {
                 && !pad_exponent
                 && !pad_oid
                 && parameters != 2;
+            proptest::prop_assert_eq!(
+                is_canonical_rsa_spki(&spelt),
+                der_spelling && parameters == 1,
+                "the quick reading takes the canonical spelling, and only it"
+            );
+            proptest::prop_assert_eq!(canonical_rsa_spki(&spelt), decode_and_reencode(&spelt));
             match canonical_rsa_spki(&spelt) {
                 Ok(canonical) => {
                     proptest::prop_assert!(der_spelling, "accepted a non-DER spelling");
@@ -285,7 +365,45 @@ mod tests {
             if let Ok(canonical) = canonical_rsa_spki(&der) {
                 proptest::prop_assert_eq!(canonical, reencoded(&der));
             }
+            proptest::prop_assert_eq!(canonical_rsa_spki(&der), decode_and_reencode(&der));
         }
+
+        /// The same, with the edits where the structure is (the headers before the
+        /// modulus, the exponent at the end): the quick reading of a key never accepts
+        /// what the general decoder refuses or would change, nor decides a refusal.
+        #[test]
+        fn the_quick_reading_agrees_with_the_decoder_on_edited_structure(
+            which in proptest::prelude::any::<proptest::sample::Index>(),
+            at in 0usize..48,
+            byte in proptest::prelude::any::<u8>(),
+            edit in 0u8..3,
+        ) {
+            let mut keys = vector_keys();
+            let mut der = keys.swap_remove(which.index(keys.len()));
+            // The first 40 bytes, or the last 8.
+            let i = if at < 40 { at } else { der.len() - (48 - at) };
+            match edit {
+                0 => der[i] = byte,
+                1 => { der.remove(i); }
+                _ => der.insert(i, byte),
+            }
+            let general = decode_and_reencode(&der);
+            if is_canonical_rsa_spki(&der) {
+                proptest::prop_assert_eq!(general.as_deref(), Ok(der.as_slice()));
+            }
+            proptest::prop_assert_eq!(canonical_rsa_spki(&der), general);
+        }
+    }
+
+    #[test]
+    fn the_vector_keys_are_read_quickly() {
+        let keys = vector_keys();
+        let rsa: Vec<_> = keys
+            .iter()
+            .filter(|k| decode_and_reencode(k).is_ok())
+            .collect();
+        assert_eq!(rsa.len(), 5);
+        assert!(rsa.iter().all(|k| is_canonical_rsa_spki(k)));
     }
 
     #[test]
