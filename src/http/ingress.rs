@@ -86,7 +86,7 @@ async fn read_event(
     };
     let event = decode_http(
         headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
-        bytes.to_vec(),
+        Vec::from(bytes),
     )
     .map_err(|e| match e {
         DecodeError::TooLong { attribute, .. } => too_long(state, headers, attribute, &e),

@@ -1,5 +1,6 @@
 //! The HTTP sink: POSTs a message as a binary-mode CloudEvent to `K_SINK`.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use crate::codec::cloudevent::encode_binary_headers;
@@ -275,7 +276,7 @@ fn full_client(
 async fn deliver_plain(
     client: &PlainClient,
     uri: &hyper::Uri,
-    headers: Vec<(String, String)>,
+    headers: Vec<(Cow<'static, str>, String)>,
     content: &[u8],
     timeout: Duration,
 ) -> Result<Answer, (String, FailureCause)> {
@@ -287,8 +288,13 @@ async fn deliver_plain(
     *request.method_mut() = hyper::Method::POST;
     *request.uri_mut() = uri.clone();
     let map = request.headers_mut();
+    map.reserve(headers.len());
     for (name, value) in headers {
-        let name = hyper::header::HeaderName::from_bytes(name.as_bytes());
+        let name = match name {
+            // The codec's own names, all valid: made without a copy.
+            Cow::Borrowed(name) => Ok(hyper::header::HeaderName::from_static(name)),
+            Cow::Owned(name) => hyper::header::HeaderName::try_from(name),
+        };
         let value = hyper::header::HeaderValue::from_maybe_shared(bytes::Bytes::from(value));
         match (name, value) {
             (Ok(name), Ok(value)) => {
@@ -336,12 +342,12 @@ async fn deliver_plain(
 async fn deliver_full(
     client: &reqwest::Client,
     url: &reqwest::Url,
-    headers: Vec<(String, String)>,
+    headers: Vec<(Cow<'static, str>, String)>,
     message: &OutgoingMessage,
 ) -> Result<Answer, (String, FailureCause)> {
     let mut request = client.post(url.clone());
     for (name, value) in headers {
-        request = request.header(name, value);
+        request = request.header(name.into_owned(), value);
     }
     let response = request
         .body(message.content.clone())

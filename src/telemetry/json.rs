@@ -37,7 +37,11 @@ where
         // Highest priority first: the fixed keys, which nothing may overwrite; then the
         // event's fields; then span fields, innermost span first. A key already written
         // is skipped.
-        let mut line = JsonObject::default();
+        // Room for a typical line and its keys, so that neither grows while it is written.
+        let mut line = JsonObject {
+            buf: Vec::with_capacity(512),
+            keys: Vec::with_capacity(16),
+        };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
