@@ -131,8 +131,8 @@ impl StoreCounts {
     }
 }
 
-/// The routes.
-pub fn router(state: AppState) -> Router {
+/// The routes, every one through axum (see [`Routes`]).
+fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(health).post(ingress::ingest))
         .route("/readyz", get(health))
@@ -181,7 +181,7 @@ impl Routes {
 }
 
 /// The benchmark's ceiling: HTTP in and out, the body read, nothing else.
-pub async fn noop(body: axum::body::Bytes) -> StatusCode {
+async fn noop(body: axum::body::Bytes) -> StatusCode {
     std::hint::black_box(body);
     StatusCode::NO_CONTENT
 }
