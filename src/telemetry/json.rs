@@ -58,7 +58,9 @@ where
         // `module`, not tracing's usual `target`: events have a `target` field of their
         // own (a pairing request's target digest).
         line.str("module", event.metadata().target());
-        event.record(&mut line);
+        let mut fields = Json(line);
+        event.record(&mut fields);
+        let Json(mut line) = fields;
         if let Some(scope) = ctx.event_scope() {
             for span in scope {
                 let extensions = span.extensions();
@@ -82,26 +84,26 @@ where
 pub(super) struct SpanFields;
 
 impl<'a> MakeVisitor<Writer<'a>> for SpanFields {
-    type Visitor = SpanVisitor<'a>;
+    type Visitor = Json<SpanEntries<'a>>;
 
     fn make_visitor(&self, target: Writer<'a>) -> Self::Visitor {
-        SpanVisitor {
+        Json(SpanEntries {
             writer: target,
             value: Vec::new(),
             result: Ok(()),
-        }
+        })
     }
 }
 
 /// Writes a span's fields as [`SpanFields`] entries.
-pub(super) struct SpanVisitor<'a> {
+pub(super) struct SpanEntries<'a> {
     writer: Writer<'a>,
     value: Vec<u8>,
     result: std::fmt::Result,
 }
 
-impl SpanVisitor<'_> {
-    fn entry(&mut self, field: &Field, write: impl FnOnce(&mut Vec<u8>)) {
+impl JsonFields for SpanEntries<'_> {
+    fn field(&mut self, field: &Field, write: impl FnOnce(&mut Vec<u8>)) {
         self.value.clear();
         write(&mut self.value);
         // Both halves are UTF-8: a field name, and JSON written from `str`s.
@@ -112,36 +114,15 @@ impl SpanVisitor<'_> {
     }
 }
 
-impl Visit for SpanVisitor<'_> {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.entry(field, |buf| push_debug(buf, value));
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.entry(field, |buf| push_str(buf, value));
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.entry(field, |buf| push_display(buf, value));
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.entry(field, |buf| push_display(buf, value));
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.entry(field, |buf| push_display(buf, value));
-    }
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.entry(field, |buf| push_f64(buf, value));
-    }
-}
-
-impl VisitOutput<std::fmt::Result> for SpanVisitor<'_> {
+impl VisitOutput<std::fmt::Result> for Json<SpanEntries<'_>> {
     fn finish(self) -> std::fmt::Result {
-        self.result
+        self.0.result
     }
 }
 
-impl VisitFmt for SpanVisitor<'_> {
+impl VisitFmt for Json<SpanEntries<'_>> {
     fn writer(&mut self) -> &mut dyn std::fmt::Write {
-        &mut self.writer
+        &mut self.0.writer
     }
 }
 
@@ -196,12 +177,6 @@ impl JsonObject {
         }
     }
 
-    fn with(&mut self, field: &Field, write: impl FnOnce(&mut Vec<u8>)) {
-        if self.key(field.name()) {
-            write(&mut self.buf);
-        }
-    }
-
     fn finish(&mut self) -> &str {
         if self.buf.is_empty() {
             self.buf.push(b'{');
@@ -212,24 +187,42 @@ impl JsonObject {
     }
 }
 
-impl Visit for JsonObject {
+impl JsonFields for JsonObject {
+    fn field(&mut self, field: &Field, write: impl FnOnce(&mut Vec<u8>)) {
+        if self.key(field.name()) {
+            write(&mut self.buf);
+        }
+    }
+}
+
+/// Where field values are written as JSON, field by field: a line, or a span's entries.
+trait JsonFields {
+    /// Writes `field`, whose value `write` appends as JSON.
+    fn field(&mut self, field: &Field, write: impl FnOnce(&mut Vec<u8>));
+}
+
+/// The visitor of fields, for either kind of [`JsonFields`]: each kind of value written
+/// as JSON.
+pub(super) struct Json<F>(F);
+
+impl<F: JsonFields> Visit for Json<F> {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.with(field, |buf| push_debug(buf, value));
+        self.0.field(field, |buf| push_debug(buf, value));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.with(field, |buf| push_str(buf, value));
+        self.0.field(field, |buf| push_str(buf, value));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.with(field, |buf| push_display(buf, value));
+        self.0.field(field, |buf| push_display(buf, value));
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.with(field, |buf| push_display(buf, value));
+        self.0.field(field, |buf| push_display(buf, value));
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.with(field, |buf| push_display(buf, value));
+        self.0.field(field, |buf| push_display(buf, value));
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.with(field, |buf| push_f64(buf, value));
+        self.0.field(field, |buf| push_f64(buf, value));
     }
 }
 
