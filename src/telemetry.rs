@@ -320,15 +320,21 @@ fn event_labels(content_type: &'static str, outcome: &'static str) -> EventLabel
     ]
 }
 
+/// The statuses `POST /` answers with: their series exist from the start, and their labels
+/// are borrowed.
+const STATUSES: [(u16, &str); 5] = [
+    (204, "204"),
+    (400, "400"),
+    (408, "408"),
+    (413, "413"),
+    (503, "503"),
+];
+
 /// The `status` label of a request's answer.
 fn status_label(status: u16) -> Label {
-    let value = match status {
-        204 => Cow::Borrowed("204"),
-        400 => Cow::Borrowed("400"),
-        408 => Cow::Borrowed("408"),
-        413 => Cow::Borrowed("413"),
-        503 => Cow::Borrowed("503"),
-        other => Cow::Owned(other.to_string()),
+    let value = match STATUSES.iter().find(|(code, _)| *code == status) {
+        Some((_, text)) => Cow::Borrowed(*text),
+        None => Cow::Owned(status.to_string()),
     };
     [("status", value)]
 }
@@ -562,10 +568,8 @@ impl Metrics {
         ] {
             let _ = self.delivery_failures.get_or_create(&label("cause", cause));
         }
-        for status in ["204", "400", "408", "413", "503"] {
-            let _ = self
-                .request_duration
-                .get_or_create(&label("status", status));
+        for (status, _) in STATUSES {
+            let _ = self.request_duration.get_or_create(&status_label(status));
         }
         for content_type in MESSAGE_KINDS {
             let _ = self

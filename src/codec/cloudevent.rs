@@ -117,7 +117,7 @@ pub fn decode_http<'a>(
     let mut attrs: BTreeMap<String, String> = BTreeMap::new();
     for (name, raw) in headers {
         // HTTP/1 and hyper give lower-case names already: copied only when they are not.
-        let name: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        let name: Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
             name.to_ascii_lowercase().into()
         } else {
             name.into()

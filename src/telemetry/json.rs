@@ -146,7 +146,7 @@ impl JsonObject {
     /// Starts `key`, unless it is already in; false if it is.
     fn key(&mut self, key: &str) -> bool {
         let mut escaped = Vec::new();
-        let text = if key.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        let text = if key.bytes().all(plain) {
             key.as_bytes()
         } else {
             escape_into(&mut escaped, key);
@@ -260,6 +260,9 @@ fn escape_into(buf: &mut Vec<u8>, value: &str) {
     let bytes = value.as_bytes();
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
+        if plain(b) {
+            continue;
+        }
         let short = match b {
             b'"' => b'"',
             b'\\' => b'\\',
@@ -268,8 +271,7 @@ fn escape_into(buf: &mut Vec<u8>, value: &str) {
             b'\t' => b't',
             0x08 => b'b',
             0x0c => b'f',
-            0x00..=0x1f => 0,
-            _ => continue,
+            _ => 0,
         };
         buf.extend_from_slice(&bytes[start..i]);
         if short == 0 {
@@ -283,6 +285,12 @@ fn escape_into(buf: &mut Vec<u8>, value: &str) {
         start = i + 1;
     }
     buf.extend_from_slice(&bytes[start..]);
+}
+
+/// Whether `b` stands for itself in a JSON string: not a quote, a backslash or a control
+/// character.
+fn plain(b: u8) -> bool {
+    b >= 0x20 && b != b'"' && b != b'\\'
 }
 
 /// A `fmt::Write` that JSON-escapes into a byte buffer.
