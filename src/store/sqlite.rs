@@ -37,13 +37,13 @@ use events::{GENERATION_KEYS, ProcessedEvents};
 use leases::Leases;
 use pending::{Pending, RECENT_ROWS, Request};
 
-/// A seal's steps: inside a batch's transaction at most every [`SEAL_PACE_BUSY`] while
-/// requests keep the writer busy (every batch once the seal falls behind), and alone
-/// once the writer has had nothing to do for [`SEAL_PACE`]. Paced, so that the pages a
-/// seal writes (and the checkpoints they bring) are spread over a second or more rather
-/// than a burst. Waiting for an idle writer alone, at 5,000 req/s a seal would wait
-/// until it fell behind and then run its ~80 steps back to back (the slowest requests
-/// of those runs came seconds after the seal began; issue 17, stop 31).
+/// Time between two steps of a seal when no request waits; when requests keep the
+/// writer busy, a step at least every [`SEAL_PACE_BUSY`] all the same, inside a batch's
+/// transaction. Paced, so that the pages a seal writes (and the checkpoints they bring)
+/// are spread over a second or more rather than a burst. Waiting for an idle
+/// writer alone, at 5,000 req/s a seal would wait until it fell behind and then run its
+/// ~80 steps back to back (the slowest requests of those runs came seconds after the
+/// seal began; issue 17, stop 31).
 const SEAL_PACE: Duration = Duration::from_millis(4);
 const SEAL_PACE_BUSY: Duration = Duration::from_millis(25);
 
@@ -232,38 +232,21 @@ impl Db {
         }
     }
 
-    /// Whether a seal is under way and maintenance may run.
-    fn seal_under_way(&self) -> bool {
-        self.maintaining() && self.events.borrow().stepping()
-    }
-
-    /// A step of the seal under way in a transaction of its own, for a writer that no
-    /// request kept busy for [`SEAL_PACE`]: between batches that come often, a step
-    /// there would hold up the requests of the next one for its own commit (at 8,000
-    /// req/s, 3 to 5 ms, more than half of the tail; issue 17, stop 34).
-    fn seal_step_when_quiet(&self) {
-        self.last_seal_step.set(Some(Instant::now()));
-        let mut events = self.events.borrow_mut();
-        if let Err(e) = self.seal_step_alone(&mut events) {
-            tracing::warn!(error = %e, "could not seal a generation of processed-event keys");
-            self.pause_maintenance();
-        }
-    }
-
-    /// Work after a batch: a full generation of event keys starts being sealed (its
-    /// steps then go into batches, or come when the writer is quiet; unpaced, in tests,
-    /// one after every batch too), and pending requests that have been waiting a while
-    /// are settled. A failure leaves things as they were (a generation grows a little
-    /// past its size, requests stay recent a little longer); the work is tried again
-    /// after [`MAINTENANCE_PAUSE`].
-    fn maintain(&self) {
+    /// Work between batches: a full generation of event keys starts being sealed, and
+    /// when no request waits (`idle`; or unpaced, in tests), the seal under way takes a
+    /// step in a transaction of its own (paced by [`SEAL_PACE`]); pending requests that
+    /// have been waiting a while are settled. A failure leaves things as they were (a
+    /// generation grows a little past its size, requests stay recent a little longer);
+    /// the work is tried again after [`MAINTENANCE_PAUSE`].
+    fn maintain(&self, idle: bool) {
         if !self.maintaining() {
             return;
         }
         let mut failed = false;
         let mut events = self.events.borrow_mut();
         events.start_seal();
-        if !self.pace_seal && events.stepping() {
+        if (idle || !self.pace_seal) && events.stepping() && self.seal_step_due(&events, SEAL_PACE)
+        {
             self.last_seal_step.set(Some(Instant::now()));
             if let Err(e) = self.seal_step_alone(&mut events) {
                 tracing::warn!(error = %e, "could not seal a generation of processed-event keys");
@@ -778,16 +761,6 @@ fn writer(db: Db, rx: mpsc::Receiver<Msg>) {
     while closing.is_none() {
         let first = match next.take() {
             Some(msg) => msg,
-            // A seal under way takes its steps inside batches; when none comes for a
-            // while, one alone.
-            None if db.seal_under_way() => match rx.recv_timeout(SEAL_PACE) {
-                Ok(msg) => msg,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    db.seal_step_when_quiet();
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            },
             None => match rx.recv() {
                 Ok(msg) => msg,
                 Err(_) => break,
@@ -810,7 +783,7 @@ fn writer(db: Db, rx: mpsc::Receiver<Msg>) {
             if closing.is_none() {
                 next = rx.try_recv().ok();
             }
-            db.maintain();
+            db.maintain(next.is_none());
         }
     }
     drop(db);
@@ -1771,39 +1744,6 @@ mod tests {
         .expect("store")
     }
 
-    #[tokio::test]
-    async fn a_seal_paced_as_a_server_paces_it_finishes_once_requests_stop() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("events.db");
-        // Three steps: two of buckets, one to clear the recent table.
-        let keys = 32 * 128 + 100;
-        let store = SqliteStore::open_tuned(
-            &path,
-            Synchronous::Normal,
-            Role::Server { now: Timestamp(0) },
-            Tuning {
-                generation_keys: keys as u64,
-                ..Tuning::default()
-            },
-        )
-        .expect("store");
-        for n in 0..keys {
-            let recorded = store.record_and_queue(event(n, Timestamp(2_000))).await;
-            assert_eq!(recorded.expect("record"), QueueOutcome::Queued);
-        }
-        // No request comes: the writer takes the steps alone. Nothing to await but
-        // the file.
-        let recent = "SELECT count(*) FROM processed_events_recent";
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while column(&path, recent) != [0] {
-            assert!(Instant::now() < deadline, "the seal did not finish");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(sealed(&path), [0]);
-        assert!(all(&store, 0..keys, QueueOutcome::Duplicate).await);
-        store.close().await;
-    }
-
     /// Records `events`, and waits for the writer's work after the last (a seal).
     async fn outcomes(store: &SqliteStore, events: std::ops::Range<usize>) -> Vec<QueueOutcome> {
         let mut outcomes = Vec::new();
@@ -2004,10 +1944,10 @@ mod tests {
     #[test]
     fn failed_maintenance_waits_before_it_is_tried_again() {
         let db = writer_db(Connection::open_in_memory().expect("open"));
-        db.maintain();
+        db.maintain(true);
         assert_eq!(db.paused_until.get(), None);
         db.execute_batch("DROP TABLE pending_recent").expect("drop");
-        db.maintain();
+        db.maintain(true);
         let until = db.paused_until.get().expect("paused after a failure");
         assert!(until > Instant::now());
         db.execute_batch(
@@ -2016,10 +1956,10 @@ mod tests {
         )
         .expect("create");
         // Still paused: nothing runs, the pause stands.
-        db.maintain();
+        db.maintain(true);
         assert_eq!(db.paused_until.get(), Some(until));
         db.paused_until.set(Some(Instant::now()));
-        db.maintain();
+        db.maintain(true);
         assert_eq!(db.paused_until.get(), None);
     }
 
