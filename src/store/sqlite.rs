@@ -38,9 +38,7 @@ use leases::Leases;
 use pending::{Pending, RECENT_ROWS, Request};
 
 /// Time between two steps of a seal when no request waits; when requests keep the
-/// writer busy, a step at least every [`SEAL_PACE_BUSY`] all the same, inside a batch's
-/// transaction. Paced, so that the pages a seal writes (and the checkpoints they bring)
-/// are spread over a second or more rather than a burst. Waiting for an idle
+/// writer busy, a step at least every [`SEAL_PACE_BUSY`] all the same. Waiting for an idle
 /// writer alone, at 5,000 req/s a seal would wait until it fell behind and then run its
 /// ~80 steps back to back (the slowest requests of those runs came seconds after the
 /// seal began; issue 17, stop 31).
@@ -175,110 +173,44 @@ impl Db {
         self.events.borrow_mut().discard();
     }
 
-    /// Whether maintenance may run: only the server maintains, and not for a while after
-    /// it failed (on a full disk, a warning and a failed transaction per batch).
-    fn maintaining(&self) -> bool {
-        self.maintains
-            && self
+    /// Work between batches: sealing a full generation of event keys (a step of it,
+    /// paced, since each step delays the requests waiting; `idle`: none is), settling
+    /// pending requests that have been waiting a while. A failure leaves things as they were (a
+    /// generation grows a little past its size, requests stay recent a little longer);
+    /// the work is tried again after [`MAINTENANCE_PAUSE`], not after every batch (on a
+    /// full disk, that would be a warning and a failed transaction per batch).
+    fn maintain(&self, idle: bool) {
+        if !self.maintains
+            || self
                 .paused_until
                 .get()
-                .is_none_or(|until| Instant::now() >= until)
-    }
-
-    /// Whether the seal under way may take its next step, at least `pace` after the last.
-    fn seal_step_due(&self, events: &ProcessedEvents, pace: Duration) -> bool {
-        !self.pace_seal
-            || events.behind()
-            || self
-                .last_seal_step
-                .get()
-                .is_none_or(|at| at.elapsed() >= pace)
-    }
-
-    fn pause_maintenance(&self) {
-        self.paused_until
-            .set(Some(Instant::now() + MAINTENANCE_PAUSE));
-    }
-
-    /// Inside a batch's transaction, once its operations have run: the next step of a
-    /// seal under way, paced ([`SEAL_PACE_BUSY`]). It commits (and syncs) with the batch:
-    /// in a transaction of its own between batches, each of a seal's ~80 steps stalled
-    /// the requests waiting behind it for a commit of its own, 1.5 to 7 ms on a slow
-    /// machine (issue 17, stop 34). A savepoint keeps a failed step from costing the
-    /// batch anything.
-    fn maintain_within(&self) {
-        if !self.maintaining() {
-            return;
-        }
-        let mut events = self.events.borrow_mut();
-        if !events.stepping() || !self.seal_step_due(&events, SEAL_PACE_BUSY) {
-            return;
-        }
-        self.last_seal_step.set(Some(Instant::now()));
-        if let Err(e) = control(&self.conn, "SAVEPOINT seal_step") {
-            tracing::warn!(error = %e, "could not seal a generation of processed-event keys");
-            self.pause_maintenance();
-            return;
-        }
-        // A failed step stages nothing for memory; its writes go back to the savepoint.
-        let stepped = events.seal_step(&self.conn).map_err(unavailable);
-        if stepped.is_err() {
-            let _ = control(&self.conn, "ROLLBACK TO seal_step");
-        }
-        let released = control(&self.conn, "RELEASE seal_step");
-        if let Some(e) = stepped.err().or(released.err()) {
-            tracing::warn!(error = %e, "could not seal a generation of processed-event keys");
-            self.pause_maintenance();
-        }
-    }
-
-    /// Work between batches: a full generation of event keys starts being sealed, and
-    /// when no request waits (`idle`; or unpaced, in tests), the seal under way takes a
-    /// step in a transaction of its own (paced by [`SEAL_PACE`]); pending requests that
-    /// have been waiting a while are settled. A failure leaves things as they were (a
-    /// generation grows a little past its size, requests stay recent a little longer);
-    /// the work is tried again after [`MAINTENANCE_PAUSE`].
-    fn maintain(&self, idle: bool) {
-        if !self.maintaining() {
+                .is_some_and(|until| Instant::now() < until)
+        {
             return;
         }
         let mut failed = false;
         let mut events = self.events.borrow_mut();
-        events.start_seal();
-        if (idle || !self.pace_seal) && events.stepping() && self.seal_step_due(&events, SEAL_PACE)
-        {
+        // Paced, so that the pages a seal writes (and the checkpoints they bring) are
+        // spread over a second or more rather than a burst that requests wait behind.
+        let since = self.last_seal_step.get().map(|at| at.elapsed());
+        let step = !self.pace_seal
+            || events.behind()
+            || since.is_none_or(|since| since >= SEAL_PACE_BUSY || (idle && since >= SEAL_PACE));
+        if step {
             self.last_seal_step.set(Some(Instant::now()));
-            if let Err(e) = self.seal_step_alone(&mut events) {
-                tracing::warn!(error = %e, "could not seal a generation of processed-event keys");
-                failed = true;
-            }
         }
-        drop(events);
+        if events.due()
+            && let Err(e) = events.seal_step(&self.conn, step)
+        {
+            tracing::warn!(error = %e, "could not seal a generation of processed-event keys");
+            failed = true;
+        }
         if let Err(e) = self.pending.settle(&self.conn, crate::clock::now()) {
             tracing::warn!(error = %e, "could not settle pending requests");
             failed = true;
         }
         self.paused_until
             .set(failed.then(|| Instant::now() + MAINTENANCE_PAUSE));
-    }
-
-    /// A step of the seal under way in a transaction of its own. Immediate: an admin
-    /// command writing beside the server makes this wait its turn rather than fail
-    /// half-way.
-    fn seal_step_alone(&self, events: &mut ProcessedEvents) -> Result<()> {
-        control(&self.conn, "BEGIN IMMEDIATE")?;
-        let done = events
-            .seal_step(&self.conn)
-            .map_err(unavailable)
-            .and_then(|()| control(&self.conn, "COMMIT"));
-        match done {
-            Ok(()) => events.commit(),
-            Err(_) => {
-                let _ = control(&self.conn, "ROLLBACK");
-                events.discard();
-            }
-        }
-        done
     }
 }
 
@@ -858,7 +790,6 @@ fn run_together(conn: &Db, jobs: &mut [Job]) -> Batch {
         conn.discard();
         return Batch::OperationFailed;
     }
-    conn.maintain_within();
     match control(conn, "COMMIT") {
         Ok(()) => {
             conn.leases.commit();
@@ -1346,80 +1277,6 @@ mod tests {
             .expect("names")
     }
 
-    /// A writer whose generations hold 4 keys, unpaced, with a full generation that has
-    /// started being sealed, and a table `t`.
-    fn writer_sealing() -> Db {
-        let conn = Connection::open_in_memory().expect("open");
-        conn.execute_batch("CREATE TABLE t (name TEXT PRIMARY KEY)")
-            .expect("schema");
-        apply_migrations(&conn, 0, MIGRATIONS.len()).expect("migrations");
-        let tuning = Tuning {
-            generation_keys: 4,
-            pace_seal: false,
-            ..Tuning::default()
-        };
-        let db = Db::open(conn, tuning, true).expect("writer");
-        {
-            let mut events = db.events.borrow_mut();
-            db.execute_batch("BEGIN").expect("begin");
-            for n in 0..4 {
-                assert!(
-                    events
-                        .record(&db, &[n; 16], Timestamp(1 << 40))
-                        .expect("record")
-                );
-            }
-            db.execute_batch("COMMIT").expect("commit");
-            events.commit();
-            events.start_seal();
-        }
-        db
-    }
-
-    #[test]
-    fn a_seal_step_commits_with_the_batch_it_runs_in() {
-        let db = writer_sealing();
-        let (a, a_rx) = job(insert("a"));
-        run_batch(&db, vec![a]);
-        assert!(matches!(a_rx.blocking_recv().expect("answer"), Ok(())));
-        assert_eq!(names(&db), ["a"]);
-        let generations: i64 = db
-            .query_row(
-                "SELECT count(*) FROM processed_event_generations",
-                [],
-                |r| r.get(0),
-            )
-            .expect("count");
-        assert_eq!(generations, 1, "its one bucket and its row, with the batch");
-        assert!(db.events.borrow().stepping(), "its rows to clear next");
-        assert_eq!(db.paused_until.get(), None);
-    }
-
-    #[test]
-    fn a_seal_step_that_fails_in_a_batch_costs_the_batch_nothing_and_pauses_maintenance() {
-        let db = writer_sealing();
-        db.execute_batch("DROP TABLE processed_event_buckets")
-            .expect("drop");
-        let (a, a_rx) = job(insert("a"));
-        run_batch(&db, vec![a]);
-        assert!(matches!(a_rx.blocking_recv().expect("answer"), Ok(())));
-        assert_eq!(names(&db), ["a"]);
-        assert!(
-            db.paused_until
-                .get()
-                .is_some_and(|until| until > Instant::now())
-        );
-        assert!(db.events.borrow().stepping(), "the step is still to take");
-        let generations: i64 = db
-            .query_row(
-                "SELECT count(*) FROM processed_event_generations",
-                [],
-                |r| r.get(0),
-            )
-            .expect("count");
-        assert_eq!(generations, 0);
-    }
-
     #[test]
     fn one_failing_operation_costs_the_rest_of_its_batch_nothing() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -1816,12 +1673,20 @@ mod tests {
                 .await
                 .expect("record");
         }
-        // Closed after the seal's first step (its first 32 buckets), as a crash then
-        // would leave it: the seal starts again.
+        store.ping().await.expect("writer");
         store.close().await;
-        assert_eq!(sealed(&path), Vec::<i64>::new());
+        assert_eq!(sealed(&path), [0]);
         let buckets = "SELECT count(*) FROM processed_event_buckets";
-        assert_eq!(column(&path, buckets), [32]);
+        assert_eq!(column(&path, buckets), [33]);
+
+        // As a crash after the first step would leave it: the seal starts again.
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch(
+                "DELETE FROM processed_event_generations;
+                 DELETE FROM processed_event_buckets WHERE id >= 32;",
+            )
+            .expect("cut short");
         let store = open_with_generations_of(&path, keys as u64);
         assert_eq!(event_keys(&store).await, keys as u64);
         let purged = store.purge_expired(Timestamp(1_000)).await.expect("purge");

@@ -35,7 +35,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque, btree_map};
 use std::ops::Bound;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::filter::{Filter, Sealed};
 use crate::domain::Timestamp;
@@ -206,19 +206,6 @@ struct Clearing {
     last: i64,
 }
 
-/// A step of sealing as written in a transaction, for memory to follow once it commits.
-#[derive(Debug)]
-enum Stepped {
-    /// The seal's next buckets.
-    Written(Written),
-    /// The seal's last buckets and its generation's row: the seal becomes a clearing of
-    /// the rows `seqs` (first, last) of the recent table; `gone`: generations whose keys
-    /// were all purged.
-    Sealed { gone: Vec<i64>, seqs: (i64, i64) },
-    /// Rows of the recent table below `end` deleted.
-    Cleared { end: i64 },
-}
-
 /// A filter of `keys`, sized for at least `capacity`.
 fn filter_of<'a>(keys: impl ExactSizeIterator<Item = &'a [u8; 16]>, capacity: u64) -> Filter {
     let mut filter = Filter::with_capacity(capacity.max(keys.len() as u64));
@@ -258,8 +245,6 @@ pub(super) struct ProcessedEvents {
     /// a superset, as a filter may be.
     recent_filter: Filter,
     undo: Vec<Undo>,
-    /// The step of sealing the transaction in progress took, for memory once it commits.
-    stepped: Option<Stepped>,
     /// Generations being sealed, oldest first: one at most, but for a database a crash
     /// left otherwise.
     sealing: VecDeque<Sealing>,
@@ -407,7 +392,6 @@ impl ProcessedEvents {
             recent,
             recent_filter,
             undo: Vec::new(),
-            stepped: None,
             sealing,
             clearing,
             spent: VecDeque::new(),
@@ -559,15 +543,11 @@ impl ProcessedEvents {
     /// committed.
     pub(super) fn commit(&mut self) {
         self.undo.clear();
-        if let Some(stepped) = self.stepped.take() {
-            self.stepped(stepped);
-        }
     }
 
     /// The transaction that recorded, forgot or purged keys since the last call has
     /// rolled back: the keys in memory are put back as they were.
     pub(super) fn discard(&mut self) {
-        self.stepped = None;
         while let Some(undo) = self.undo.pop() {
             match undo {
                 Undo::Inserted(key) => {
@@ -580,16 +560,28 @@ impl ProcessedEvents {
         }
     }
 
+    /// Whether there is sealing to do: a full current generation, or a seal under way.
+    pub(super) fn due(&self) -> bool {
+        !self.sealing.is_empty()
+            || !self.clearing.is_empty()
+            || !self.spent.is_empty()
+            || self.recent.len() as u64 >= self.generation_keys
+    }
+
     /// Whether the seal under way falls behind: half of the next generation is in.
     pub(super) fn behind(&self) -> bool {
         self.recent.len() as u64 >= self.generation_keys / 2
     }
 
-    /// Starts sealing the current generation if it is full (memory only: its keys move
-    /// to the seal, and the next generation starts). Outside any transaction: a batch
-    /// rolled back afterwards would put its keys back in the generation that is now the
-    /// next one, and the seal would write keys whose events were never handled.
-    pub(super) fn start_seal(&mut self) {
+    /// One step of sealing (the writer runs it between batches), in a transaction of
+    /// its own: a full current generation starts being sealed and the next one starts;
+    /// the oldest generation being sealed gets its next buckets written. The step that
+    /// writes its last stores its row (filter, counts, expiry) and the filters rebuilt at
+    /// start, and drops the filters of generations whose keys are gone; the steps after
+    /// it delete its rows from the recent table. Memory follows only once a step has
+    /// committed. Unless `step`, a full generation only starts being sealed, and nothing
+    /// is written.
+    pub(super) fn seal_step(&mut self, conn: &Connection, step: bool) -> rusqlite::Result<()> {
         if self.sealing.is_empty()
             && self.clearing.is_empty()
             && self.recent.len() as u64 >= self.generation_keys
@@ -603,28 +595,19 @@ impl ProcessedEvents {
                 .push_back(Sealing::new(self.current, keys, filter));
             self.current += 1;
         }
-    }
-
-    /// Whether a seal is under way: a step has something to do.
-    pub(super) fn stepping(&self) -> bool {
-        !self.sealing.is_empty() || !self.clearing.is_empty() || !self.spent.is_empty()
-    }
-
-    /// One step of the seal under way, in the caller's transaction (a batch's, or one of
-    /// its own when the writer is idle): the oldest generation being sealed gets its next
-    /// buckets written; the step that writes its last stores its row (filter, counts,
-    /// expiry) and the filters rebuilt at start, and drops the filters of generations
-    /// whose keys are gone; the steps after it delete its rows from the recent table.
-    /// What the step means for memory waits for [`Self::commit`] (and goes at
-    /// [`Self::discard`]).
-    pub(super) fn seal_step(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        if !step {
+            return Ok(());
+        }
         self.free_spent();
         let Some(sealing) = self.sealing.front() else {
             return self.clear_step(conn);
         };
+        // Immediate: an admin command writing beside the server makes this wait its turn
+        // rather than fail half-way.
+        let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
         let step = sealing.next_step();
         {
-            let mut write = conn.prepare_cached(
+            let mut write = tx.prepare_cached(
                 "INSERT OR REPLACE INTO processed_event_buckets (id, keys) VALUES (?1, ?2)",
             )?;
             for (bucket, keys) in &step.buckets {
@@ -635,18 +618,21 @@ impl ProcessedEvents {
             }
         }
         if step.written.buckets < sealing.buckets {
-            self.stepped = Some(Stepped::Written(step.written));
+            tx.commit()?;
+            if let Some(sealing) = self.sealing.front_mut() {
+                sealing.written = step.written;
+            }
             return Ok(());
         }
-        let gone = self.emptied(conn)?;
-        conn.execute(
+        let gone = self.emptied(&tx)?;
+        tx.execute(
             "DELETE FROM processed_event_filters WHERE NOT EXISTS
                  (SELECT 1 FROM processed_events e
                   WHERE e.generation = processed_event_filters.generation)",
             [],
         )?;
         {
-            let mut store = conn.prepare_cached(
+            let mut store = tx.prepare_cached(
                 "INSERT OR REPLACE INTO processed_event_filters (generation, bits)
                  VALUES (?1, ?2)",
             )?;
@@ -658,7 +644,7 @@ impl ProcessedEvents {
                 }
             }
         }
-        conn.prepare_cached(
+        tx.prepare_cached(
             "INSERT OR REPLACE INTO processed_event_generations
                  (generation, buckets, keys, expires_at, bits) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
@@ -669,60 +655,34 @@ impl ProcessedEvents {
             step.written.expires_at,
             sealing.filter.to_bytes()
         ])?;
-        self.stepped = Some(Stepped::Sealed {
-            gone,
-            seqs: step.written.seqs.unwrap_or((0, 0)),
-        });
-        Ok(())
-    }
-
-    /// What a committed step of sealing means for memory.
-    fn stepped(&mut self, stepped: Stepped) {
-        match stepped {
-            Stepped::Written(written) => {
-                if let Some(sealing) = self.sealing.front_mut() {
-                    sealing.written = written;
-                }
-            }
-            Stepped::Sealed {
-                gone,
-                seqs: (next, last),
-            } => {
-                self.sealed.remove(&gone);
-                for generation in &gone {
-                    self.kinds.remove(generation);
-                }
-                if let Some(sealing) = self.sealing.pop_front() {
-                    self.clearing.push_back(Clearing {
-                        generation: sealing.generation,
-                        next,
-                        last,
-                    });
-                    self.sealed.push(sealing.generation, sealing.filter);
-                    self.kinds
-                        .insert(sealing.generation, Kind::Buckets(sealing.buckets));
-                    tracing::debug!(
-                        generation = sealing.generation,
-                        keys = sealing.keys.len(),
-                        sealed = self.sealed.len(),
-                        memory_bytes = self.memory_bytes(),
-                        "processed-event generation sealed"
-                    );
-                    // Freed a slice per step: at once, its 65,536 keys held the writer
-                    // for most of a millisecond.
-                    self.spent.push_back(sealing.keys.into_iter());
-                }
-                self.unstored.clear();
-            }
-            Stepped::Cleared { end } => {
-                if let Some(clearing) = self.clearing.front_mut() {
-                    clearing.next = end;
-                    if end > clearing.last {
-                        self.clearing.pop_front();
-                    }
-                }
-            }
+        tx.commit()?;
+        self.sealed.remove(&gone);
+        for generation in &gone {
+            self.kinds.remove(generation);
         }
+        if let Some(sealing) = self.sealing.pop_front() {
+            let (next, last) = step.written.seqs.unwrap_or((0, 0));
+            self.clearing.push_back(Clearing {
+                generation: sealing.generation,
+                next,
+                last,
+            });
+            self.sealed.push(sealing.generation, sealing.filter);
+            self.kinds
+                .insert(sealing.generation, Kind::Buckets(sealing.buckets));
+            tracing::debug!(
+                generation = sealing.generation,
+                keys = sealing.keys.len(),
+                sealed = self.sealed.len(),
+                memory_bytes = self.memory_bytes(),
+                "processed-event generation sealed"
+            );
+            // Freed a slice per step: at once, its 65,536 keys held the writer for
+            // most of a millisecond.
+            self.spent.push_back(sealing.keys.into_iter());
+        }
+        self.unstored.clear();
+        Ok(())
     }
 
     /// Frees the next slice of the keys of generations sealed since.
@@ -759,7 +719,7 @@ impl ProcessedEvents {
     /// Deletes the next range of rows of the oldest sealed generation still in the
     /// recent table.
     fn clear_step(&mut self, conn: &Connection) -> rusqlite::Result<()> {
-        let Some(clearing) = self.clearing.front() else {
+        let Some(clearing) = self.clearing.front_mut() else {
             return Ok(());
         };
         let end = clearing.next.saturating_add(CLEAR_STEP);
@@ -768,7 +728,10 @@ impl ProcessedEvents {
              WHERE seq >= ?1 AND seq < ?2 AND generation = ?3",
         )?
         .execute(params![clearing.next, end, clearing.generation])?;
-        self.stepped = Some(Stepped::Cleared { end });
+        clearing.next = end;
+        if end > clearing.last {
+            self.clearing.pop_front();
+        }
         Ok(())
     }
 
@@ -872,17 +835,6 @@ mod tests {
             new = events.record(conn, &key(n), LATER).expect("record");
         });
         new
-    }
-
-    /// What the writer does between batches: a full generation starts being sealed and,
-    /// with `step`, the seal under way takes a step in a transaction of its own.
-    fn seal(conn: &Connection, events: &mut ProcessedEvents, step: bool) {
-        events.start_seal();
-        if step && events.stepping() {
-            transaction(conn, events, true, |conn, events| {
-                events.seal_step(conn).expect("step");
-            });
-        }
     }
 
     fn record(conn: &Connection, events: &mut ProcessedEvents, keys: std::ops::Range<u8>) {
@@ -1028,13 +980,13 @@ mod tests {
         let mut events = ProcessedEvents::load(&conn, 4).expect("load");
         let buckets = "SELECT count(*) FROM processed_event_buckets";
         record(&conn, &mut events, 0..4);
-        seal(&conn, &mut events, false);
+        events.seal_step(&conn, false).expect("step");
         assert_eq!(count(&conn, buckets), 0, "sealing, but nothing written yet");
         assert!(!new(&conn, &mut events, 0));
         assert!(!events.behind());
         record(&conn, &mut events, 4..6);
         assert!(events.behind(), "half of the next generation is in");
-        seal(&conn, &mut events, true);
+        events.seal_step(&conn, true).expect("step");
         assert_eq!(count(&conn, buckets), 1);
         let row = "SELECT keys * 100 + buckets FROM processed_event_generations";
         assert_eq!(count(&conn, row), 401);
@@ -1046,7 +998,7 @@ mod tests {
         let conn = db();
         let mut events = ProcessedEvents::load(&conn, 4).expect("load");
         record(&conn, &mut events, 0..5);
-        seal(&conn, &mut events, true);
+        events.seal_step(&conn, true).expect("seal");
         record(&conn, &mut events, 5..6);
         let mut admin = ProcessedEvents::load(&conn, 4).expect("load");
         transaction(&conn, &mut admin, true, |conn, events| {
@@ -1059,7 +1011,7 @@ mod tests {
             "the newer generation's row stays"
         );
         let mut events = ProcessedEvents::load(&conn, 4).expect("load");
-        assert!(!events.stepping());
+        assert!(!events.due());
         assert!((0..5).all(|n| new(&conn, &mut events, n)));
         assert!(!new(&conn, &mut events, 5));
         assert_eq!(count(&conn, COUNT_KEYS), 1);
@@ -1072,7 +1024,7 @@ mod tests {
         record(&conn, &mut events, 0..5);
         // Its last bucket written (the only one), a key recorded in the next, then a
         // crash: rows left in the recent table.
-        seal(&conn, &mut events, true);
+        events.seal_step(&conn, true).expect("seal");
         record(&conn, &mut events, 5..6);
         let generations = |table: &str| -> Vec<(i64, i64)> {
             let mut stmt = conn
@@ -1089,52 +1041,14 @@ mod tests {
         assert_eq!(generations("processed_events_recent"), [(0, 5), (1, 1)]);
         let mut events = ProcessedEvents::load(&conn, 4).expect("load");
         assert!((0..5).all(|n| !new(&conn, &mut events, n)));
-        assert!(events.stepping());
-        seal(&conn, &mut events, true);
-        assert!(!events.stepping());
+        assert!(events.due());
+        events.seal_step(&conn, true).expect("clear");
+        assert!(!events.due());
         assert_eq!(generations("processed_events_recent"), [(1, 1)]);
         let mut events = ProcessedEvents::load(&conn, 4).expect("load");
         assert!((0..5).all(|n| !new(&conn, &mut events, n)));
         assert!((0..6).all(|n| !new(&conn, &mut events, n)));
         assert!(new(&conn, &mut events, 6));
-        assert_eq!(count(&conn, COUNT_KEYS), 6);
-    }
-
-    #[test]
-    fn a_step_rolled_back_with_its_batch_is_taken_again_and_memory_follows_only_a_commit() {
-        let conn = db();
-        let mut events = ProcessedEvents::load(&conn, 4).expect("load");
-        record(&conn, &mut events, 0..5);
-        seal(&conn, &mut events, false);
-        let sealed = "SELECT count(*) FROM processed_event_generations";
-        let recent = "SELECT count(*) FROM processed_events_recent";
-        // The last (only) bucket and the generation's row, in a batch that rolls back.
-        transaction(&conn, &mut events, false, |conn, events| {
-            assert!(events.record(conn, &key(9), LATER).expect("record"));
-            events.seal_step(conn).expect("step");
-        });
-        assert_eq!(count(&conn, sealed), 0);
-        assert!(new(&conn, &mut events, 9), "the batch's key is gone");
-        assert!((0..5).all(|n| !new(&conn, &mut events, n)), "still sealing");
-        // Taken again in a batch that commits: the seal is done, and its rows are
-        // cleared by the next step, once that one commits too.
-        transaction(&conn, &mut events, true, |conn, events| {
-            assert!(events.record(conn, &key(9), LATER).expect("record"));
-            events.seal_step(conn).expect("step");
-        });
-        assert_eq!(count(&conn, sealed), 1);
-        assert_eq!(count(&conn, recent), 6);
-        transaction(&conn, &mut events, false, |conn, events| {
-            events.seal_step(conn).expect("clear");
-        });
-        assert!(events.stepping(), "a clearing rolled back is still to do");
-        assert_eq!(count(&conn, recent), 6);
-        seal(&conn, &mut events, true);
-        assert_eq!(count(&conn, recent), 1, "the next generation's row stays");
-        assert!(!events.stepping());
-        assert!((0..5).chain([9]).all(|n| !new(&conn, &mut events, n)));
-        let mut events = ProcessedEvents::load(&conn, 4).expect("load");
-        assert!((0..5).chain([9]).all(|n| !new(&conn, &mut events, n)));
         assert_eq!(count(&conn, COUNT_KEYS), 6);
     }
 }
