@@ -321,6 +321,28 @@ struct BackendFigures {
     /// Server CPU µs per request over the closed loop and the outbox drain that follows
     /// (so it includes delivering the matches): (all threads, SQLite writer).
     cpu: (f64, f64),
+    /// The same over the open loop and its drain: at a moderate load, batches are small
+    /// and each costs more per request.
+    open_cpu: (f64, f64),
+    /// Share of the machine's CPU time busy over the open loop (all processes: the
+    /// server, the generator and sink, the kernel's I/O threads).
+    open_busy: Option<f64>,
+}
+
+/// (busy, total) CPU time of the whole machine so far, in `/proc/stat`'s ticks.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let total: u64 = fields.iter().sum();
+    // idle and iowait.
+    let idle = fields.get(3)? + fields.get(4)?;
+    Some((total - idle, total))
 }
 
 async fn measure_backend(
@@ -356,6 +378,10 @@ async fn measure_backend(
         "{name}: open loop at {open_rate:.0} req/s, {} requests",
         requests.len()
     );
+    let open_before = sink.counts().distinct;
+    let open_cpu_before = server.cpu();
+    let open_requests = requests.len();
+    let ticks_before = machine_ticks();
     let open = run(
         server.addr,
         requests,
@@ -364,6 +390,14 @@ async fn measure_backend(
         name,
     )
     .await;
+    let open_busy = match (ticks_before, machine_ticks()) {
+        (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
+            Some(100.0 * (busy1 - busy0) as f64 / (total1 - total0) as f64)
+        }
+        _ => None,
+    };
+    drain(sink, open_before + 2 * open_pairs as u64).await;
+    let open_cpu = open_cpu_before.per_request(server.cpu(), open_requests);
     Ok(BackendFigures {
         name: name.to_owned(),
         closed,
@@ -374,6 +408,8 @@ async fn measure_backend(
         exact,
         rss: server.rss_mib(),
         cpu,
+        open_cpu,
+        open_busy,
     })
 }
 
@@ -795,7 +831,7 @@ async fn main() -> anyhow::Result<()> {
 
     for b in &backends {
         table.push(format!(
-            "| {} | {:.0} req/s | {:.0}% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | {:.0} msg/s ({} of {} delivered during the load) | {} | {}; matches exact: {}; server RSS {:.0} MiB (peak {:.0}); {} |",
+            "| {} | {:.0} req/s | {:.0}% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | {:.0} msg/s ({} of {} delivered during the load) | {} | {}; matches exact: {}; server RSS {:.0} MiB (peak {:.0}); {}; server CPU per request in the open loop {}{} |",
             b.name,
             b.closed.throughput(),
             100.0 * b.closed.throughput() / ceiling.throughput(),
@@ -812,6 +848,10 @@ async fn main() -> anyhow::Result<()> {
             b.rss.0,
             b.rss.1,
             worst_second(&b.open),
+            cpu_cell(b.open_cpu),
+            b.open_busy
+                .map(|busy| format!(", the machine {busy:.0}% busy"))
+                .unwrap_or_default(),
         ));
     }
 
@@ -961,7 +1001,8 @@ async fn main() -> anyhow::Result<()> {
          {} requests per closed-loop run over {} keep-alive connections, {} distinct RSA-2048 endpoint keys.\n\
          Latency is measured in an open loop at {}, from when each request was due.\n\n\
          Server CPU is the server process's CPU time per request over the closed loop and, for a database, the outbox drain after it \
-         (so it includes delivering the matches; PostgreSQL's own processes are not counted).\n\n\
+         (so it includes delivering the matches; PostgreSQL's own processes are not counted); a database's notes give it over the open loop \
+         and its drain too, where batches are small.\n\n\
          | Route / database | Closed-loop throughput | vs no-op | Latency p50 / p99 / p99.9 | Outbox delivery | Server CPU per request | Notes |\n\
          | --- | --- | --- | --- | --- | --- | --- |\n{}\n\n{}\n\n{}",
         date,
