@@ -180,6 +180,17 @@ impl Server {
             .unwrap_or(0)
     }
 
+    /// Major page faults of the server so far (`majflt` of `/proc/<pid>/stat`): pages it
+    /// had to wait for the disk for, its code or the database's, dropped from memory
+    /// since it last touched them.
+    fn major_faults(&self) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.pid())).ok()?;
+        // The fields after the command name, which is in parentheses and may hold spaces:
+        // state is field 3, majflt field 12.
+        let (_, after) = stat.rsplit_once(')')?;
+        after.split_whitespace().nth(9)?.parse().ok()
+    }
+
     fn stop(self) -> anyhow::Result<()> {
         self.process.stop()?;
         Ok(())
@@ -327,6 +338,8 @@ struct BackendFigures {
     /// Share of the machine's CPU time busy over the open loop (all processes: the
     /// server, the generator and sink, the kernel's I/O threads).
     open_busy: Option<f64>,
+    /// The server's major page faults over the open loop.
+    open_major_faults: Option<u64>,
 }
 
 /// (busy, total) CPU time of the whole machine so far, in `/proc/stat`'s ticks.
@@ -382,6 +395,7 @@ async fn measure_backend(
     let open_cpu_before = server.cpu();
     let open_requests = requests.len();
     let ticks_before = machine_ticks();
+    let faults_before = server.major_faults();
     let open = run(
         server.addr,
         requests,
@@ -396,6 +410,10 @@ async fn measure_backend(
         }
         _ => None,
     };
+    let open_major_faults = server
+        .major_faults()
+        .zip(faults_before)
+        .map(|(after, before)| after.saturating_sub(before));
     drain(sink, open_before + 2 * open_pairs as u64).await;
     let open_cpu = open_cpu_before.per_request(server.cpu(), open_requests);
     Ok(BackendFigures {
@@ -410,6 +428,7 @@ async fn measure_backend(
         cpu,
         open_cpu,
         open_busy,
+        open_major_faults,
     })
 }
 
@@ -831,7 +850,7 @@ async fn main() -> anyhow::Result<()> {
 
     for b in &backends {
         table.push(format!(
-            "| {} | {:.0} req/s | {:.0}% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | {:.0} msg/s ({} of {} delivered during the load) | {} | {}; matches exact: {}; server RSS {:.0} MiB (peak {:.0}); {}; server CPU per request in the open loop {}{} |",
+            "| {} | {:.0} req/s | {:.0}% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | {:.0} msg/s ({} of {} delivered during the load) | {} | {}; matches exact: {}; server RSS {:.0} MiB (peak {:.0}); {}; server CPU per request in the open loop {}{}{} |",
             b.name,
             b.closed.throughput(),
             100.0 * b.closed.throughput() / ceiling.throughput(),
@@ -851,6 +870,9 @@ async fn main() -> anyhow::Result<()> {
             cpu_cell(b.open_cpu),
             b.open_busy
                 .map(|busy| format!(", the machine {busy:.0}% busy"))
+                .unwrap_or_default(),
+            b.open_major_faults
+                .map(|n| format!(", {n} major page faults in the server"))
                 .unwrap_or_default(),
         ));
     }
