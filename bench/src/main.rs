@@ -355,7 +355,7 @@ fn machine_ticks() -> Option<(u64, u64)> {
     let total: u64 = fields.iter().sum();
     // idle and iowait.
     let idle = fields.get(3)? + fields.get(4)?;
-    Some((total - idle, total))
+    Some((total.saturating_sub(idle), total))
 }
 
 async fn measure_backend(
@@ -406,7 +406,8 @@ async fn measure_backend(
     .await;
     let open_busy = match (ticks_before, machine_ticks()) {
         (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
-            Some(100.0 * (busy1 - busy0) as f64 / (total1 - total0) as f64)
+            // iowait may go backwards (proc(5)), so busy may too: saturate.
+            Some(100.0 * busy1.saturating_sub(busy0) as f64 / (total1 - total0) as f64)
         }
         _ => None,
     };
