@@ -184,11 +184,9 @@ impl Server {
     /// had to wait for the disk for, its code or the database's, dropped from memory
     /// since it last touched them.
     fn major_faults(&self) -> Option<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.pid())).ok()?;
-        // The fields after the command name, which is in parentheses and may hold spaces:
-        // state is field 3, majflt field 12.
-        let (_, after) = stat.rsplit_once(')')?;
-        after.split_whitespace().nth(9)?.parse().ok()
+        soak::stat_fields(&self.process.pid().to_string())
+            .get(9)
+            .copied()
     }
 
     fn stop(self) -> anyhow::Result<()> {
@@ -337,25 +335,9 @@ struct BackendFigures {
     open_cpu: (f64, f64),
     /// Share of the machine's CPU time busy over the open loop (all processes: the
     /// server, the generator and sink, the kernel's I/O threads).
-    open_busy: Option<f64>,
+    open_busy: f64,
     /// The server's major page faults over the open loop.
     open_major_faults: Option<u64>,
-}
-
-/// (busy, total) CPU time of the whole machine so far, in `/proc/stat`'s ticks.
-fn machine_ticks() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    let total: u64 = fields.iter().sum();
-    // idle and iowait.
-    let idle = fields.get(3)? + fields.get(4)?;
-    Some((total.saturating_sub(idle), total))
 }
 
 async fn measure_backend(
@@ -394,7 +376,7 @@ async fn measure_backend(
     let open_before = sink.counts().distinct;
     let open_cpu_before = server.cpu();
     let open_requests = requests.len();
-    let ticks_before = machine_ticks();
+    let machine_before = soak::machine_cpu();
     let faults_before = server.major_faults();
     let open = run(
         server.addr,
@@ -404,13 +386,8 @@ async fn measure_backend(
         name,
     )
     .await;
-    let open_busy = match (ticks_before, machine_ticks()) {
-        (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
-            // iowait may go backwards (proc(5)), so busy may too: saturate.
-            Some(100.0 * busy1.saturating_sub(busy0) as f64 / (total1 - total0) as f64)
-        }
-        _ => None,
-    };
+    let (idle, iowait, _) = soak::machine_cpu().shares_since(machine_before);
+    let open_busy = 100.0 * (1.0 - idle - iowait).max(0.0);
     let open_major_faults = server
         .major_faults()
         .zip(faults_before)
@@ -851,7 +828,7 @@ async fn main() -> anyhow::Result<()> {
 
     for b in &backends {
         table.push(format!(
-            "| {} | {:.0} req/s | {:.0}% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | {:.0} msg/s ({} of {} delivered during the load) | {} | {}; matches exact: {}; server RSS {:.0} MiB (peak {:.0}); {}; server CPU per request in the open loop {}{}{} |",
+            "| {} | {:.0} req/s | {:.0}% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | {:.0} msg/s ({} of {} delivered during the load) | {} | {}; matches exact: {}; server RSS {:.0} MiB (peak {:.0}); {}; server CPU per request in the open loop {}, the machine {:.0}% busy{} |",
             b.name,
             b.closed.throughput(),
             100.0 * b.closed.throughput() / ceiling.throughput(),
@@ -869,9 +846,7 @@ async fn main() -> anyhow::Result<()> {
             b.rss.1,
             worst_second(&b.open),
             cpu_cell(b.open_cpu),
-            b.open_busy
-                .map(|busy| format!(", the machine {busy:.0}% busy"))
-                .unwrap_or_default(),
+            b.open_busy,
             b.open_major_faults
                 .map(|n| format!(", {n} major page faults in the server"))
                 .unwrap_or_default(),

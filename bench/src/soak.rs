@@ -159,7 +159,7 @@ impl DatabaseState {
 
 /// The machine's CPU time so far, from `/proc/stat`, in ticks.
 #[derive(Debug, Clone, Copy)]
-struct MachineCpu {
+pub(crate) struct MachineCpu {
     idle: u64,
     /// Idle while some task waited for storage.
     iowait: u64,
@@ -170,7 +170,7 @@ struct MachineCpu {
 
 impl MachineCpu {
     /// Shares of the time since `before`: (idle, I/O wait, stolen).
-    fn shares_since(self, before: Self) -> (f64, f64, f64) {
+    pub(crate) fn shares_since(self, before: Self) -> (f64, f64, f64) {
         let all = self.all.saturating_sub(before.all).max(1) as f64;
         let share = |now: u64, then: u64| now.saturating_sub(then) as f64 / all;
         (
@@ -181,7 +181,7 @@ impl MachineCpu {
     }
 }
 
-fn machine_cpu() -> MachineCpu {
+pub(crate) fn machine_cpu() -> MachineCpu {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let ticks: Vec<u64> = stat
         .lines()
@@ -201,19 +201,25 @@ fn machine_cpu() -> MachineCpu {
     }
 }
 
-/// The benchmark's own CPU time (generator and sink, every thread), from
-/// `/proc/self/stat`, in µs: when it grows per request, the server gets less of the
-/// machine, and its figures say so.
-fn own_cpu_us() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // After the command name's ")": state is field 0, utime 11, stime 12 (clock ticks).
-    let fields: Vec<u64> = stat
-        .rsplit_once(')')
+/// The fields of `/proc/<pid>/stat` after the command name (which is in parentheses and
+/// may hold spaces): state is field 0, majflt 9, utime 11, stime 12. Empty if the file
+/// cannot be read; a field that is not a number (state) is 0.
+pub(crate) fn stat_fields(pid: &str) -> Vec<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')')
         .map(|(_, rest)| rest)
         .unwrap_or_default()
         .split_whitespace()
         .map(|f| f.parse().unwrap_or(0))
-        .collect();
+        .collect()
+}
+
+/// The benchmark's own CPU time (generator and sink, every thread), from
+/// `/proc/self/stat`, in µs: when it grows per request, the server gets less of the
+/// machine, and its figures say so.
+fn own_cpu_us() -> u64 {
+    // utime and stime, in clock ticks.
+    let fields = stat_fields("self");
     let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
     // USER_HZ, which Linux fixes at 100 for what it reports to user space.
     ticks * 10_000
