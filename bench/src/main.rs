@@ -286,16 +286,27 @@ fn all_matched(sink: &CountingSink, tag: &str, pairs: std::ops::Range<usize>) ->
     })
 }
 
-/// Where an open loop's tail came from: its slowest second, and how many seconds had a
-/// request over the 10 ms target.
+/// Where an open loop's tail came from: its slowest second, how many seconds had a
+/// request over the 10 ms target, and how late the generator itself sent requests.
 fn worst_second(open: &LoadReport) -> String {
     let Some((second, ms)) = open.worst_second() else {
         return "open loop: no answers".to_owned();
     };
     let (over, seconds) = open.seconds_slower_than(10.0);
     format!(
-        "open loop's slowest request {ms:.1} ms (due in second {}), requests over 10 ms in {over} of {seconds} seconds",
-        second + 1
+        "open loop's slowest request {ms:.1} ms (due in second {}), requests over 10 ms in {over} of {seconds} seconds; {}",
+        second + 1,
+        send_lag(open)
+    )
+}
+
+/// How late the generator sent the open loop's requests: part of their latency that is
+/// not the server's.
+fn send_lag(open: &LoadReport) -> String {
+    format!(
+        "the generator sent requests {:.2} / {:.2} ms (p50 / p99) after they were due",
+        open.send_lag_ms(0.5),
+        open.send_lag_ms(0.99)
     )
 }
 
@@ -338,6 +349,26 @@ struct BackendFigures {
     open_busy: f64,
     /// The server's major page faults over the open loop.
     open_major_faults: Option<u64>,
+    /// Share of the open loop's requests that the server itself took over 8 ms to
+    /// answer, by its own histogram (`letro_request_duration_seconds`, whose buckets
+    /// double: 8 ms is the one below the 10 ms target): what of the tail is the server's,
+    /// not the generator's or the kernel's.
+    open_server_over_8ms: Option<f64>,
+}
+
+/// The server's count of 204 answers, and of those within 8 ms, from `/metrics`.
+async fn answers_within_8ms(server: &Server) -> Option<(f64, f64)> {
+    let all = metric(
+        server,
+        "letro_request_duration_seconds_count{status=\"204\"}",
+    )
+    .await;
+    let within = metric(
+        server,
+        "letro_request_duration_seconds_bucket{le=\"0.008\",status=\"204\"}",
+    )
+    .await;
+    Some((all.ok()?, within.ok()?))
 }
 
 async fn measure_backend(
@@ -376,6 +407,7 @@ async fn measure_backend(
     let open_before = sink.counts().distinct;
     let open_cpu_before = server.cpu();
     let open_requests = requests.len();
+    let answers_before = answers_within_8ms(server).await;
     let machine_before = soak::machine_cpu();
     let faults_before = server.major_faults();
     let open = run(
@@ -394,6 +426,12 @@ async fn measure_backend(
         .map(|(after, before)| after.saturating_sub(before));
     drain(sink, open_before + 2 * open_pairs as u64).await;
     let open_cpu = open_cpu_before.per_request(server.cpu(), open_requests);
+    let open_server_over_8ms = answers_before
+        .zip(answers_within_8ms(server).await)
+        .and_then(|((all_before, within_before), (all, within))| {
+            let answered = all - all_before;
+            (answered > 0.0).then(|| 100.0 * (1.0 - (within - within_before) / answered))
+        });
     Ok(BackendFigures {
         name: name.to_owned(),
         closed,
@@ -407,6 +445,7 @@ async fn measure_backend(
         open_cpu,
         open_busy,
         open_major_faults,
+        open_server_over_8ms,
     })
 }
 
@@ -790,7 +829,7 @@ async fn main() -> anyhow::Result<()> {
     server.stop()?;
 
     table.push(format!(
-        "| no-op route (ceiling) | {:.0} req/s | 100% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | — | {:.0} µs | {} |",
+        "| no-op route (ceiling) | {:.0} req/s | 100% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | — | {:.0} µs | {}; {} |",
         ceiling.throughput(),
         noop_open.latency_ms(0.5),
         noop_open.latency_ms(0.99),
@@ -798,6 +837,7 @@ async fn main() -> anyhow::Result<()> {
         noop_open_rate,
         noop_cpu,
         ok_share(&ceiling),
+        send_lag(&noop_open),
     ));
     let mut backends = vec![sqlite];
     let mut replica_rows = Vec::new();
@@ -828,7 +868,7 @@ async fn main() -> anyhow::Result<()> {
 
     for b in &backends {
         table.push(format!(
-            "| {} | {:.0} req/s | {:.0}% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | {:.0} msg/s ({} of {} delivered during the load) | {} | {}; matches exact: {}; server RSS {:.0} MiB (peak {:.0}); {}; server CPU per request in the open loop {}, the machine {:.0}% busy{} |",
+            "| {} | {:.0} req/s | {:.0}% | {:.2} / {:.2} / {:.2} ms at {:.0} req/s | {:.0} msg/s ({} of {} delivered during the load) | {} | {}; matches exact: {}; server RSS {:.0} MiB (peak {:.0}); {}; server CPU per request in the open loop {}, the machine {:.0}% busy{}{} |",
             b.name,
             b.closed.throughput(),
             100.0 * b.closed.throughput() / ceiling.throughput(),
@@ -849,6 +889,11 @@ async fn main() -> anyhow::Result<()> {
             b.open_busy,
             b.open_major_faults
                 .map(|n| format!(", {n} major page faults in the server"))
+                .unwrap_or_default(),
+            b.open_server_over_8ms
+                .map(|share| format!(
+                    "; by its own timing the server took over 8 ms for {share:.2}% of the open loop's requests"
+                ))
                 .unwrap_or_default(),
         ));
     }
@@ -997,7 +1042,8 @@ async fn main() -> anyhow::Result<()> {
         "# Benchmark results\n\n\
          Written by `bench/run` ({}, commit {}, {} cores; generator, sink and server share the machine).\n\
          {} requests per closed-loop run over {} keep-alive connections, {} distinct RSA-2048 endpoint keys.\n\
-         Latency is measured in an open loop at {}, from when each request was due.\n\n\
+         Latency is measured in an open loop at {}, from when each request was due; the generator's timer ticks every millisecond, \
+         so requests go out in bursts, up to a millisecond late or more when it waits for a core (the notes say how late).\n\n\
          Server CPU is the server process's CPU time per request over the closed loop and, for a database, the outbox drain after it \
          (so it includes delivering the matches; PostgreSQL's own processes are not counted); a database's notes give it over the open loop \
          and its drain too, where batches are small.\n\n\

@@ -80,6 +80,9 @@ pub struct LoadReport {
     pub elapsed: Duration,
     /// Latency in microseconds.
     pub latency: Histogram<u64>,
+    /// In an open loop, how late each request was sent, in microseconds: the generator's
+    /// own share of `latency` (empty in a closed loop).
+    pub send_lag: Histogram<u64>,
     /// The longest latency, in microseconds, of the requests due in each second of the
     /// run (index 0: the first second): whether a high quantile is one stall or the
     /// whole run.
@@ -96,6 +99,11 @@ impl LoadReport {
     /// A latency quantile in milliseconds.
     pub fn latency_ms(&self, quantile: f64) -> f64 {
         self.latency.value_at_quantile(quantile) as f64 / 1000.0
+    }
+
+    /// A quantile of how late requests were sent, in milliseconds.
+    pub fn send_lag_ms(&self, quantile: f64) -> f64 {
+        self.send_lag.value_at_quantile(quantile) as f64 / 1000.0
     }
 
     /// The second of the run whose slowest request was slowest: (second, milliseconds).
@@ -198,12 +206,7 @@ async fn run_requests(
 ) -> LoadReport {
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicU64::new(0));
-    let merged = Arc::new(Mutex::new((
-        BTreeMap::<u16, u64>::new(),
-        0u64,
-        new_histogram(),
-        Vec::<u64>::new(),
-    )));
+    let merged = Arc::new(Mutex::new(Merged::empty()));
     let start = Instant::now();
     let progress = {
         let (done, label, total) = (done.clone(), label.to_owned(), requests.total());
@@ -225,10 +228,7 @@ async fn run_requests(
         let (requests, next, done, merged) =
             (requests.clone(), next.clone(), done.clone(), merged.clone());
         workers.spawn(async move {
-            let mut statuses = BTreeMap::<u16, u64>::new();
-            let mut failures = 0u64;
-            let mut histogram = new_histogram();
-            let mut worst = Vec::new();
+            let mut mine = Merged::empty();
             let mut conn: Option<BufReader<TcpStream>> = None;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -241,6 +241,8 @@ async fn run_requests(
                     Pace::Open { rate } => {
                         let due = start + Duration::from_secs_f64(i as f64 / rate);
                         tokio::time::sleep_until(due.into()).await;
+                        let lag = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        let _ = mine.send_lag.record(lag.max(1));
                         due
                     }
                 };
@@ -256,47 +258,73 @@ async fn run_requests(
                 };
                 match status {
                     Some((status, keep_alive)) => {
-                        *statuses.entry(status).or_default() += 1;
+                        *mine.statuses.entry(status).or_default() += 1;
                         let micros = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
-                        let _ = histogram.record(micros.max(1));
-                        record_worst(&mut worst, start, due, micros);
+                        let _ = mine.latency.record(micros.max(1));
+                        record_worst(&mut mine.worst, start, due, micros);
                         if !keep_alive {
                             conn = None;
                         }
                     }
                     None => {
-                        failures += 1;
+                        mine.failures += 1;
                         conn = None;
                     }
                 }
                 done.fetch_add(1, Ordering::Relaxed);
             }
-            let mut merged = merged.lock().await;
-            for (status, n) in statuses {
-                *merged.0.entry(status).or_default() += n;
-            }
-            merged.1 += failures;
-            let _ = merged.2.add(&histogram);
-            if merged.3.len() < worst.len() {
-                merged.3.resize(worst.len(), 0);
-            }
-            for (all, mine) in merged.3.iter_mut().zip(worst) {
-                *all = (*all).max(mine);
-            }
+            merged.lock().await.add(mine);
         });
     }
     while workers.join_next().await.is_some() {}
     let elapsed = start.elapsed();
     progress.abort();
-    let (statuses, failures, latency, worst_per_second) = Arc::try_unwrap(merged)
+    let merged = Arc::try_unwrap(merged)
         .map(Mutex::into_inner)
-        .unwrap_or_else(|_| (BTreeMap::new(), 0, new_histogram(), Vec::new()));
+        .unwrap_or_else(|_| Merged::empty());
     LoadReport {
-        statuses,
-        failures,
+        statuses: merged.statuses,
+        failures: merged.failures,
         elapsed,
-        latency,
-        worst_per_second,
+        latency: merged.latency,
+        send_lag: merged.send_lag,
+        worst_per_second: merged.worst,
+    }
+}
+
+/// What the connections of a run measured, added up as each one ends.
+struct Merged {
+    statuses: BTreeMap<u16, u64>,
+    failures: u64,
+    latency: Histogram<u64>,
+    send_lag: Histogram<u64>,
+    worst: Vec<u64>,
+}
+
+impl Merged {
+    fn empty() -> Self {
+        Self {
+            statuses: BTreeMap::new(),
+            failures: 0,
+            latency: new_histogram(),
+            send_lag: new_histogram(),
+            worst: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, other: Merged) {
+        for (status, n) in other.statuses {
+            *self.statuses.entry(status).or_default() += n;
+        }
+        self.failures += other.failures;
+        let _ = self.latency.add(&other.latency);
+        let _ = self.send_lag.add(&other.send_lag);
+        if self.worst.len() < other.worst.len() {
+            self.worst.resize(other.worst.len(), 0);
+        }
+        for (all, mine) in self.worst.iter_mut().zip(other.worst) {
+            *all = (*all).max(mine);
+        }
     }
 }
 
@@ -341,6 +369,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn what_connections_measured_adds_up() {
+        let mut all = Merged::empty();
+        let mut one = Merged::empty();
+        one.statuses.insert(204, 3);
+        one.failures = 1;
+        one.latency.record(2_000).expect("within bounds");
+        one.send_lag.record(900).expect("within bounds");
+        one.worst = vec![2_000];
+        let mut other = Merged::empty();
+        other.statuses.insert(204, 2);
+        other.statuses.insert(503, 1);
+        other.latency.record(12_000).expect("within bounds");
+        other.send_lag.record(1_100).expect("within bounds");
+        other.worst = vec![1_000, 12_000];
+        all.add(one);
+        all.add(other);
+        assert_eq!(all.statuses, BTreeMap::from([(204, 5), (503, 1)]));
+        assert_eq!(all.failures, 1);
+        assert_eq!(all.latency.len(), 2);
+        assert_eq!(all.send_lag.len(), 2);
+        assert_eq!(all.worst, vec![2_000, 12_000]);
+    }
+
+    #[test]
     fn the_worst_second_is_found_and_seconds_over_a_bound_counted() {
         let start = Instant::now();
         let mut worst = Vec::new();
@@ -364,6 +416,7 @@ mod tests {
             failures: 0,
             elapsed: Duration::from_secs(3),
             latency: new_histogram(),
+            send_lag: new_histogram(),
             worst_per_second: worst,
         };
         assert_eq!(report.worst_second(), Some((2, 25.0)));
