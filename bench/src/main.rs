@@ -981,7 +981,7 @@ async fn main() -> anyhow::Result<()> {
         notes.push(format!(
             "Large database: {} pending requests preloaded in {:.0} s; database {:.1} MiB, {:.0} bytes per pending request; \
              startup {:.0} ms (empty database: {:.0} ms); server RSS {:.0} MiB after start, {:.0} MiB after the run (peak {:.0}); \
-             closed-loop throughput {:.0} req/s = {:.0}% of the empty-database figure; server CPU per request {} (empty: {}); p99 at half load {:.2} ms; \
+             closed-loop throughput {:.0} req/s = {:.0}% of the empty-database figure; server CPU per request {} (empty: {}); p99 at half load {:.2} ms ({}{}); \
              one GET /metrics (counts every row) {:.0} ms.",
             args.preload,
             preload_time.as_secs_f64(),
@@ -997,6 +997,13 @@ async fn main() -> anyhow::Result<()> {
             cpu_cell(figures.cpu),
             cpu_cell(backends[0].cpu),
             figures.open.latency_ms(0.99),
+            send_lag(&figures.open),
+            figures
+                .open_server_over_8ms
+                .map(|share| format!(
+                    "; by its own timing the server took over 8 ms for {share:.2}% of the requests"
+                ))
+                .unwrap_or_default(),
             scrape_time.as_secs_f64() * 1000.0,
         ));
     }
