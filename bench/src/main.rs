@@ -951,6 +951,14 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        // Written without syncs: on disk before the server starts, or the kernel's
+        // writeback of those hundreds of megabytes lands in the measurements that follow
+        // and every fsync waits behind it (the p99 at half load of the empty database's
+        // row, run next in an A/B loop, went to 29 and 270 ms; issue 17, stop 36).
+        std::fs::File::open(&big)?.sync_all()?;
+        if let Some(kept) = &args.preloaded {
+            std::fs::File::open(kept)?.sync_all()?;
+        }
         let preload_time = started.elapsed();
         let size = std::fs::metadata(&big)?.len();
         let server = Server::start(
