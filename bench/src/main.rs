@@ -356,6 +356,16 @@ struct BackendFigures {
     open_server_over_8ms: Option<f64>,
 }
 
+/// "; by its own timing the server took over 8 ms for X% of `requests`", if it was
+/// measured.
+fn server_over_8ms(share: Option<f64>, requests: &str) -> String {
+    share
+        .map(|share| {
+            format!("; by its own timing the server took over 8 ms for {share:.2}% of {requests}")
+        })
+        .unwrap_or_default()
+}
+
 /// The server's count of 204 answers, and of those within 8 ms, from one scrape of
 /// `/metrics`; none if either line is missing (a renamed metric or bucket must not read
 /// as every request slow).
@@ -900,11 +910,7 @@ async fn main() -> anyhow::Result<()> {
             b.open_major_faults
                 .map(|n| format!(", {n} major page faults in the server"))
                 .unwrap_or_default(),
-            b.open_server_over_8ms
-                .map(|share| format!(
-                    "; by its own timing the server took over 8 ms for {share:.2}% of the open loop's requests"
-                ))
-                .unwrap_or_default(),
+            server_over_8ms(b.open_server_over_8ms, "the open loop's requests"),
         ));
     }
 
@@ -1012,12 +1018,7 @@ async fn main() -> anyhow::Result<()> {
             cpu_cell(backends[0].cpu),
             figures.open.latency_ms(0.99),
             send_lag(&figures.open),
-            figures
-                .open_server_over_8ms
-                .map(|share| format!(
-                    "; by its own timing the server took over 8 ms for {share:.2}% of the requests"
-                ))
-                .unwrap_or_default(),
+            server_over_8ms(figures.open_server_over_8ms, "the requests"),
             scrape_time.as_secs_f64() * 1000.0,
         ));
     }
