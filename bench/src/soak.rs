@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use letro_testkit::PgDatabase;
 use letro_testkit::load::{LoadReport, MakeRequest, run_until};
 
@@ -255,7 +256,10 @@ pub(crate) async fn soak(
     let server = Server::start(binary, &db.url(), sink.addr, &[])?;
     let keys: Arc<Vec<BenchKey>> = Arc::new(keys.to_vec());
     let tag = db.tag();
-    let make: MakeRequest = Arc::new(move |n| pair_half(&keys, tag, n, "/"));
+    let make: MakeRequest = {
+        let keys = keys.clone();
+        Arc::new(move |n| pair_half(&keys, tag, n, "/"))
+    };
     let before = db.state().await?;
     let delivered_before = sink.counts().distinct;
     let start = Instant::now();
@@ -303,6 +307,20 @@ pub(crate) async fn soak(
     let after = db.state().await?;
     let (rss, peak) = server.rss_mib();
     server.stop()?;
+    let control = match db {
+        SoakDatabase::Sqlite(path) => {
+            grown_against_fresh(
+                binary,
+                path,
+                sink,
+                keys,
+                connections,
+                after.processed_events,
+            )
+            .await?
+        }
+        SoakDatabase::Postgres(_) => String::new(),
+    };
 
     let mut rows = Vec::new();
     for (k, s) in slices.iter().enumerate() {
@@ -340,7 +358,7 @@ pub(crate) async fn soak(
          - Last slice vs first: throughput {:.0}% (target >= 90%), p99 {:.2}x (target <= 2x); server CPU per request {:.2}x, the generator's {:.2}x, so {:.2}x once the machine's slowing is taken out (the generator does the same work in every slice, so its figure tracks the machine's speed: a server that decays costs more per request than the machine's slowing explains).\n\
          - {} requests in {:.0} s; the last match delivered {:.1} s after the load began; server RSS {:.0} MiB (peak {:.0}).\n\
          - Start: {}.\n\
-         - End: {}.\n",
+         - End: {}.\n{}",
         title,
         database,
         connections,
@@ -358,5 +376,95 @@ pub(crate) async fn soak(
         peak,
         before.describe(),
         after.describe(),
+        control,
+    ))
+}
+
+/// Closed loops of [`CONTROL_RUN`] on the soaked SQLite database, each by a newly started server.
+const CONTROL_RUN: Duration = Duration::from_secs(10);
+const CONTROL_ROUNDS: usize = 3;
+
+/// The soak's grown database against a fresh one, alternated on newly started servers:
+/// the machine's speed swings over minutes, so a soak's last slice against its first
+/// mixes the server's decay with the machine's; two databases measured turn about, in
+/// the same minute, do not.
+async fn grown_against_fresh(
+    binary: &Path,
+    grown: &Path,
+    sink: &CountingSink,
+    keys: Arc<Vec<BenchKey>>,
+    connections: usize,
+    grown_keys: i64,
+) -> anyhow::Result<String> {
+    let dir = grown.parent().context("the soak database's directory")?;
+    let mut figures: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    let mut grown_startup = Vec::new();
+    for round in 1..=CONTROL_ROUNDS {
+        // Each goes first in every other round: neither always follows the other.
+        let order = if round % 2 == 1 { [0, 1] } else { [1, 0] };
+        for which in order {
+            let label = ["grown", "fresh"][which];
+            let fresh = dir.join(format!("control-{round}.db"));
+            let path = if which == 0 { grown } else { &fresh };
+            let server = Server::start(
+                binary,
+                &format!("sqlite://{}", path.display()),
+                sink.addr,
+                &[],
+            )?;
+            if which == 0 {
+                grown_startup.push(server.startup.as_secs_f64() * 1000.0);
+            }
+            let tag = format!("ctl-{label}{round}");
+            let keys = keys.clone();
+            let make: MakeRequest = Arc::new(move |n| pair_half(&keys, &tag, n, "/"));
+            let delivered_before = sink.counts().distinct;
+            let cpu_before = server.cpu();
+            let report = run_until(
+                server.addr,
+                make,
+                0,
+                Instant::now() + CONTROL_RUN,
+                connections,
+                &format!("soak control {round}/{CONTROL_ROUNDS}, {label} database"),
+            )
+            .await;
+            let n = usize::try_from(report.statuses.values().sum::<u64>() + report.failures)?;
+            drain(sink, delivered_before + (n / 2 * 2) as u64).await;
+            let (cpu, _) = cpu_before.per_request(server.cpu(), n);
+            server.stop()?;
+            figures[which].push((report.throughput(), cpu));
+        }
+        let fresh = dir.join(format!("control-{round}.db"));
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = fresh.clone().into_os_string();
+            file.push(suffix);
+            let _ = std::fs::remove_file(file);
+        }
+    }
+    let list = |runs: &[(f64, f64)]| {
+        runs.iter()
+            .map(|(rate, cpu)| format!("{rate:.0} req/s ({cpu:.0} µs)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let total = |runs: &[(f64, f64)]| runs.iter().map(|(rate, _)| rate).sum::<f64>();
+    let cpu = |runs: &[(f64, f64)]| {
+        runs.iter().map(|(_, cpu)| cpu).sum::<f64>() / runs.len().max(1) as f64
+    };
+    Ok(format!(
+        "- Grown against fresh, turn about on newly started servers ({CONTROL_ROUNDS} rounds of a {:.0} s closed loop on each, matches drained, server CPU per request in brackets): \
+         the soaked database ({grown_keys} processed-event keys; startup {}) {}; a fresh database {}. \
+         The grown database's throughput is {:.0}% of the fresh one's, its CPU per request {:.2}x: the server's own decay as the database grows, with the machine's swings falling on both alike.\n",
+        CONTROL_RUN.as_secs_f64(),
+        grown_startup
+            .iter()
+            .map(|ms| format!("{ms:.0} ms"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        list(&figures[0]),
+        list(&figures[1]),
+        100.0 * total(&figures[0]) / total(&figures[1]).max(1e-9),
+        cpu(&figures[0]) / cpu(&figures[1]).max(1e-9),
     ))
 }
