@@ -2,7 +2,7 @@
 //! minutes, reported per tenth of the time, to show whether throughput, latency or CPU
 //! per request drift as the database (and SQLite's WAL) grow.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,11 +53,76 @@ impl SoakDatabase<'_> {
         }
     }
 
+    /// A fresh database of the same kind beside it, for round `round` of the control,
+    /// and what removes it.
+    async fn fresh(&self, round: usize) -> anyhow::Result<Fresh> {
+        Ok(match self {
+            Self::Sqlite(path) => Fresh::Sqlite(
+                path.parent()
+                    .context("the soak database's directory")?
+                    .join(format!("control-{round}.db")),
+            ),
+            Self::Postgres(db) => Fresh::Postgres(db.sibling("letro_control").await?),
+        })
+    }
+
+    /// Puts what the soak left in memory on disk, so that its writeback does not land in
+    /// the control's first run (a preloaded database's did in the latency rows; issue
+    /// 17, stop 36).
+    async fn settle(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Sqlite(path) => {
+                for suffix in ["", "-wal"] {
+                    let mut file = path.as_os_str().to_owned();
+                    file.push(suffix);
+                    if let Ok(file) = std::fs::File::open(&file) {
+                        file.sync_all()?;
+                    }
+                }
+            }
+            Self::Postgres(db) => {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&db.url).await?;
+                sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+                let _ = conn.close().await;
+            }
+        }
+        Ok(())
+    }
+
     /// What the database holds now.
     async fn state(&self) -> anyhow::Result<DatabaseState> {
         match self {
             Self::Sqlite(path) => DatabaseState::read_sqlite(path),
             Self::Postgres(db) => DatabaseState::read_postgres(&db.url).await,
+        }
+    }
+}
+
+/// A fresh database for the control, removed by [`Fresh::remove`].
+enum Fresh {
+    Sqlite(PathBuf),
+    Postgres(PgDatabase),
+}
+
+impl Fresh {
+    fn url(&self) -> String {
+        match self {
+            Self::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Self::Postgres(db) => db.url.clone(),
+        }
+    }
+
+    async fn remove(self) {
+        match self {
+            Self::Sqlite(path) => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut file = path.clone().into_os_string();
+                    file.push(suffix);
+                    let _ = std::fs::remove_file(file);
+                }
+            }
+            Self::Postgres(db) => db.drop_database().await,
         }
     }
 }
@@ -307,20 +372,9 @@ pub(crate) async fn soak(
     let after = db.state().await?;
     let (rss, peak) = server.rss_mib();
     server.stop()?;
-    let control = match db {
-        SoakDatabase::Sqlite(path) => {
-            grown_against_fresh(
-                binary,
-                path,
-                sink,
-                keys,
-                connections,
-                after.processed_events,
-            )
-            .await?
-        }
-        SoakDatabase::Postgres(_) => String::new(),
-    };
+    db.settle().await?;
+    let control =
+        grown_against_fresh(binary, &db, sink, keys, connections, after.processed_events).await?;
 
     let mut rows = Vec::new();
     for (k, s) in slices.iter().enumerate() {
@@ -380,7 +434,8 @@ pub(crate) async fn soak(
     ))
 }
 
-/// Closed loops of [`CONTROL_RUN`] on the soaked SQLite database, each by a newly started server.
+/// The control after a soak: [`CONTROL_ROUNDS`] rounds of a closed loop of [`CONTROL_RUN`] on
+/// the soaked database and on a fresh one, each by a newly started server.
 const CONTROL_RUN: Duration = Duration::from_secs(10);
 const CONTROL_ROUNDS: usize = 3;
 
@@ -390,32 +445,26 @@ const CONTROL_ROUNDS: usize = 3;
 /// the same minute, do not.
 async fn grown_against_fresh(
     binary: &Path,
-    grown: &Path,
+    grown: &SoakDatabase<'_>,
     sink: &CountingSink,
     keys: Arc<Vec<BenchKey>>,
     connections: usize,
     grown_keys: i64,
 ) -> anyhow::Result<String> {
-    let dir = grown.parent().context("the soak database's directory")?;
     let mut figures: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
     let mut grown_startup = Vec::new();
     for round in 1..=CONTROL_ROUNDS {
+        let fresh = grown.fresh(round).await?;
         // Each goes first in every other round: neither always follows the other.
         let order = if round % 2 == 1 { [0, 1] } else { [1, 0] };
         for which in order {
             let label = ["grown", "fresh"][which];
-            let fresh = dir.join(format!("control-{round}.db"));
-            let path = if which == 0 { grown } else { &fresh };
-            let server = Server::start(
-                binary,
-                &format!("sqlite://{}", path.display()),
-                sink.addr,
-                &[],
-            )?;
+            let url = if which == 0 { grown.url() } else { fresh.url() };
+            let server = Server::start(binary, &url, sink.addr, &[])?;
             if which == 0 {
                 grown_startup.push(server.startup.as_secs_f64() * 1000.0);
             }
-            let tag = format!("ctl-{label}{round}");
+            let tag = format!("ctl-{}-{label}{round}", grown.tag());
             let keys = keys.clone();
             let make: MakeRequest = Arc::new(move |n| pair_half(&keys, &tag, n, "/"));
             let delivered_before = sink.counts().distinct;
@@ -435,12 +484,7 @@ async fn grown_against_fresh(
             server.stop()?;
             figures[which].push((report.throughput(), cpu));
         }
-        let fresh = dir.join(format!("control-{round}.db"));
-        for suffix in ["", "-wal", "-shm"] {
-            let mut file = fresh.clone().into_os_string();
-            file.push(suffix);
-            let _ = std::fs::remove_file(file);
-        }
+        fresh.remove().await;
     }
     let list = |runs: &[(f64, f64)]| {
         runs.iter()

@@ -54,6 +54,11 @@ impl PgDatabase {
         })
     }
 
+    /// Another fresh database on the same server, named after `prefix`.
+    pub async fn sibling(&self, prefix: &str) -> Result<Self, sqlx::Error> {
+        Self::create_on(&self.admin, prefix).await
+    }
+
     /// Transactions committed and rolled back in it so far, as PostgreSQL counts them
     /// (`pg_stat_database`, which a backend updates when it finishes a transaction,
     /// at most once a second, and when it exits), asked over a connection to another
