@@ -1,6 +1,8 @@
 //! The soak: one server on a fresh database under a closed loop of pairing requests for
 //! minutes, reported per tenth of the time, to show whether throughput, latency or CPU
-//! per request drift as the database (and SQLite's WAL) grow.
+//! per request drift as the database (and SQLite's WAL) grow; then the grown database
+//! against a fresh one, turn about, which the machine's swings cannot tell apart from
+//! a decay.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -497,10 +499,14 @@ async fn grown_against_fresh(
         runs.iter().map(|(_, cpu)| cpu).sum::<f64>() / runs.len().max(1) as f64
     };
     Ok(format!(
-        "- Grown against fresh, turn about on newly started servers ({CONTROL_ROUNDS} rounds of a {:.0} s closed loop on each, matches drained, server CPU per request in brackets): \
+        "- Grown against fresh, turn about on newly started servers ({CONTROL_ROUNDS} rounds of a {:.0} s closed loop on each, matches drained, server CPU per request in brackets{}): \
          the soaked database ({grown_keys} processed-event keys; startup {}) {}; a fresh database {}. \
          The grown database's throughput is {:.0}% of the fresh one's, its CPU per request {:.2}x: the server's own decay as the database grows, with the machine's swings falling on both alike.\n",
         CONTROL_RUN.as_secs_f64(),
+        match grown {
+            SoakDatabase::Sqlite(_) => "",
+            SoakDatabase::Postgres(_) => ", PostgreSQL's own processes not counted",
+        },
         grown_startup
             .iter()
             .map(|ms| format!("{ms:.0} ms"))
