@@ -4,6 +4,7 @@
 //! against a fresh one, turn about, which the machine's swings cannot tell apart from
 //! a decay.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -286,11 +287,44 @@ pub(crate) fn stat_fields(pid: &str) -> Vec<u64> {
 /// `/proc/self/stat`, in µs: when it grows per request, the server gets less of the
 /// machine, and its figures say so.
 fn own_cpu_us() -> u64 {
+    process_cpu_us("self")
+}
+
+/// A process's CPU time so far (user and system, every thread), in µs; 0 once it has
+/// gone.
+fn process_cpu_us(pid: &str) -> u64 {
     // utime and stime, in clock ticks.
-    let fields = stat_fields("self");
+    let fields = stat_fields(pid);
     let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
     // USER_HZ, which Linux fixes at 100 for what it reports to user space.
     ticks * 10_000
+}
+
+/// CPU time so far of each PostgreSQL backend connected to the database of `url` (the
+/// server's connections; the asking connection left out), by pid.
+async fn backends_cpu_us(url: &str) -> anyhow::Result<HashMap<i32, u64>> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut conn)
+    .await?;
+    let _ = conn.close().await;
+    Ok(pids
+        .into_iter()
+        .map(|pid| (pid, process_cpu_us(&pid.to_string())))
+        .collect())
+}
+
+/// CPU µs the backends of `after` used since `before`, per request: a backend that
+/// connected in between counts from its start; one that left in between is not counted.
+fn backends_per_request(before: &HashMap<i32, u64>, after: &HashMap<i32, u64>, n: usize) -> f64 {
+    let used: u64 = after
+        .iter()
+        .map(|(pid, cpu)| cpu.saturating_sub(before.get(pid).copied().unwrap_or(0)))
+        .sum();
+    used as f64 / n.max(1) as f64
 }
 
 /// One tenth of the soak.
@@ -453,7 +487,9 @@ async fn grown_against_fresh(
     connections: usize,
     grown_keys: i64,
 ) -> anyhow::Result<String> {
-    let mut figures: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    // Per run: throughput, server CPU µs per request, and PostgreSQL's backends' CPU µs
+    // per request.
+    let mut figures: [Vec<(f64, f64, Option<f64>)>; 2] = [Vec::new(), Vec::new()];
     let mut grown_startup = Vec::new();
     for round in 1..=CONTROL_ROUNDS {
         let fresh = grown.fresh(round).await?;
@@ -470,6 +506,10 @@ async fn grown_against_fresh(
             let keys = keys.clone();
             let make: MakeRequest = Arc::new(move |n| pair_half(&keys, &tag, n, "/"));
             let delivered_before = sink.counts().distinct;
+            let backends_before = match grown {
+                SoakDatabase::Postgres(_) => Some(backends_cpu_us(&url).await?),
+                SoakDatabase::Sqlite(_) => None,
+            };
             let cpu_before = server.cpu();
             let report = run_until(
                 server.addr,
@@ -483,29 +523,48 @@ async fn grown_against_fresh(
             let n = usize::try_from(report.statuses.values().sum::<u64>() + report.failures)?;
             drain(sink, delivered_before + (n / 2 * 2) as u64).await;
             let (cpu, _) = cpu_before.per_request(server.cpu(), n);
+            let database_cpu = match backends_before {
+                Some(before) => Some(backends_per_request(
+                    &before,
+                    &backends_cpu_us(&url).await?,
+                    n,
+                )),
+                None => None,
+            };
             server.stop()?;
-            figures[which].push((report.throughput(), cpu));
+            figures[which].push((report.throughput(), cpu, database_cpu));
         }
         fresh.remove().await;
     }
-    let list = |runs: &[(f64, f64)]| {
+    type Run = (f64, f64, Option<f64>);
+    let list = |runs: &[Run]| {
         runs.iter()
-            .map(|(rate, cpu)| format!("{rate:.0} req/s ({cpu:.0} µs)"))
+            .map(|(rate, cpu, database)| match database {
+                Some(database) => {
+                    format!("{rate:.0} req/s ({cpu:.0} µs, PostgreSQL's backends {database:.0} µs)")
+                }
+                None => format!("{rate:.0} req/s ({cpu:.0} µs)"),
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let total = |runs: &[(f64, f64)]| runs.iter().map(|(rate, _)| rate).sum::<f64>();
-    let cpu = |runs: &[(f64, f64)]| {
-        runs.iter().map(|(_, cpu)| cpu).sum::<f64>() / runs.len().max(1) as f64
+    let total = |runs: &[Run]| runs.iter().map(|(rate, ..)| rate).sum::<f64>();
+    let cpu = |runs: &[Run]| {
+        runs.iter()
+            .map(|(_, cpu, database)| cpu + database.unwrap_or(0.0))
+            .sum::<f64>()
+            / runs.len().max(1) as f64
     };
     Ok(format!(
         "- Grown against fresh, turn about on newly started servers ({CONTROL_ROUNDS} rounds of a {:.0} s closed loop on each, matches drained, server CPU per request in brackets{}): \
          the soaked database ({grown_keys} processed-event keys; startup {}) {}; a fresh database {}. \
-         The grown database's throughput is {:.0}% of the fresh one's, its CPU per request {:.2}x: the server's own decay as the database grows, with the machine's swings falling on both alike.\n",
+         The grown database's throughput is {:.0}% of the fresh one's, its CPU per request {:.2}x{}: the server's own decay as the database grows, with the machine's swings falling on both alike.\n",
         CONTROL_RUN.as_secs_f64(),
         match grown {
             SoakDatabase::Sqlite(_) => "",
-            SoakDatabase::Postgres(_) => ", PostgreSQL's own processes not counted",
+            SoakDatabase::Postgres(_) => {
+                ", and PostgreSQL's backends serving it (its other processes, the WAL writer and checkpointer, not counted)"
+            }
         },
         grown_startup
             .iter()
@@ -516,5 +575,9 @@ async fn grown_against_fresh(
         list(&figures[1]),
         100.0 * total(&figures[0]) / total(&figures[1]).max(1e-9),
         cpu(&figures[0]) / cpu(&figures[1]).max(1e-9),
+        match grown {
+            SoakDatabase::Sqlite(_) => "",
+            SoakDatabase::Postgres(_) => " (the server's and its backends' together)",
+        },
     ))
 }
