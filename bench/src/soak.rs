@@ -555,17 +555,20 @@ async fn grown_against_fresh(
             .sum::<f64>()
             / runs.len().max(1) as f64
     };
+    // What the CPU figures count, in the brackets and in the ratio.
+    let (counted, together) = match grown {
+        SoakDatabase::Sqlite(_) => ("", ""),
+        SoakDatabase::Postgres(_) => (
+            ", and PostgreSQL's backends serving it (its other processes, the WAL writer and checkpointer, not counted)",
+            " (the server's and its backends' together)",
+        ),
+    };
     Ok(format!(
         "- Grown against fresh, turn about on newly started servers ({CONTROL_ROUNDS} rounds of a {:.0} s closed loop on each, matches drained, server CPU per request in brackets{}): \
          the soaked database ({grown_keys} processed-event keys; startup {}) {}; a fresh database {}. \
          The grown database's throughput is {:.0}% of the fresh one's, its CPU per request {:.2}x{}: the server's own decay as the database grows, with the machine's swings falling on both alike.\n",
         CONTROL_RUN.as_secs_f64(),
-        match grown {
-            SoakDatabase::Sqlite(_) => "",
-            SoakDatabase::Postgres(_) => {
-                ", and PostgreSQL's backends serving it (its other processes, the WAL writer and checkpointer, not counted)"
-            }
-        },
+        counted,
         grown_startup
             .iter()
             .map(|ms| format!("{ms:.0} ms"))
@@ -575,9 +578,6 @@ async fn grown_against_fresh(
         list(&figures[1]),
         100.0 * total(&figures[0]) / total(&figures[1]).max(1e-9),
         cpu(&figures[0]) / cpu(&figures[1]).max(1e-9),
-        match grown {
-            SoakDatabase::Sqlite(_) => "",
-            SoakDatabase::Postgres(_) => " (the server's and its backends' together)",
-        },
+        together,
     ))
 }
