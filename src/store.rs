@@ -217,9 +217,9 @@ pub trait Store: Send + Sync + 'static {
     async fn request_stats(&self, now: Timestamp) -> Result<RequestStats>;
 
     /// Makes the space of rows that the busiest tables churn through (every outbox
-    /// message and most pending requests are deleted within seconds) reusable; the
-    /// server calls it every few seconds. Returns whether it did anything. SQLite reuses
-    /// a freed page by itself: nothing to do there.
+    /// message and most pending requests are deleted within seconds) reusable, where
+    /// enough has churned; the server calls it every second. Returns whether it did
+    /// anything. SQLite reuses a freed page by itself: nothing to do there.
     async fn reclaim(&self) -> Result<bool> {
         Ok(false)
     }
