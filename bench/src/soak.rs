@@ -138,6 +138,9 @@ struct DatabaseState {
     pending: i64,
     processed_events: i64,
     outbox: i64,
+    /// PostgreSQL's churned tables: name, MiB of heap, MiB of indexes, dead row versions,
+    /// VACUUMs so far (the server's and autovacuum's).
+    tables: Vec<(String, f64, f64, i64, i64)>,
 }
 
 impl DatabaseState {
@@ -178,6 +181,7 @@ impl DatabaseState {
                 count("processed_events")?
             },
             outbox: count("outbox")?,
+            tables: Vec::new(),
         })
     }
 
@@ -204,13 +208,31 @@ impl DatabaseState {
             )))
             .fetch_one(&mut conn)
             .await?;
+        // Where the churn leaves dead row versions until a VACUUM, and indexes that do
+        // not shrink.
+        let tables: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT relname::text, pg_relation_size(relid), pg_indexes_size(relid), n_dead_tup,
+                    vacuum_count + autovacuum_count
+             FROM pg_stat_user_tables
+             WHERE relname IN ('outbox', 'pending_requests', 'processed_event_keys')
+             ORDER BY relname",
+        )
+        .fetch_all(&mut conn)
+        .await?;
         let _ = conn.close().await;
+        let mib = |bytes: i64| bytes as f64 / 1048576.0;
         Ok(Self {
-            file_mib: size as f64 / 1048576.0,
+            file_mib: mib(size),
             wal_mib: None,
             pending,
             processed_events,
             outbox,
+            tables: tables
+                .into_iter()
+                .map(|(name, heap, indexes, dead, vacuums)| {
+                    (name, mib(heap), mib(indexes), dead, vacuums)
+                })
+                .collect(),
         })
     }
 
@@ -219,8 +241,22 @@ impl DatabaseState {
             .wal_mib
             .map(|w| format!(", WAL {w:.1} MiB"))
             .unwrap_or_default();
+        let tables = self
+            .tables
+            .iter()
+            .map(|(name, heap, indexes, dead, vacuums)| {
+                format!(
+                    "{name} {heap:.1} MiB + {indexes:.1} MiB of indexes, {dead} dead rows, {vacuums} VACUUMs"
+                )
+            })
+            .collect::<Vec<_>>();
+        let tables = if tables.is_empty() {
+            String::new()
+        } else {
+            format!("; tables: {}", tables.join(", "))
+        };
         format!(
-            "database {:.1} MiB{wal}; rows: {} pending requests, {} processed-event keys, {} outbox",
+            "database {:.1} MiB{wal}; rows: {} pending requests, {} processed-event keys, {} outbox{tables}",
             self.file_mib, self.pending, self.processed_events, self.outbox
         )
     }
