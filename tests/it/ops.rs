@@ -876,10 +876,12 @@ async fn shutdown_takes_at_most_one_shutdown_timeout_in_all() {
     drop(slow);
 }
 
-/// On PostgreSQL the running server vacuums the tables it churns by itself
-/// (`Store::reclaim`, every 5 s): autovacuum may be off, as on this project's CI machine.
+/// On PostgreSQL the running server vacuums the tables it churns by itself, once
+/// PostgreSQL counts enough dead rows in them (`Store::reclaim`, asked every second):
+/// autovacuum may be off, as on this project's CI machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_vacuums_its_churned_tables_on_postgres() {
+    use letro_server::store::postgres::RECLAIM_DEAD_ROWS;
     use sqlx::Connection;
     let Some(db) = TestDb::postgres().await else {
         return;
@@ -888,6 +890,28 @@ async fn the_server_vacuums_its_churned_tables_on_postgres() {
     let TestDb::Postgres(pg) = &db else {
         unreachable!("made as PostgreSQL")
     };
+    // Churn in one transaction: rows inserted and deleted before anyone else could
+    // see them (the dispatcher must not deliver them), dead row versions all the same.
+    // Closing the connection makes its backend report them to the statistics.
+    let mut churn = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN;
+         INSERT INTO outbox (id, source, recipient, kind, content_type, content, time_ms,
+                             expiry_ms, next_attempt_at)
+             SELECT 'churn-' || n, 'test', 'test', 'pairing-match', '', '\\x00', 0, 0, 0
+             FROM generate_series(1, {RECLAIM_DEAD_ROWS}) AS n;
+         DELETE FROM outbox WHERE id LIKE 'churn-%';
+         INSERT INTO pending_requests (requester_digest, target_digest, endpoint_id, offer,
+                                       created_at, expires_at)
+             SELECT sha256(int4send(n)), sha256(int4send(-n)), 'test', '\\x00', 0, 0
+             FROM generate_series(1, {RECLAIM_DEAD_ROWS}) AS n;
+         DELETE FROM pending_requests WHERE endpoint_id = 'test';
+         COMMIT;"
+    )))
+    .execute(&mut churn)
+    .await
+    .expect("churn");
+    churn.close().await.expect("close");
     let mut conn = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let vacuumed = loop {
