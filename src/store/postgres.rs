@@ -326,12 +326,12 @@ const CHURNED: [&str; 2] = ["outbox", "pending_requests"];
 /// load, a second's churn, not five (issue 17). An idle database is left alone.
 pub const RECLAIM_DEAD_ROWS: i64 = 2_000;
 
-/// VACUUMs the churned tables that hold at least `threshold` dead row versions (every one,
-/// where PostgreSQL keeps no statistics: `track_counts` off); returns whether it ran.
-async fn vacuum_churned(
-    conn: &mut sqlx::PgConnection,
+/// The churned tables that hold at least `threshold` dead row versions (every one, where
+/// PostgreSQL keeps no statistics: `track_counts` off).
+async fn churned_tables(
+    pool: &PgPool,
     threshold: i64,
-) -> std::result::Result<bool, sqlx::Error> {
+) -> std::result::Result<Vec<&'static str>, sqlx::Error> {
     // The statistics lag by up to a second (each backend reports at most once a second),
     // as much as the interval between two reclaims.
     let due: Vec<String> = sqlx::query_scalar(
@@ -341,27 +341,12 @@ async fn vacuum_churned(
     )
     .bind(CHURNED)
     .bind(threshold)
-    .fetch_all(&mut *conn)
+    .fetch_all(pool)
     .await?;
-    let tables: Vec<&str> = CHURNED
+    Ok(CHURNED
         .into_iter()
         .filter(|t| due.iter().any(|d| d == t))
-        .collect();
-    if tables.is_empty() {
-        return Ok(false);
-    }
-    // The simple protocol: VACUUM refuses to run in a transaction block, and an
-    // extended-protocol statement may be taken for one. SKIP_LOCKED: a table that
-    // autovacuum (or another VACUUM) holds is being done already.
-    let started = std::time::Instant::now();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "VACUUM (SKIP_LOCKED) {}",
-        tables.join(", ")
-    )))
-    .execute(&mut *conn)
-    .await?;
-    tracing::debug!(tables = ?tables, elapsed_ms = started.elapsed().as_millis(), "vacuumed");
-    Ok(true)
+        .collect())
 }
 
 #[async_trait]
@@ -646,6 +631,14 @@ impl Store for PostgresStore {
     }
 
     async fn reclaim(&self) -> Result<bool> {
+        // The counts first, on any connection: an idle database costs one read, and no
+        // lock is taken for nothing.
+        let tables = churned_tables(&self.pool, self.reclaim_threshold)
+            .await
+            .map_err(unavailable)?;
+        if tables.is_empty() {
+            return Ok(false);
+        }
         let mut conn = self.pool.acquire().await.map_err(unavailable)?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
             .bind(RECLAIM_LOCK.0)
@@ -656,7 +649,16 @@ impl Store for PostgresStore {
         if !locked {
             return Ok(false);
         }
-        let vacuumed = vacuum_churned(&mut conn, self.reclaim_threshold).await;
+        // The simple protocol: VACUUM refuses to run in a transaction block, and an
+        // extended-protocol statement may be taken for one. SKIP_LOCKED: a table that
+        // autovacuum (or another VACUUM) holds is being done already.
+        let started = std::time::Instant::now();
+        let vacuumed = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "VACUUM (SKIP_LOCKED) {}",
+            tables.join(", ")
+        )))
+        .execute(&mut *conn)
+        .await;
         let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
             .bind(RECLAIM_LOCK.0)
             .bind(RECLAIM_LOCK.1)
@@ -667,9 +669,10 @@ impl Store for PostgresStore {
             // the session releases it.
             conn.close_on_drop();
         }
-        let vacuumed = vacuumed.map_err(unavailable)?;
+        vacuumed.map_err(unavailable)?;
         unlocked.map_err(unavailable)?;
-        Ok(vacuumed)
+        tracing::debug!(tables = ?tables, elapsed_ms = started.elapsed().as_millis(), "vacuumed");
+        Ok(true)
     }
 
     async fn close(&self) {
