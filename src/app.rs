@@ -17,7 +17,7 @@ use crate::http::{AppState, Routes, ServeOptions, serve};
 use crate::outbox::{Backoff, Dispatcher, HttpSink};
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::{SqliteStore, Synchronous};
-use crate::store::{Store, settings};
+use crate::store::{DiskStep, Store, settings};
 use crate::telemetry::Metrics;
 
 /// The limits on open files: before and after [`raise_fd_limit`].
@@ -237,6 +237,10 @@ impl App {
         config.validate()?;
         let secret = veraid_secret(store.as_ref(), config.veraid_secret.as_ref()).await?;
         let metrics = Arc::new(Metrics::new());
+        let observed = metrics.clone();
+        store.observe_disk(Arc::new(move |step, took| {
+            observed.sqlite_disk(step == DiskStep::Checkpoint, took);
+        }));
         let dispatcher = match &config.sink {
             Some(url) => {
                 let sink = HttpSink::new(

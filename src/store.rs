@@ -224,9 +224,29 @@ pub trait Store: Send + Sync + 'static {
         Ok(false)
     }
 
+    /// Hands the store something to tell how long its own writes to disk take, for the
+    /// metrics. Only SQLite has steps of its own to time (its single writer's commits
+    /// and checkpoints); the default ignores the observer.
+    fn observe_disk(&self, observer: DiskObserver) {
+        drop(observer);
+    }
+
     /// Finishes queued work and releases the database.
     async fn close(&self);
 }
+
+/// A step of writing to disk that the store times, for [`Store::observe_disk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskStep {
+    /// A transaction's commit, without any checkpoint it ran: SQLite appends the
+    /// transaction's pages to its write-ahead log and syncs it.
+    Commit,
+    /// A checkpoint: the log's pages copied into the database file, which is synced.
+    Checkpoint,
+}
+
+/// Told of every [`DiskStep`] and how long it took, on the thread that ran it.
+pub type DiskObserver = std::sync::Arc<dyn Fn(DiskStep, std::time::Duration) + Send + Sync>;
 
 /// Checks a database's schema version `found` against the `known` migrations of this
 /// binary: a newer schema is always refused (this binary would misread it); an older one

@@ -16,19 +16,21 @@ mod pending;
 use std::cell::{Cell, RefCell};
 use std::ops::Deref;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::config::DbConfig;
 use rusqlite::functions::FunctionFlags;
+use rusqlite::hooks::Wal;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    EventMessages, OutboxEntry, OutboxStatus, OutboxSummary, PairingOutcome, PairingSubmission,
-    PurgeReport, QueueOutcome, RequestStats, Result, Stats, Store, StoreError, StoredMessage,
-    check_schema_version, deliverable,
+    DiskObserver, DiskStep, EventMessages, OutboxEntry, OutboxStatus, OutboxSummary,
+    PairingOutcome, PairingSubmission, PurgeReport, QueueOutcome, RequestStats, Result, Stats,
+    Store, StoreError, StoredMessage, check_schema_version, deliverable,
 };
 use crate::domain::{EventKey, MessageId, MessageKind, OutgoingMessage, Timestamp};
 use crate::flow::{Plan, plan};
@@ -53,6 +55,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How many queued operations may share one transaction.
 const MAX_BATCH: usize = 512;
+
+/// Pages in the write-ahead log after which a commit checkpoints it (why this many: the
+/// PRAGMAs in [`SqliteStore::open`]).
+const CHECKPOINT_PAGES: std::ffi::c_int = 1000;
 
 /// Durability of a commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -121,6 +127,42 @@ struct Db {
     pace_seal: bool,
     last_seal_step: Cell<Option<Instant>>,
     leases: Leases,
+    disk: Arc<DiskTimes>,
+}
+
+/// The writer's time on disk, for [`Store::observe_disk`]: the observer once the server
+/// hands one over, and the time checkpoints took within the commit under way (they run
+/// inside `COMMIT`, from the write-ahead log's hook, and are told apart from it).
+#[derive(Default)]
+struct DiskTimes {
+    observer: OnceLock<DiskObserver>,
+    checkpoint_nanos: AtomicU64,
+}
+
+impl std::fmt::Debug for DiskTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskTimes")
+            .field("observed", &self.observer.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DiskTimes {
+    fn checkpointed(&self, took: Duration) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.checkpoint_nanos.fetch_add(nanos, Ordering::Relaxed);
+        if let Some(observe) = self.observer.get() {
+            observe(DiskStep::Checkpoint, took);
+        }
+    }
+
+    /// A `COMMIT` that took `took`, checkpoints included; a failed one is not observed.
+    fn committed(&self, took: Duration, succeeded: bool) {
+        let checkpoints = Duration::from_nanos(self.checkpoint_nanos.swap(0, Ordering::Relaxed));
+        if let Some(observe) = self.observer.get().filter(|_| succeeded) {
+            observe(DiskStep::Commit, took.saturating_sub(checkpoints));
+        }
+    }
 }
 
 impl Deref for Db {
@@ -152,7 +194,12 @@ impl Default for Tuning {
 }
 
 impl Db {
-    fn open(conn: Connection, tuning: Tuning, maintains: bool) -> rusqlite::Result<Self> {
+    fn open(
+        conn: Connection,
+        tuning: Tuning,
+        maintains: bool,
+        disk: Arc<DiskTimes>,
+    ) -> rusqlite::Result<Self> {
         let events = RefCell::new(ProcessedEvents::load(&conn, tuning.generation_keys)?);
         let pending = Pending::load(&conn, tuning.recent_rows, maintains)?;
         Ok(Self {
@@ -164,6 +211,7 @@ impl Db {
             pace_seal: tuning.pace_seal,
             last_seal_step: Cell::new(None),
             leases: Leases::default(),
+            disk,
         })
     }
 
@@ -245,6 +293,7 @@ pub struct SqliteStore {
     /// The server's lock on the file ([`lock_for_serving`]): released once the writer
     /// has stopped (`close`), or when the store is dropped.
     serving: Mutex<Option<std::fs::File>>,
+    disk: Arc<DiskTimes>,
 }
 
 /// Locks `<path>.lock` for the one server process of a database file. Its outbox leases
@@ -338,7 +387,7 @@ impl SqliteStore {
             Role::Server { .. } => Some(lock_for_serving(path)?),
             Role::Migrator | Role::Admin => None,
         };
-        let conn = Connection::open(path).map_err(unavailable)?;
+        let mut conn = Connection::open(path).map_err(unavailable)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
         let sync = match synchronous {
             Synchronous::Full => "FULL",
@@ -366,7 +415,7 @@ impl SqliteStore {
         // match would otherwise leave both parties' VeraIds in the file's free space.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};
-             PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = 1000;
+             PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES};
              PRAGMA temp_store = MEMORY; PRAGMA secure_delete = ON;"
         ))
         .map_err(unavailable)?;
@@ -386,7 +435,25 @@ impl SqliteStore {
             release_leases(&conn, now).map_err(unavailable)?;
         }
         let maintains = matches!(role, Role::Server { .. });
-        let db = Db::open(conn, tuning, maintains).map_err(unavailable)?;
+        let disk = Arc::new(DiskTimes::default());
+        if maintains {
+            // The server's checkpoints are SQLite's automatic ones, timed: this hook
+            // replaces the one `wal_autocheckpoint` set, and does what it did.
+            let times = disk.clone();
+            conn.wal_hook(Some(move |wal: &mut Wal, pages| {
+                if pages >= CHECKPOINT_PAGES {
+                    let started = Instant::now();
+                    // Passive, as SQLite's own: it copies what no reader still needs and
+                    // never waits. A checkpoint that fails is not the commit's failure
+                    // (the transaction is in the log); the next commit tries again.
+                    let _ = wal.checkpoint();
+                    times.checkpointed(started.elapsed());
+                }
+                Ok(())
+            }))
+            .map_err(unavailable)?;
+        }
+        let db = Db::open(conn, tuning, maintains, disk.clone()).map_err(unavailable)?;
         let leases = db.leases.shared();
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
@@ -404,6 +471,7 @@ impl SqliteStore {
             reader: Arc::new(Mutex::new(Some(reader))),
             leases,
             serving: Mutex::new(serving),
+            disk,
         })
     }
 
@@ -790,7 +858,10 @@ fn run_together(conn: &Db, jobs: &mut [Job]) -> Batch {
         conn.discard();
         return Batch::OperationFailed;
     }
-    match control(conn, "COMMIT") {
+    let started = Instant::now();
+    let committed = control(conn, "COMMIT");
+    conn.disk.committed(started.elapsed(), committed.is_ok());
+    match committed {
         Ok(()) => {
             conn.leases.commit();
             conn.events.borrow_mut().commit();
@@ -1221,6 +1292,11 @@ impl Store for SqliteStore {
         .await
     }
 
+    /// The first observer stays; one handed over later is dropped.
+    fn observe_disk(&self, observer: DiskObserver) {
+        let _ = self.disk.observer.set(observer);
+    }
+
     async fn close(&self) {
         self.reader
             .lock()
@@ -1257,7 +1333,7 @@ mod tests {
     /// `conn` as the writer holds it, with this build's schema beside the test's tables.
     fn writer_db(conn: Connection) -> Db {
         apply_migrations(&conn, 0, MIGRATIONS.len()).expect("migrations");
-        Db::open(conn, Tuning::default(), true).expect("writer")
+        Db::open(conn, Tuning::default(), true, Arc::default()).expect("writer")
     }
 
     fn insert(name: &'static str) -> impl FnMut(&Connection) -> rusqlite::Result<()> + Send {
@@ -1849,6 +1925,56 @@ mod tests {
         assert!(matches!(b_rx.blocking_recv().expect("answer"), Ok(())));
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(names(&conn), ["a", "b"]);
+    }
+
+    /// The server's checkpoints run from its own hook (to be timed), which must keep
+    /// the log as short as SQLite's automatic checkpoints did: the log restarts once a
+    /// checkpoint has copied it, rather than growing with every commit.
+    #[tokio::test]
+    async fn the_writer_times_its_commits_and_checkpoints_and_the_log_stays_short() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, Synchronous::Normal, Timestamp(0)).expect("open");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let observed = seen.clone();
+        store.observe_disk(Arc::new(move |step, took| {
+            observed.lock().expect("steps").push((step, took));
+        }));
+        let page_size: i64 = store
+            .call(|db| {
+                db.execute_batch("CREATE TABLE t (v BLOB)")?;
+                db.query_row("PRAGMA page_size", [], |r| r.get(0))
+            })
+            .await
+            .expect("table");
+        let page_size = u64::try_from(page_size).expect("page size");
+        // Each insert fills a page of its own, and the inserts write several times
+        // the pages after which the log is checkpointed.
+        let wal = dir.path().join("t.db-wal");
+        let inserts = 4 * usize::try_from(CHECKPOINT_PAGES).expect("pages");
+        let mut longest = 0;
+        for _ in 0..inserts {
+            store
+                .call(|db| {
+                    db.execute("INSERT INTO t (v) VALUES (zeroblob(3000))", [])
+                        .map(drop)
+                })
+                .await
+                .expect("insert");
+            longest = longest.max(std::fs::metadata(&wal).expect("log").len());
+        }
+        let seen = seen.lock().expect("steps").clone();
+        let count = |wanted| seen.iter().filter(|(step, _)| *step == wanted).count();
+        // The table's commit and every insert's.
+        assert_eq!(count(DiskStep::Commit), inserts + 1);
+        assert!(count(DiskStep::Checkpoint) >= 3, "{seen:?}");
+        // A frame is a page and its 24-byte header; the log has a 32-byte header.
+        let frames = (longest - 32) / (page_size + 24);
+        assert!(
+            frames < u64::try_from(CHECKPOINT_PAGES).expect("pages") + 10,
+            "the log reached {frames} frames"
+        );
+        store.close().await;
     }
 }
 

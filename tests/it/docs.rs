@@ -228,6 +228,7 @@ async fn every_metric_and_label_is_documented() {
         "le",
         "check",
         "cache",
+        "step",
     ] {
         assert!(labels.contains(label), "no {label} label in:\n{text}");
     }

@@ -686,6 +686,13 @@ async fn probes_and_latency_histograms() {
             .await,
         1
     );
+    // The SQLite writer's own commits: the request's, and the probes' (readiness goes
+    // through the writer).
+    assert!(
+        app.metric("letro_sqlite_disk_duration_seconds_count{step=\"commit\"}")
+            .await
+            >= 1
+    );
     app.stop().await;
 }
 
