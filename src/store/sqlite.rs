@@ -16,7 +16,7 @@ mod pending;
 use std::cell::{Cell, RefCell};
 use std::ops::Deref;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
@@ -131,11 +131,12 @@ struct Db {
 }
 
 /// The writer's time on disk, for [`Store::observe_disk`]: the observer once the server
-/// hands one over, and the time checkpoints took within the commit under way (they run
-/// inside `COMMIT`, from the write-ahead log's hook, and are told apart from it).
+/// hands one over; whether the commit under way wrote to the log, and the time the
+/// checkpoints it ran took (both told by the log's hook, which runs inside `COMMIT`).
 #[derive(Default)]
 struct DiskTimes {
     observer: OnceLock<DiskObserver>,
+    logged: AtomicBool,
     checkpoint_nanos: AtomicU64,
 }
 
@@ -148,6 +149,11 @@ impl std::fmt::Debug for DiskTimes {
 }
 
 impl DiskTimes {
+    /// The commit under way appended to the log.
+    fn logged(&self) {
+        self.logged.store(true, Ordering::Relaxed);
+    }
+
     fn checkpointed(&self, took: Duration) {
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.checkpoint_nanos.fetch_add(nanos, Ordering::Relaxed);
@@ -156,10 +162,12 @@ impl DiskTimes {
         }
     }
 
-    /// A `COMMIT` that took `took`, checkpoints included; a failed one is not observed.
+    /// A `COMMIT` that took `took`, checkpoints included. One that failed, or wrote
+    /// nothing (a batch of reads: nothing to sync), is not observed.
     fn committed(&self, took: Duration, succeeded: bool) {
         let checkpoints = Duration::from_nanos(self.checkpoint_nanos.swap(0, Ordering::Relaxed));
-        if let Some(observe) = self.observer.get().filter(|_| succeeded) {
+        let logged = self.logged.swap(false, Ordering::Relaxed);
+        if let Some(observe) = self.observer.get().filter(|_| succeeded && logged) {
             observe(DiskStep::Commit, took.saturating_sub(checkpoints));
         }
     }
@@ -441,6 +449,7 @@ impl SqliteStore {
             // replaces the one `wal_autocheckpoint` set, and does what it did.
             let times = disk.clone();
             conn.wal_hook(Some(move |wal: &mut Wal, pages| {
+                times.logged();
                 if pages >= CHECKPOINT_PAGES {
                     let started = Instant::now();
                     // Passive, as SQLite's own: it copies what no reader still needs and
@@ -1948,6 +1957,12 @@ mod tests {
             .await
             .expect("table");
         let page_size = u64::try_from(page_size).expect("page size");
+        // A transaction that only reads writes nothing to the log: not a commit to time.
+        let rows: i64 = store
+            .call(|db| db.query_row("SELECT count(*) FROM t", [], |r| r.get(0)))
+            .await
+            .expect("read");
+        assert_eq!(rows, 0);
         // Each insert fills a page of its own, and the inserts write several times
         // the pages after which the log is checkpointed.
         let wal = dir.path().join("t.db-wal");
@@ -1965,7 +1980,7 @@ mod tests {
         }
         let seen = seen.lock().expect("steps").clone();
         let count = |wanted| seen.iter().filter(|(step, _)| *step == wanted).count();
-        // The table's commit and every insert's.
+        // The table's commit and every insert's, not the read's.
         assert_eq!(count(DiskStep::Commit), inserts + 1);
         assert!(count(DiskStep::Checkpoint) >= 3, "{seen:?}");
         // A frame is a page and its 24-byte header; the log has a 32-byte header.

@@ -686,8 +686,8 @@ async fn probes_and_latency_histograms() {
             .await,
         1
     );
-    // The SQLite writer's own commits: the request's, and the probes' (readiness goes
-    // through the writer).
+    // The SQLite writer's commits to disk: at least the stored request's (a probe's
+    // transaction writes nothing, and is not one).
     assert!(
         app.metric("letro_sqlite_disk_duration_seconds_count{step=\"commit\"}")
             .await
