@@ -138,9 +138,28 @@ struct DatabaseState {
     pending: i64,
     processed_events: i64,
     outbox: i64,
-    /// PostgreSQL's churned tables: name, MiB of heap, MiB of indexes, dead row versions,
-    /// VACUUMs so far (the server's and autovacuum's).
-    tables: Vec<(String, f64, f64, i64, i64)>,
+    /// PostgreSQL's churned tables.
+    tables: Vec<TableState>,
+}
+
+/// One of PostgreSQL's churned tables at one moment.
+struct TableState {
+    name: String,
+    heap_mib: f64,
+    indexes_mib: f64,
+    /// Row versions dead and not yet vacuumed.
+    dead_rows: i64,
+    /// VACUUMs so far, the server's and autovacuum's.
+    vacuums: i64,
+}
+
+impl TableState {
+    fn describe(&self) -> String {
+        format!(
+            "{} {:.1} MiB + {:.1} MiB of indexes, {} dead rows, {} VACUUMs",
+            self.name, self.heap_mib, self.indexes_mib, self.dead_rows, self.vacuums
+        )
+    }
 }
 
 impl DatabaseState {
@@ -229,8 +248,12 @@ impl DatabaseState {
             outbox,
             tables: tables
                 .into_iter()
-                .map(|(name, heap, indexes, dead, vacuums)| {
-                    (name, mib(heap), mib(indexes), dead, vacuums)
+                .map(|(name, heap, indexes, dead_rows, vacuums)| TableState {
+                    name,
+                    heap_mib: mib(heap),
+                    indexes_mib: mib(indexes),
+                    dead_rows,
+                    vacuums,
                 })
                 .collect(),
         })
@@ -244,11 +267,7 @@ impl DatabaseState {
         let tables = self
             .tables
             .iter()
-            .map(|(name, heap, indexes, dead, vacuums)| {
-                format!(
-                    "{name} {heap:.1} MiB + {indexes:.1} MiB of indexes, {dead} dead rows, {vacuums} VACUUMs"
-                )
-            })
+            .map(TableState::describe)
             .collect::<Vec<_>>();
         let tables = if tables.is_empty() {
             String::new()
