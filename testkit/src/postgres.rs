@@ -54,6 +54,11 @@ impl PgDatabase {
         })
     }
 
+    /// Its name on the server.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Another fresh database on the same server, named after `prefix`.
     pub async fn sibling(&self, prefix: &str) -> Result<Self, sqlx::Error> {
         Self::create_on(&self.admin, prefix).await

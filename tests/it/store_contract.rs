@@ -1099,15 +1099,10 @@ mod postgres_reclaim {
         let Some(db) = PgDatabase::create().await else {
             return;
         };
-        let name = db
-            .url
-            .rsplit('/')
-            .next()
-            .expect("a database name")
-            .to_owned();
         let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
         let off = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "ALTER DATABASE {name} SET track_counts = off"
+            "ALTER DATABASE {} SET track_counts = off",
+            db.name()
         )))
         .execute(&mut conn)
         .await;
