@@ -424,22 +424,18 @@ impl ServerTiming {
 
     /// The share of answers over 8 ms since `before`, in percent.
     fn over_8ms_since(&self, before: &Self) -> Option<f64> {
-        let answered = self.answers.0 - before.answers.0;
-        let within = self.answers.1 - before.answers.1;
-        (answered > 0.0).then(|| 100.0 * (1.0 - within / answered))
+        let (answered, over) = since(self.answers, before.answers);
+        (answered > 0.0).then(|| 100.0 * over / answered)
     }
 
     /// The writer's steps on disk since `before`; none where there are none (PostgreSQL).
     fn disk_since(&self, before: &Self) -> Option<DiskFigures> {
-        let since = |now: Option<(f64, f64)>, then: Option<(f64, f64)>| {
-            now.zip(then)
-                .map(|((all, within), (all_then, within_then))| {
-                    (all - all_then, (all - all_then) - (within - within_then))
-                })
+        let between = |now: Option<(f64, f64)>, then: Option<(f64, f64)>| {
+            now.zip(then).map(|(now, then)| since(now, then))
         };
-        let (commits, commits_over_4ms) = since(self.commits, before.commits)?;
+        let (commits, commits_over_4ms) = between(self.commits, before.commits)?;
         let (checkpoints, checkpoints_over_4ms) =
-            since(self.checkpoints, before.checkpoints).unwrap_or((0.0, 0.0));
+            between(self.checkpoints, before.checkpoints).unwrap_or((0.0, 0.0));
         (commits > 0.0).then_some(DiskFigures {
             commits,
             commits_over_4ms,
@@ -447,6 +443,13 @@ impl ServerTiming {
             checkpoints_over_4ms,
         })
     }
+}
+
+/// Between two scrapes of a histogram's (count, count within a bucket): how many were
+/// observed, and how many of those over the bucket.
+fn since(now: (f64, f64), then: (f64, f64)) -> (f64, f64) {
+    let all = now.0 - then.0;
+    (all, all - (now.1 - then.1))
 }
 
 /// The empty SQLite database's open loops one after another: each one's p99 and what
