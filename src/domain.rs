@@ -4,6 +4,7 @@
 //! `now` and secrets. This module imports nothing from the rest of the crate.
 
 pub mod authorisation;
+pub mod hex;
 pub mod ids;
 pub mod message;
 pub mod pairing;

@@ -181,7 +181,7 @@ pub fn request_id(x_request_id: Option<&[u8]>, traceparent: Option<&[u8]>) -> St
     }
     let mut bytes = [0u8; 8];
     rand::fill(&mut bytes[..]);
-    hex::encode(bytes)
+    crate::domain::hex::lower(&bytes)
 }
 
 /// One label: its name and value. Label values are names from this code, not from clients

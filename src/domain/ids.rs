@@ -43,7 +43,10 @@ impl EndpointId {
 
     /// The id for a SHA-256 digest of some SPKI (as carried by X.509 key identifiers).
     pub fn from_digest(digest: &[u8]) -> Self {
-        Self(format!("0{}", hex::encode(digest)))
+        let mut id = String::with_capacity(1 + digest.len() * 2);
+        id.push('0');
+        super::hex::push_lower(&mut id, digest);
+        Self(id)
     }
 
     /// The id as text.

@@ -77,7 +77,7 @@ impl MessageId {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part);
         }
-        Self(hex::encode(h.finalize()))
+        Self(super::hex::lower(&h.finalize()))
     }
 
     /// Wraps an id read back from storage.

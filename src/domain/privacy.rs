@@ -12,7 +12,7 @@ pub struct VeraIdDigest(pub [u8; 32]);
 impl VeraIdDigest {
     /// The first 8 hex digits: enough to correlate log lines, useless to reverse.
     pub fn short(&self) -> String {
-        hex::encode(&self.0[..4])
+        super::hex::lower(&self.0[..4])
     }
 }
 
