@@ -65,6 +65,22 @@ pub struct OutboxEntry {
     pub attempts: u32,
 }
 
+/// What an attempt at delivering a claimed message came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// The sink accepted it: it leaves the outbox.
+    Delivered,
+    /// It expired before it could be delivered: it leaves the outbox.
+    Expired,
+    /// It failed: try again at `at`, keeping `error` for operators.
+    Retry {
+        /// When it is due again.
+        at: Timestamp,
+        /// What went wrong.
+        error: String,
+    },
+}
+
 /// Counts for health, metrics and operators.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Stats {
@@ -196,6 +212,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes a claimed message whose expiry has passed.
     async fn drop_message(&self, entry: &OutboxEntry) -> Result<()>;
+
+    /// Records what became of attempts at claimed messages, as [`Self::mark_delivered`],
+    /// [`Self::drop_message`] and [`Self::schedule_retry`] would one by one: one result
+    /// per attempt, in order. The dispatcher records the attempts that finished together
+    /// in one call. The default records each on its own, all at once; the SQLite store
+    /// records them in one operation, because a delivered message's own trip to the writer
+    /// (a job, its reply, a task to await it) cost more than its `DELETE` (issue 17).
+    async fn record_attempts(&self, attempts: &[(OutboxEntry, Attempt)]) -> Vec<Result<()>> {
+        futures_util::future::join_all(attempts.iter().map(|(entry, attempt)| async move {
+            match attempt {
+                Attempt::Delivered => self.mark_delivered(entry).await,
+                Attempt::Expired => self.drop_message(entry).await,
+                Attempt::Retry { at, error } => self.schedule_retry(entry, *at, error).await,
+            }
+        }))
+        .await
+    }
 
     /// Current counts.
     async fn stats(&self) -> Result<Stats>;

@@ -11,8 +11,7 @@ use tokio::time::Instant;
 use super::backoff::Backoff;
 use super::sink::HttpSink;
 use crate::clock::SharedClock;
-use crate::domain::Timestamp;
-use crate::store::{OutboxEntry, Store};
+use crate::store::{Attempt, OutboxEntry, Store};
 use crate::telemetry::{Metrics, redacted_url};
 
 /// How long to sleep, at most, with nothing due: other replicas may add messages without
@@ -161,16 +160,21 @@ impl Dispatcher {
             .await?;
         let mut set = JoinSet::new();
         for entry in entries {
-            let inner = self.inner.clone();
-            set.spawn(async move { attempt(inner, entry).await.record().await });
+            set.spawn(attempt(self.inner.clone(), entry));
         }
-        let mut report = DispatchReport::default();
+        let mut attempts = Vec::new();
         while let Some(result) = set.join_next().await {
             match result {
-                Ok(Outcome::Delivered) => report.delivered += 1,
-                Ok(Outcome::Retry | Outcome::Unrecorded) => report.retried += 1,
-                Ok(Outcome::Dropped) => report.dropped += 1,
+                Ok(done) => attempts.push(done),
                 Err(e) => tracing::error!(error = %e, "delivery task failed"),
+            }
+        }
+        let mut report = DispatchReport::default();
+        for outcome in record(&self.inner, attempts).await {
+            match outcome {
+                Outcome::Delivered => report.delivered += 1,
+                Outcome::Retry | Outcome::Unrecorded => report.retried += 1,
+                Outcome::Dropped => report.dropped += 1,
             }
         }
         Ok(report)
@@ -180,7 +184,8 @@ impl Dispatcher {
     ///
     /// A delivery holds one of the `concurrency` slots while it talks to the sink, not
     /// while its result is committed: waiting for that fsync in the slot capped delivery
-    /// below the rate requests came in.
+    /// below the rate requests came in. The results of the deliveries that finished
+    /// together are recorded together ([`Store::record_attempts`]).
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let inner = &self.inner;
         let mut in_flight = JoinSet::new();
@@ -189,10 +194,10 @@ impl Dispatcher {
             sink = %redacted_url(inner.sink.url()),
             "outbox dispatcher started"
         );
+        let mut finished = Vec::new();
         while !*shutdown.borrow() {
-            while let Some(done) = in_flight.try_join_next() {
-                start_recording(&mut recording, done);
-            }
+            collect(&mut finished, &mut in_flight, None);
+            start_recording(inner, &mut recording, &mut finished);
             while recording.try_join_next().is_some() {}
             let mut free = inner.concurrency.saturating_sub(in_flight.len());
             if !in_flight.is_empty() && free < inner.concurrency.div_ceil(4) {
@@ -236,7 +241,8 @@ impl Dispatcher {
             }
             tokio::select! {
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    start_recording(&mut recording, done);
+                    collect(&mut finished, &mut in_flight, Some(done));
+                    start_recording(inner, &mut recording, &mut finished);
                 }
                 Some(_) = recording.join_next(), if !recording.is_empty() => {}
                 () = inner.wake.notified() => {}
@@ -245,23 +251,43 @@ impl Dispatcher {
             }
         }
         while let Some(done) = in_flight.join_next().await {
-            start_recording(&mut recording, done);
+            collect(&mut finished, &mut in_flight, Some(done));
+            start_recording(inner, &mut recording, &mut finished);
         }
         while recording.join_next().await.is_some() {}
         tracing::info!("outbox dispatcher stopped");
     }
 }
 
-fn start_recording(
-    recording: &mut JoinSet<Outcome>,
-    done: Result<Attempted, tokio::task::JoinError>,
+type Attempted = (OutboxEntry, Attempt);
+
+/// Adds `done`, and every other delivery that has finished, to `finished`.
+fn collect(
+    finished: &mut Vec<Attempted>,
+    in_flight: &mut JoinSet<Attempted>,
+    done: Option<Result<Attempted, tokio::task::JoinError>>,
 ) {
-    match done {
-        Ok(attempted) => {
-            recording.spawn(attempted.record());
+    for result in done
+        .into_iter()
+        .chain(std::iter::from_fn(|| in_flight.try_join_next()))
+    {
+        match result {
+            Ok(attempted) => finished.push(attempted),
+            Err(e) => tracing::error!(error = %e, "delivery task failed"),
         }
-        Err(e) => tracing::error!(error = %e, "delivery task failed"),
     }
+}
+
+/// Records the `finished` deliveries' results, in a task of their own.
+fn start_recording(inner: &Arc<Inner>, recording: &mut JoinSet<()>, finished: &mut Vec<Attempted>) {
+    if finished.is_empty() {
+        return;
+    }
+    let attempts = std::mem::take(finished);
+    let inner = inner.clone();
+    recording.spawn(async move {
+        record(&inner, attempts).await;
+    });
 }
 
 async fn until_next_due(inner: &Inner) -> Duration {
@@ -277,21 +303,6 @@ async fn until_next_due(inner: &Inner) -> Duration {
     }
 }
 
-/// What became of one attempt at the sink, still to be recorded in the store.
-struct Attempted {
-    inner: Arc<Inner>,
-    entry: OutboxEntry,
-    result: AttemptResult,
-}
-
-enum AttemptResult {
-    Delivered,
-    /// Failed; try again at this time.
-    Retry(Timestamp, String),
-    /// Expired before it could be delivered.
-    Expired,
-}
-
 /// Sends `entry` to the sink (unless it has expired) and judges the answer.
 async fn attempt(inner: Arc<Inner>, entry: OutboxEntry) -> Attempted {
     let message = &entry.message;
@@ -303,13 +314,13 @@ async fn attempt(inner: Arc<Inner>, entry: OutboxEntry) -> Attempted {
             attempts = entry.attempts,
             "outbox message expired undelivered; dropped"
         );
-        AttemptResult::Expired
+        Attempt::Expired
     } else {
         match inner.sink.deliver(message).await {
             Ok(()) => {
                 tracing::debug!(message.id = message.id.as_str(), "delivered");
                 inner.sink_up();
-                AttemptResult::Delivered
+                Attempt::Delivered
             }
             Err(e) => {
                 inner.metrics.delivery_failure(e.cause.label());
@@ -332,52 +343,46 @@ async fn attempt(inner: Arc<Inner>, entry: OutboxEntry) -> Attempted {
                     error = %e,
                     "delivery failed; will retry"
                 );
-                AttemptResult::Retry(at, e.reason)
+                Attempt::Retry {
+                    at,
+                    error: e.reason,
+                }
             }
         }
     };
-    Attempted {
-        inner,
-        entry,
-        result,
-    }
+    (entry, result)
 }
 
-impl Attempted {
-    /// Commits the attempt's result; until then the claim's lease hides the message.
-    async fn record(self) -> Outcome {
-        let Self {
-            inner,
-            entry,
-            result,
-        } = self;
-        let (outcome, recorded) = match &result {
-            AttemptResult::Delivered => {
-                (Outcome::Delivered, inner.store.mark_delivered(&entry).await)
+/// Commits the results of `attempts`; until then the claims' leases hide their messages.
+async fn record(inner: &Inner, attempts: Vec<Attempted>) -> Vec<Outcome> {
+    let recorded = inner.store.record_attempts(&attempts).await;
+    attempts
+        .iter()
+        .zip(recorded)
+        .map(|((entry, attempt), recorded)| {
+            let outcome = match attempt {
+                Attempt::Delivered => Outcome::Delivered,
+                Attempt::Expired => Outcome::Dropped,
+                Attempt::Retry { .. } => Outcome::Retry,
+            };
+            match recorded {
+                Ok(()) => {
+                    inner.metrics.delivery(match outcome {
+                        Outcome::Delivered => "delivered",
+                        Outcome::Dropped => "dropped",
+                        Outcome::Retry | Outcome::Unrecorded => "retry",
+                    });
+                    outcome
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        message.id = entry.message.id.as_str(),
+                        error = %e,
+                        "could not record delivery result; the message will be sent again"
+                    );
+                    Outcome::Unrecorded
+                }
             }
-            AttemptResult::Expired => (Outcome::Dropped, inner.store.drop_message(&entry).await),
-            AttemptResult::Retry(at, reason) => (
-                Outcome::Retry,
-                inner.store.schedule_retry(&entry, *at, reason).await,
-            ),
-        };
-        match recorded {
-            Ok(()) => {
-                inner.metrics.delivery(match outcome {
-                    Outcome::Delivered => "delivered",
-                    Outcome::Dropped => "dropped",
-                    Outcome::Retry | Outcome::Unrecorded => "retry",
-                });
-                outcome
-            }
-            Err(e) => {
-                tracing::warn!(
-                    message.id = entry.message.id.as_str(),
-                    error = %e,
-                    "could not record delivery result; the message will be sent again"
-                );
-                Outcome::Unrecorded
-            }
-        }
-    }
+        })
+        .collect()
 }

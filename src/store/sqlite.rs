@@ -28,7 +28,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    DiskObserver, DiskStep, EventMessages, OutboxEntry, OutboxStatus, OutboxSummary,
+    Attempt, DiskObserver, DiskStep, EventMessages, OutboxEntry, OutboxStatus, OutboxSummary,
     PairingOutcome, PairingSubmission, PurgeReport, QueueOutcome, RequestStats, Result, Stats,
     Store, StoreError, StoredMessage, check_schema_version, deliverable,
 };
@@ -1022,6 +1022,25 @@ fn claim(
     Ok(entries)
 }
 
+/// Records what became of an attempt at the claimed message `seq`, and ends its lease.
+fn record_attempt(conn: &Db, seq: i64, attempt: &Attempt) -> rusqlite::Result<()> {
+    match attempt {
+        Attempt::Delivered | Attempt::Expired => {
+            conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
+                .execute(params![seq])?;
+        }
+        Attempt::Retry { at, error } => {
+            conn.prepare_cached(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
+                 WHERE seq = ?1",
+            )?
+            .execute(params![seq, at.0, error])?;
+        }
+    }
+    conn.leases.release(seq);
+    Ok(())
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<()> {
@@ -1109,31 +1128,39 @@ impl Store for SqliteStore {
 
     async fn mark_delivered(&self, entry: &OutboxEntry) -> Result<()> {
         let seq = entry.seq;
-        self.call(move |conn| {
-            conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
-                .execute(params![seq])?;
-            conn.leases.release(seq);
-            Ok(())
-        })
-        .await
+        self.call(move |conn| record_attempt(conn, seq, &Attempt::Delivered))
+            .await
     }
 
     async fn schedule_retry(&self, entry: &OutboxEntry, at: Timestamp, error: &str) -> Result<()> {
-        let (seq, error) = (entry.seq, error.to_owned());
-        self.call(move |conn| {
-            conn.prepare_cached(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
-                 WHERE seq = ?1",
-            )?
-            .execute(params![seq, at.0, error])?;
-            conn.leases.release(seq);
-            Ok(())
-        })
-        .await
+        let (seq, attempt) = (
+            entry.seq,
+            Attempt::Retry {
+                at,
+                error: error.to_owned(),
+            },
+        );
+        self.call(move |conn| record_attempt(conn, seq, &attempt))
+            .await
     }
 
     async fn drop_message(&self, entry: &OutboxEntry) -> Result<()> {
         self.mark_delivered(entry).await
+    }
+
+    async fn record_attempts(&self, attempts: &[(OutboxEntry, Attempt)]) -> Vec<Result<()>> {
+        let results: Vec<(i64, Attempt)> = attempts
+            .iter()
+            .map(|(entry, attempt)| (entry.seq, attempt.clone()))
+            .collect();
+        let recorded = self
+            .call(move |conn| {
+                results
+                    .iter()
+                    .try_for_each(|(seq, attempt)| record_attempt(conn, *seq, attempt))
+            })
+            .await;
+        vec![recorded; attempts.len()]
     }
 
     async fn stats(&self) -> Result<Stats> {

@@ -13,7 +13,9 @@ use letro_server::domain::{
 };
 use letro_server::store::postgres::PostgresStore;
 use letro_server::store::sqlite::{SqliteStore, Synchronous};
-use letro_server::store::{EventMessages, PairingOutcome, PairingSubmission, QueueOutcome, Store};
+use letro_server::store::{
+    Attempt, EventMessages, OutboxEntry, PairingOutcome, PairingSubmission, QueueOutcome, Store,
+};
 
 use crate::support::*;
 
@@ -357,6 +359,55 @@ async fn leases_retries_and_delivery(store: Arc<dyn Store>) {
     let stats = store.stats().await.expect("stats");
     assert_eq!((stats.outbox_depth, stats.outbox_oldest), (0, None));
     assert_eq!(store.next_due().await.expect("next"), None);
+}
+
+/// The dispatcher records the attempts that finished together in one call: each gets
+/// the result it would get alone, and a message's lease ends with its result.
+async fn attempts_recorded_together(store: Arc<dyn Store>) {
+    let p = parties();
+    for i in 0..4 {
+        let c = completion(&format!("r{i}"), &p[1]);
+        store.record_and_queue(c).await.expect("queue");
+    }
+    let lease = NOW.plus(Duration::from_secs(60));
+    let claimed = store
+        .claim_due_messages(NOW, lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 4);
+    let retry_at = NOW.plus(Duration::from_secs(5));
+    let attempts: Vec<(OutboxEntry, Attempt)> = claimed
+        .iter()
+        .cloned()
+        .zip([
+            Attempt::Delivered,
+            Attempt::Retry {
+                at: retry_at,
+                error: "sink answered 503".into(),
+            },
+            Attempt::Expired,
+            Attempt::Delivered,
+        ])
+        .collect();
+    let recorded = store.record_attempts(&attempts).await;
+    assert_eq!(recorded.len(), 4, "one result per attempt");
+    assert!(recorded.iter().all(Result::is_ok), "{recorded:?}");
+    let stats = store.stats().await.expect("stats");
+    assert_eq!(stats.outbox_depth, 1, "only the retried message is left");
+    let list = store.outbox_list(10).await.expect("list");
+    assert_eq!(
+        (list[0].attempts, list[0].last_error.as_deref()),
+        (1, Some("sink answered 503"))
+    );
+    // Its lease ended with the result: it is due at its retry time, not the lease's end.
+    assert_eq!(store.next_due().await.expect("next"), Some(retry_at));
+    let again = store
+        .claim_due_messages(retry_at, lease, 10)
+        .await
+        .expect("claim");
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].message, claimed[1].message);
+    assert!(store.record_attempts(&[]).await.is_empty());
 }
 
 async fn expiry_and_purge(store: Arc<dyn Store>) {
@@ -737,6 +788,7 @@ contract!(
     a_redelivered_event_changes_nothing,
     replacement_and_caps,
     leases_retries_and_delivery,
+    attempts_recorded_together,
     expiry_and_purge,
     the_secret_is_chosen_once,
     concurrent_reverse_halves_match_exactly_once,
