@@ -1011,9 +1011,7 @@ fn claim(
     let (entries, undeliverable) = deliverable(rows, now);
     for row in undeliverable {
         if row.expired {
-            conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
-                .execute(params![row.seq])?;
-            conn.leases.release(row.seq);
+            record_attempt(conn, row.seq, &Attempt::Expired)?;
         } else {
             conn.prepare_cached("UPDATE outbox SET last_error = ?2 WHERE seq = ?1")?
                 .execute(params![row.seq, row.reason])?;
