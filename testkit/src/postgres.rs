@@ -143,7 +143,7 @@ impl PrivatePostgres {
         if !initdb.is_ok_and(|s| s.success()) {
             return skip("initdb failed");
         }
-        let port = crate::closed_port();
+        let port = crate::free_port();
         let server = Self {
             url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
             bin,

@@ -96,7 +96,8 @@ async fn migrate_on_postgresql_and_an_unreachable_server_is_a_clear_error() {
     }
     db.drop_database().await;
 
-    let url = format!("postgres://letro:hunter2@127.0.0.1:{}/letro", closed_port());
+    let closed = ClosedPort::new();
+    let url = format!("postgres://letro:hunter2@127.0.0.1:{}/letro", closed.port());
     let out = Command::new(BIN)
         .env_clear()
         .args(["migrate", "--db-timeout", "1s", "--database", &url])

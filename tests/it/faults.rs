@@ -234,7 +234,8 @@ async fn kill_9_during_a_burst_loses_nothing_acknowledged() {
 async fn kill_9_right_after_a_204_with_the_sink_down() {
     const PAIRS: usize = 5;
     let (_dir, db) = temp_db();
-    let port = closed_port();
+    let down = ClosedPort::new();
+    let port = down.port();
     let sink_url = format!("http://127.0.0.1:{port}/");
     let server = ServerProcess::start(&db, Some(&sink_url), &[]);
     let client = client();
@@ -249,6 +250,7 @@ async fn kill_9_right_after_a_204_with_the_sink_down() {
     // Restart with the sink still down, then bring the sink up.
     let server = ServerProcess::start(&db, Some(&sink_url), &[]);
     tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(down);
     let mut sink = FakeSink::start_at(port).await;
     let (seen, deliveries) = collect_matches(&mut sink, PAIRS, &[]).await;
     assert_exactly_one_match_per_party(&seen, PAIRS);
@@ -420,7 +422,8 @@ async fn a_full_disk_gets_503_nothing_half_stored_and_recovers_by_itself() {
 async fn memory_stays_bounded_with_100k_messages_waiting_for_a_dead_sink() {
     const PAIRS: usize = 50_000;
     let (_dir, db) = temp_db();
-    let sink_url = format!("http://127.0.0.1:{}/", closed_port());
+    let dead = ClosedPort::new();
+    let sink_url = format!("http://127.0.0.1:{}/", dead.port());
     let server = ServerProcess::start(
         &db,
         Some(&sink_url),

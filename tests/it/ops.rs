@@ -457,10 +457,11 @@ fn the_demo_pairs_two_users_end_to_end() {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
     // A proxy in the environment is for leaving the machine, not for loopback.
+    let proxy = ClosedPort::new();
     let proxied = Command::new(BIN)
         .env_clear()
-        .env("HTTP_PROXY", format!("http://127.0.0.1:{}", closed_port()))
-        .env("http_proxy", format!("http://127.0.0.1:{}", closed_port()))
+        .env("HTTP_PROXY", format!("http://127.0.0.1:{}", proxy.port()))
+        .env("http_proxy", format!("http://127.0.0.1:{}", proxy.port()))
         .args(["demo"])
         .output()
         .expect("run");

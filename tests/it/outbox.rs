@@ -85,12 +85,10 @@ async fn messages_survive_a_restart_and_wait_without_a_sink() {
 #[tokio::test]
 async fn unreachable_and_slow_sinks_are_retried() {
     // Nothing listens on the sink's port at first.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let down = ClosedPort::new();
     let (_dir, db) = temp_db();
-    let app = TestApp::spawn(test_config(&db, Some(&format!("http://127.0.0.1:{port}/")))).await;
+    let sink_url = format!("http://127.0.0.1:{}/", down.port());
+    let app = TestApp::spawn(test_config(&db, Some(&sink_url))).await;
     make_match(&app, "u").await;
     assert_eq!(app.stats().await.outbox_depth, 2);
     // Connection refused counts as a failed attempt, and the messages stay.

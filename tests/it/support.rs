@@ -12,7 +12,7 @@ use letro_server::app::App;
 use letro_server::config::{Config, DatabaseConfig};
 use letro_server::http::AppState;
 pub use letro_testkit::{
-    FakeSink, PgDatabase, PrivatePostgres, Received, ServerProcess, closed_port,
+    ClosedPort, FakeSink, PgDatabase, PrivatePostgres, Received, ServerProcess,
 };
 use tokio::sync::oneshot;
 
