@@ -107,6 +107,45 @@ const CORE: [&str; 7] = [
     "datacontenttype",
 ];
 
+/// The attributes of an event being decoded: the core ones in slots of their own (no
+/// name copied, no map node: this runs for every request), the others by name.
+#[derive(Default)]
+struct Attributes {
+    /// By position in [`CORE`].
+    core: [Option<String>; 7],
+    extensions: BTreeMap<String, String>,
+}
+
+impl Attributes {
+    fn slot(name: &str) -> Option<usize> {
+        CORE.iter().position(|core| *core == name)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match Self::slot(name) {
+            Some(i) => self.core[i].is_some(),
+            None => self.extensions.contains_key(name),
+        }
+    }
+
+    fn insert(&mut self, name: &str, value: String) {
+        match Self::slot(name) {
+            Some(i) => self.core[i] = Some(value),
+            None => {
+                self.extensions.insert(name.to_owned(), value);
+            }
+        }
+    }
+
+    fn get(&self, core: &str) -> Option<&String> {
+        Self::slot(core).and_then(|i| self.core[i].as_ref())
+    }
+
+    fn remove(&mut self, core: &str) -> Option<String> {
+        Self::slot(core).and_then(|i| self.core[i].take())
+    }
+}
+
 /// Decodes an HTTP request into a CloudEvent. `headers` are (name, raw value) pairs in
 /// the order received; names are compared case-insensitively.
 pub fn decode_http<'a>(
@@ -114,7 +153,7 @@ pub fn decode_http<'a>(
     body: Vec<u8>,
 ) -> Result<CloudEvent, DecodeError> {
     let mut content_type: Option<String> = None;
-    let mut attrs: BTreeMap<String, String> = BTreeMap::new();
+    let mut attrs = Attributes::default();
     for (name, raw) in headers {
         // HTTP/1 and hyper give lower-case names already: copied only when they are not.
         let name: Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -136,32 +175,36 @@ pub fn decode_http<'a>(
                 // An unreadable extension we do not use is ignored, like any other.
                 continue;
             };
-            if attrs.contains_key(attr) {
+            if attrs.contains(attr) {
                 if CORE.contains(&attr) {
                     return Err(DecodeError::Duplicate(attr.to_owned()));
                 }
                 continue;
             }
-            attrs.insert(attr.to_owned(), value);
+            attrs.insert(attr, value);
         }
     }
-    let lowered = content_type.as_deref().map(str::to_ascii_lowercase);
-    match lowered.as_deref() {
-        Some(ct) if ct.starts_with("application/cloudevents-batch") => Err(DecodeError::Batch),
-        Some(ct) if ct.starts_with("application/cloudevents") => {
-            let format = ct.split(';').next().unwrap_or(ct).trim();
-            if format == "application/cloudevents+json" {
-                decode_structured(&body)
-            } else {
-                Err(DecodeError::Format(format.to_owned()))
-            }
+    let ct = content_type.as_deref().unwrap_or_default();
+    if starts_with_ignore_case(ct, "application/cloudevents-batch") {
+        Err(DecodeError::Batch)
+    } else if starts_with_ignore_case(ct, "application/cloudevents") {
+        let format = ct.split(';').next().unwrap_or(ct).trim();
+        if format.eq_ignore_ascii_case("application/cloudevents+json") {
+            decode_structured(&body)
+        } else {
+            Err(DecodeError::Format(format.to_ascii_lowercase()))
         }
-        _ => {
-            // Binary mode: the attributes are in the headers.
-            attrs.remove("datacontenttype");
-            from_attributes(attrs, content_type, body)
-        }
+    } else {
+        // Binary mode: the attributes are in the headers.
+        attrs.remove("datacontenttype");
+        from_attributes(attrs, content_type, body)
     }
+}
+
+fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
+    s.as_bytes()
+        .get(..prefix.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
 /// A header value as text: percent-decoded once as the HTTP binding says, falling back to
@@ -175,7 +218,7 @@ fn header_text(raw: &[u8]) -> Option<String> {
 }
 
 fn from_attributes(
-    mut attrs: BTreeMap<String, String>,
+    mut attrs: Attributes,
     content_type: Option<String>,
     data: Vec<u8>,
 ) -> Result<CloudEvent, DecodeError> {
@@ -194,10 +237,9 @@ fn from_attributes(
         }
     }
     let (name_limit, value_limit) = EXTENSION_LIMITS;
-    attrs.retain(|name, value| {
-        ATTRIBUTE_LIMITS.iter().any(|(core, _)| core == name)
-            || (name.len() <= name_limit && value.len() <= value_limit)
-    });
+    attrs
+        .extensions
+        .retain(|name, value| name.len() <= name_limit && value.len() <= value_limit);
     let spec_version = attrs
         .remove("specversion")
         .ok_or(DecodeError::Missing("specversion"))?;
@@ -237,7 +279,7 @@ fn from_attributes(
         subject,
         data_content_type: content_type.filter(|v| !v.is_empty()),
         time,
-        extensions: attrs,
+        extensions: attrs.extensions,
         data,
     })
 }
@@ -248,7 +290,7 @@ fn decode_structured(body: &[u8]) -> Result<CloudEvent, DecodeError> {
     let serde_json::Value::Object(object) = value else {
         return Err(DecodeError::Structured("not a JSON object".into()));
     };
-    let mut attrs = BTreeMap::new();
+    let mut attrs = Attributes::default();
     let mut data = None;
     let mut data_base64 = None;
     for (name, value) in object {
@@ -262,15 +304,13 @@ fn decode_structured(body: &[u8]) -> Result<CloudEvent, DecodeError> {
                     .map_err(|_| DecodeError::Structured("data_base64 is not base64".into()))?;
                 data_base64 = Some(bytes);
             }
-            (_, serde_json::Value::String(s)) => {
-                attrs.insert(name, s);
-            }
+            (_, serde_json::Value::String(s)) => attrs.insert(&name, s),
             (_, serde_json::Value::Null) => {}
             (_, serde_json::Value::Number(n)) if !CORE.contains(&name.as_str()) => {
-                attrs.insert(name, n.to_string());
+                attrs.insert(&name, n.to_string());
             }
             (_, serde_json::Value::Bool(b)) if !CORE.contains(&name.as_str()) => {
-                attrs.insert(name, b.to_string());
+                attrs.insert(&name, b.to_string());
             }
             (_, _) => return Err(DecodeError::Invalid(name)),
         }
@@ -360,6 +400,15 @@ mod tests {
         ("ce-subject", "0def"),
         ("content-type", "application/x"),
     ];
+
+    #[test]
+    fn every_limited_attribute_has_a_slot() {
+        // A limited name without a slot would never be found, so never checked.
+        for (name, _) in ATTRIBUTE_LIMITS {
+            assert!(Attributes::slot(name).is_some(), "{name}");
+        }
+        assert_eq!(ATTRIBUTE_LIMITS.len(), CORE.len());
+    }
 
     #[test]
     fn binary_mode() {
