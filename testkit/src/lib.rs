@@ -12,17 +12,19 @@ pub use postgres::{PgDatabase, PrivatePostgres};
 pub use process::{ServerProcess, server_binary};
 pub use sink::{FakeSink, Received};
 
-/// A port that was free a moment ago, for a server to come. Nothing holds it: another
-/// test may bind it first. For a port that must stay dead, hold a [`ClosedPort`].
+/// A free loopback port for a server to come (a private PostgreSQL server, a sink that
+/// comes back). It is taken outside the kernel's ephemeral range, which is where every
+/// server bound to port 0 gets its port, so no other test's server can take it between
+/// now and then, nor while a server on it is stopped and started again.
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
+    bind_outside_ephemeral(|addr| std::net::TcpListener::bind(addr).map(drop))
 }
 
 /// A loopback port held closed: bound but never listening, so a connection to it is
 /// refused, and no other test's server can bind it while this lives (a port that was
 /// merely free once became another test's sink, which then received this one's
-/// messages). Dropping it frees the port, e.g. for a sink that comes back.
+/// messages). Like [`free_port`]'s, it is outside the ephemeral range, so once this is
+/// dropped the port is still free for a sink that comes back.
 pub struct ClosedPort {
     _socket: tokio::net::TcpSocket,
     port: u16,
@@ -31,13 +33,15 @@ pub struct ClosedPort {
 impl ClosedPort {
     /// Binds a free loopback port, without listening.
     pub fn new() -> Self {
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket
-            .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-            .expect("bind");
-        let port = socket.local_addr().expect("addr").port();
+        let mut socket = None;
+        let port = bind_outside_ephemeral(|addr| {
+            let bound = tokio::net::TcpSocket::new_v4()?;
+            bound.bind(addr)?;
+            socket = Some(bound);
+            Ok(())
+        });
         Self {
-            _socket: socket,
+            _socket: socket.expect("bound"),
             port,
         }
     }
@@ -52,6 +56,25 @@ impl Default for ClosedPort {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Tries random loopback ports below the kernel's ephemeral range until `bind` takes one.
+fn bind_outside_ephemeral(
+    mut bind: impl FnMut(std::net::SocketAddr) -> std::io::Result<()>,
+) -> u16 {
+    const LOWEST: u16 = 16_384;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let ports = LOWEST..ephemeral_low.max(LOWEST + 1024);
+    for _ in 0..1000 {
+        let port = rand::random_range(ports.clone());
+        if bind(std::net::SocketAddr::from(([127, 0, 0, 1], port))).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {ports:?}");
 }
 
 #[cfg(test)]
@@ -70,5 +93,20 @@ mod tests {
         );
         drop(closed);
         std::net::TcpListener::bind(addr).expect("free once dropped");
+    }
+
+    #[test]
+    fn ports_for_servers_to_come_are_outside_the_ephemeral_range() {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("Linux")
+            .split_whitespace()
+            .next()
+            .expect("low end")
+            .parse::<u16>()
+            .expect("a port");
+        for _ in 0..20 {
+            assert!(free_port() < ephemeral_low);
+            assert!(ClosedPort::new().port() < ephemeral_low);
+        }
     }
 }
