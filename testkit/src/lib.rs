@@ -17,7 +17,7 @@ pub use sink::{FakeSink, Received};
 /// server bound to port 0 gets its port, so no other test's server can take it between
 /// now and then, nor while a server on it is stopped and started again.
 pub fn free_port() -> u16 {
-    bind_outside_ephemeral(|addr| std::net::TcpListener::bind(addr).map(drop))
+    bind_outside_ephemeral(std::net::TcpListener::bind).1
 }
 
 /// A loopback port held closed: bound but never listening, so a connection to it is
@@ -33,15 +33,13 @@ pub struct ClosedPort {
 impl ClosedPort {
     /// Binds a free loopback port, without listening.
     pub fn new() -> Self {
-        let mut socket = None;
-        let port = bind_outside_ephemeral(|addr| {
-            let bound = tokio::net::TcpSocket::new_v4()?;
-            bound.bind(addr)?;
-            socket = Some(bound);
-            Ok(())
+        let (socket, port) = bind_outside_ephemeral(|addr| {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(addr)?;
+            Ok(socket)
         });
         Self {
-            _socket: socket.expect("bound"),
+            _socket: socket,
             port,
         }
     }
@@ -58,20 +56,27 @@ impl Default for ClosedPort {
     }
 }
 
-/// Tries random loopback ports below the kernel's ephemeral range until `bind` takes one.
-fn bind_outside_ephemeral(
-    mut bind: impl FnMut(std::net::SocketAddr) -> std::io::Result<()>,
-) -> u16 {
-    const LOWEST: u16 = 16_384;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+/// The lowest port of the kernel's ephemeral range, where port-0 binds land.
+fn ephemeral_low() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
         .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    let ports = LOWEST..ephemeral_low.max(LOWEST + 1024);
+}
+
+/// Tries random loopback ports below the kernel's ephemeral range until `bind` takes one;
+/// what it bound, and the port.
+fn bind_outside_ephemeral<T>(
+    mut bind: impl FnMut(std::net::SocketAddr) -> std::io::Result<T>,
+) -> (T, u16) {
+    const LOWEST: u16 = 16_384;
+    let ports = LOWEST..ephemeral_low().unwrap_or(32_768).max(LOWEST + 1024);
     for _ in 0..1000 {
         let port = rand::random_range(ports.clone());
-        if bind(std::net::SocketAddr::from(([127, 0, 0, 1], port))).is_ok() {
-            return port;
+        if let Ok(bound) = bind(std::net::SocketAddr::from(([127, 0, 0, 1], port))) {
+            return (bound, port);
         }
     }
     panic!("no free loopback port in {ports:?}");
@@ -97,13 +102,7 @@ mod tests {
 
     #[test]
     fn ports_for_servers_to_come_are_outside_the_ephemeral_range() {
-        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .expect("Linux")
-            .split_whitespace()
-            .next()
-            .expect("low end")
-            .parse::<u16>()
-            .expect("a port");
+        let ephemeral_low = ephemeral_low().expect("Linux's ephemeral range");
         for _ in 0..20 {
             assert!(free_port() < ephemeral_low);
             assert!(ClosedPort::new().port() < ephemeral_low);
